@@ -1,0 +1,63 @@
+"""The `qwen-jax` command: serve the API, run the benchmark, or generate once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI Chat Completions API")
+    serve.add_argument(
+        "--model",
+        default=None,
+        help="a local Hugging Face snapshot directory, a hub id found in the local HF cache "
+        "(e.g. Qwen/Qwen2.5-7B-Instruct), or 'demo' (random weights, real tokenizer)",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--api-key", default=None, help="or env QWEN_JAX_API_KEY")
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=8, help="rows in the running batch")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+
+    bench = sub.add_parser("bench", help="measure prefill, time to first token and decode speed")
+    bench.add_argument("--model", default=None, help="checkpoint dir (default: random weights)")
+    bench.add_argument("--preset", default="0.5b", help="config preset for random weights")
+    bench.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    bench.add_argument("--prompt-lengths", default="128,512")
+    bench.add_argument("--decode-tokens", type=int, default=64)
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--no-reference", action="store_true", help="skip transformers")
+    bench.add_argument("--json", default=None, help="write the JSON record here")
+
+    gen = sub.add_parser("generate", help="render one chat message and generate a reply")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None)
+    gen.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from qwen_jax.server import serve
+
+        return serve(args) or 0
+    if args.command == "bench":
+        from qwen_jax.bench import run_bench
+
+        return run_bench(args) or 0
+    from qwen_jax.server import generate_once
+
+    return generate_once(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
