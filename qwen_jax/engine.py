@@ -1,0 +1,551 @@
+"""Continuous batching: one thread owns the params and a static KV cache of `max_slots` rows.
+
+Requests wait in a bounded queue; between decode steps the engine thread admits them into free
+rows ("slots"), prefills their prompt, and from then on every decode step advances all busy rows
+at once, each with its own position, sampling parameters, penalty counts, grammar mask and PRNG
+stream. A row that finishes (EOS, max_tokens, cancel, error) frees its slot immediately.
+
+How a request enters the batch: the prompt minus its last token is prefilled into a batch-1 cache
+of a power-of-two length bucket and copied into the request's slots (one per choice, so n
+choices share one prefill); the last prompt token is then fed by the ordinary decode step, which
+samples the first new token. Prefill and decode therefore share one sampling code path.
+
+Everything on device has static shapes: prefill is compiled once per prompt bucket, decode once
+per power-of-two `kv_len` bucket (and steps-per-call), so nothing recompiles in steady state.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_jax import sampler as S
+from qwen_jax.config import QwenConfig
+from qwen_jax.model import KVCache, forward, init_cache
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 16
+TOP_LOGPROBS_MAX = 20
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full; the server answers HTTP 429."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was closed or its thread died."""
+
+
+class Constraint(Protocol):
+    def allowed_tokens(self) -> np.ndarray: ...
+    def advance(self, token: int) -> None: ...
+    def is_finished(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: Sequence[int]
+    sampling: S.SamplingParams
+    max_tokens: int
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    constraints: Sequence[Constraint] | None = None  # one per choice
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of one choice. `token` is None on events that carry no token (a cancel, an
+    error, or a grammar that finished without sampling a stop token)."""
+
+    choice: int
+    token: int | None
+    logprob: float | None
+    top_logprobs: tuple[tuple[int, float], ...]
+    finish_reason: str | None  # None | "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: a stream of `TokenEvent`s and a way to cancel."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest) -> None:
+        self.request = request
+        self._engine = engine
+        self._events: collections.deque[TokenEvent] = collections.deque()
+        self._cond = threading.Condition()
+        self._open = set(range(request.n))  # choices without a final event yet
+        self.cancel_requested: set[int] = set()  # read by the engine thread
+
+    # -- called by the engine thread --
+    def _emit(self, ev: TokenEvent) -> None:
+        with self._cond:
+            if ev.choice not in self._open:
+                return
+            if ev.finish_reason is not None:
+                self._open.discard(ev.choice)
+            self._events.append(ev)
+            self._cond.notify_all()
+
+    # -- called by the consumer --
+    @property
+    def done(self) -> bool:
+        with self._cond:
+            return not self._open and not self._events
+
+    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        """Yield events until every choice has finished. `timeout` (seconds without an event)
+        raises TimeoutError, for tests and watchdogs."""
+        while True:
+            with self._cond:
+                if not self._events and not self._open:
+                    return
+                if not self._cond.wait_for(lambda: self._events, timeout):
+                    raise TimeoutError("no event from the engine")
+                ev = self._events.popleft()
+            yield ev
+
+    def cancel(self, choice: int | None = None) -> None:
+        """Cancel one choice (or all): its slot is freed before the next decode step."""
+        choices = range(self.request.n) if choice is None else [choice]
+        with self._cond:
+            self.cancel_requested.update(c for c in choices if c in self._open)
+        self._engine._wake()
+
+
+@dataclass
+class _Row:
+    handle: RequestHandle
+    choice: int
+    next_token: int  # fed to the next decode step
+    position: int  # where next_token's key/value goes
+    generated: int = 0  # tokens sampled so far (the sampler's step counter)
+    constraint: Constraint | None = None
+
+
+@dataclass
+class _Stats:
+    compiles: int = 0
+    compiles_after_warmup: int = 0
+    decode_calls: int = 0
+    decode_steps: int = 0
+    prefills: int = 0
+    tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pow2_bucket(n: int, lo: int, hi: int) -> int:
+    """Smallest power of two >= n (at least lo), capped at hi."""
+    b = lo
+    while b < n:
+        b *= 2
+    return min(b, hi)
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
+    """Use JAX's persistent compilation cache so a restarted server does not compile again.
+
+    Default directory: $QWEN_JAX_XLA_CACHE or ~/.cache/qwen-jax/xla. Call once at start-up.
+    """
+    p = Path(path or os.environ.get("QWEN_JAX_XLA_CACHE") or "~/.cache/qwen-jax/xla").expanduser()
+    p.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(p))
+    # Cache every compile: on CPU even the small ones cost a noticeable start-up delay.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The device functions (pure; jitted per engine so their compile caches can be counted).
+
+
+def _prefill(params, cache: KVCache, tokens, slot, *, cfg: QwenConfig) -> KVCache:
+    """Prefill tokens[1, T] (right-padded) into a fresh batch-1 cache and copy it to row `slot`."""
+    t = tokens.shape[1]
+    tmp = init_cache(cfg, 1, t, cache.k.dtype)
+    positions = jnp.arange(t, dtype=jnp.int32)[None]
+    _, tmp = forward(params, cfg, tokens, positions, tmp, logits_at=jnp.zeros((1,), jnp.int32))
+    start = (0, slot, 0, 0, 0)
+    return KVCache(
+        k=jax.lax.dynamic_update_slice(cache.k, tmp.k, start),
+        v=jax.lax.dynamic_update_slice(cache.v, tmp.v, start),
+    )
+
+
+def _copy_row(cache: KVCache, src, dst) -> KVCache:
+    """Copy cache row src to row dst (the n choices of one request share one prefill)."""
+    def cp(x):
+        row = jax.lax.dynamic_index_in_dim(x, src, axis=1, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(x, row, dst, axis=1)
+
+    return KVCache(k=cp(cache.k), v=cp(cache.v))
+
+
+def _decode(params, cache, pstate, sbatch, tokens, positions, steps, allowed, *,
+            cfg: QwenConfig, kv_len: int, vocab_limit: int, num_steps: int):
+    """`num_steps` decode steps for all rows: feed tokens[B] at positions[B], sample, repeat."""
+    zeros = jnp.zeros(tokens.shape, jnp.int32)
+
+    def step(carry, _):
+        cache, pstate, tokens, positions, steps = carry
+        logits, cache = forward(params, cfg, tokens[:, None], positions[:, None], cache,
+                                kv_len=kv_len, logits_at=zeros)
+        out = S.sample(logits, sbatch, pstate, steps, allowed, vocab_limit=vocab_limit)
+        pstate = S.update_penalty_state(pstate, out.tokens)
+        return (cache, pstate, out.tokens, positions + 1, steps + 1), out
+
+    carry = (cache, pstate, tokens, positions, steps)
+    (cache, pstate, *_), outs = jax.lax.scan(step, carry, None, length=num_steps)
+    return outs, cache, pstate
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Continuous-batching generation over a static `[max_slots, max_len]` KV cache."""
+
+    def __init__(self, params: Any, cfg: QwenConfig, *, max_slots: int = 8, max_len: int = 2048,
+                 vocab_limit: int | None = None, queue_size: int = 64,
+                 steps_per_call: int = 1, cache_dtype: Any = None, start: bool = True) -> None:
+        if max_slots < 1 or max_len < 2 or queue_size < 0 or steps_per_call < 1:
+            raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
+        self.params, self.cfg = params, cfg
+        self.max_slots, self.max_len, self.queue_size = max_slots, max_len, queue_size
+        self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
+        self.steps_per_call = steps_per_call
+        if cache_dtype is None:
+            cache_dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        self.cache = init_cache(cfg, max_slots, max_len, cache_dtype)
+        self.sbatch = S.make_sampling_batch(max_slots)
+        self.pstate = S.init_penalty_state(max_slots, cfg.vocab_size)
+        self._all_true = jnp.ones((max_slots, cfg.vocab_size), bool)  # stays on device
+
+        self._prefill = jax.jit(partial(_prefill, cfg=cfg), donate_argnums=(1,))
+        self._copy_row = jax.jit(_copy_row, donate_argnums=(0,))
+        self._decode = jax.jit(partial(_decode, cfg=cfg, vocab_limit=self.vocab_limit),
+                               static_argnames=("kv_len", "num_steps"), donate_argnums=(1, 2))
+        self._jitted = (self._prefill, self._copy_row, self._decode)
+
+        self.stats = _Stats()
+        self._warm = False
+        self._slots: list[_Row | None] = [None] * max_slots
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._cond = threading.Condition()
+        self._device_lock = threading.Lock()  # the loop and warmup() both use params + cache
+        self._closed = False
+        self._dead: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="qwen-jax-engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    # ---------------------------------------------------------------- public API
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; raises ValueError for a malformed one, QueueFullError when full."""
+        self._validate(request)
+        handle = RequestHandle(self, request)
+        with self._cond:
+            if self._closed or self._dead:
+                raise EngineClosedError(self._dead or "engine is closed")
+            if len(self._waiting) >= self.queue_size + self._free_slots_unlocked():
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(handle)
+            self._cond.notify_all()
+        return handle
+
+    def warmup(self, prompt_lengths: Sequence[int] | None = None,
+               kv_lens: Sequence[int] | None = None) -> None:
+        """Compile prefill for the buckets of `prompt_lengths` (default: every bucket) and decode
+        for every `kv_len` bucket; afterwards any compile is logged as a warning."""
+        buckets = sorted({self._prefill_bucket(max(1, n - 1)) for n in prompt_lengths} if
+                         prompt_lengths is not None else self._all_buckets())
+        kvs = sorted(set(kv_lens) if kv_lens is not None else self._all_buckets())
+        with self._device_lock:
+            for b in buckets:
+                self.cache = self._prefill(self.params, self.cache,
+                                           jnp.zeros((1, b), jnp.int32), 0)
+            self.cache = self._copy_row(self.cache, 0, 0)
+            zeros = np.zeros(self.max_slots, np.int32)
+            for kv in kvs:
+                for k in {1, self.steps_per_call}:
+                    outs, self.cache, self.pstate = self._decode(
+                        self.params, self.cache, self.pstate, self.sbatch, zeros, zeros, zeros,
+                        self._all_true, kv_len=kv, num_steps=k)
+            jax.block_until_ready(self.cache)
+            self._count_compiles()
+            self._warm = True
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._cond:
+            return {"active": self.max_slots - self._free_slots_unlocked(),
+                    "waiting": len(self._waiting), "compiles": self.stats.compiles,
+                    "compiles_after_warmup": self.stats.compiles_after_warmup,
+                    "decode_steps": self.stats.decode_steps, "tokens": self.stats.tokens}
+
+    # ---------------------------------------------------------------- validation & buckets
+
+    def _validate(self, r: GenerationRequest) -> None:
+        ids = list(r.prompt_ids)
+        if not ids:
+            raise ValueError("prompt_ids is empty")
+        if any(not isinstance(t, (int, np.integer)) or not 0 <= t < self.cfg.vocab_size
+               for t in ids):
+            raise ValueError(f"prompt_ids must be token ids in [0, {self.cfg.vocab_size})")
+        if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {r.max_tokens!r}")
+        if len(ids) + r.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({r.max_tokens}) exceeds "
+                             f"the engine's max_len {self.max_len}")
+        if not isinstance(r.n, int) or not 1 <= r.n <= self.max_slots:
+            raise ValueError(f"n must be in [1, {self.max_slots}], got {r.n!r}")
+        if r.constraints is not None and len(r.constraints) != r.n:
+            raise ValueError(f"need one constraint per choice ({r.n}), got {len(r.constraints)}")
+        if not 0 <= r.top_logprobs <= TOP_LOGPROBS_MAX:
+            raise ValueError(f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}]")
+
+    def _prefill_bucket(self, n: int) -> int:
+        return pow2_bucket(n, MIN_BUCKET, self.max_len)
+
+    def _all_buckets(self) -> list[int]:
+        out, b = [], MIN_BUCKET
+        while True:
+            out.append(min(b, self.max_len))
+            if b >= self.max_len:
+                return out
+            b *= 2
+
+    def _free_slots_unlocked(self) -> int:
+        return sum(r is None for r in self._slots)
+
+    def _count_compiles(self) -> None:
+        # One jit cache entry per traced shape/static signature: growth = a compile.
+        n = sum(f._cache_size() for f in self._jitted)
+        if n > self.stats.compiles and self._warm:
+            self.stats.compiles_after_warmup += n - self.stats.compiles
+            log.warning("engine compiled %d new program(s) after warm-up (total %d)",
+                        n - self.stats.compiles, n)
+        self.stats.compiles = n
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # ---------------------------------------------------------------- the engine thread
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closed or self._waiting
+                                        or any(self._slots))
+                    if self._closed:
+                        break
+                self._handle_cancels()
+                self._admit()
+                if any(self._slots):
+                    with self._device_lock:
+                        self._step()
+                    self._count_compiles()
+        except Exception as e:  # a bug or a device failure: fail every request, refuse new ones
+            log.exception("engine thread died")
+            self._dead = f"engine failed: {type(e).__name__}: {e}"
+        finally:
+            reason = self._dead or "engine closed"
+            for i, row in enumerate(self._slots):
+                if row is not None:
+                    self._finish(i, None, "error" if self._dead else "cancelled", reason)
+            with self._cond:
+                waiting, self._waiting = list(self._waiting), collections.deque()
+            for h in waiting:
+                for c in range(h.request.n):
+                    h._emit(TokenEvent(c, None, None, (), "error" if self._dead else "cancelled",
+                                       reason))
+
+    def _handle_cancels(self) -> None:
+        for i, row in enumerate(self._slots):
+            if row is not None and row.choice in row.handle.cancel_requested:
+                self._finish(i, None, "cancelled")
+        with self._cond:
+            keep = collections.deque()
+            for h in self._waiting:
+                if len(h.cancel_requested) == h.request.n:
+                    for c in range(h.request.n):
+                        h._emit(TokenEvent(c, None, None, (), "cancelled"))
+                else:
+                    keep.append(h)
+            self._waiting = keep
+
+    def _admit(self) -> None:
+        """Move waiting requests (FIFO) into free slots while all their choices fit."""
+        while True:
+            with self._cond:
+                free = [i for i, r in enumerate(self._slots) if r is None]
+                if not self._waiting or self._waiting[0].request.n > len(free):
+                    return
+                handle = self._waiting.popleft()
+                r = handle.request
+                slots = free[: r.n]
+                # Reserve the slots now so submit() sees them as taken.
+                for c, i in enumerate(slots):
+                    self._slots[i] = _Row(handle, c, int(r.prompt_ids[-1]), len(r.prompt_ids) - 1,
+                                          constraint=r.constraints[c] if r.constraints else None)
+            try:
+                with self._device_lock:
+                    self._prefill_into(r, slots)
+            except Exception as e:  # e.g. invalid sampling params reaching the sampler
+                log.exception("prefill failed")
+                for i in slots:
+                    self._finish(i, None, "error", f"{type(e).__name__}: {e}")
+            for c, i in enumerate(slots):
+                if c in handle.cancel_requested:
+                    self._finish(i, None, "cancelled")
+
+    def _prefill_into(self, r: GenerationRequest, slots: list[int]) -> None:
+        ids = np.asarray(r.prompt_ids, np.int32)
+        seed = r.sampling.seed if r.sampling.seed is not None else secrets.randbits(31)
+        head = ids[:-1]  # the last prompt token goes through the decode step
+        if len(head):
+            b = self._prefill_bucket(len(head))
+            tokens = np.zeros((1, b), np.int32)
+            tokens[0, : len(head)] = head
+            self.cache = self._prefill(self.params, self.cache, tokens, slots[0])
+            self.stats.prefills += 1
+        for c, i in enumerate(slots):
+            if c and len(head):
+                self.cache = self._copy_row(self.cache, slots[0], i)
+            self.sbatch = S.set_row(self.sbatch, i, r.sampling, seed=seed, choice=c)
+            self.pstate = S.set_penalty_row(self.pstate, i, ids)
+
+    def _step(self) -> None:
+        rows = self._slots
+        active = [i for i, r in enumerate(rows) if r is not None]
+        B = self.max_slots
+        tokens = np.zeros(B, np.int32)
+        positions = np.full(B, -1, np.int32)  # free rows: the model writes and attends nothing
+        steps = np.zeros(B, np.int32)
+        for i in active:
+            tokens[i], positions[i], steps[i] = rows[i].next_token, rows[i].position, \
+                rows[i].generated
+
+        # Host-side grammar masks, only when some row is constrained.
+        allowed = self._all_true
+        constrained = [i for i in active if rows[i].constraint is not None]
+        if constrained:
+            mask = np.ones((B, self.cfg.vocab_size), bool)
+            for i in constrained:
+                try:
+                    m = np.asarray(rows[i].constraint.allowed_tokens(), bool)
+                    if m.ndim != 1 or len(m) > self.cfg.vocab_size:
+                        raise ValueError(f"allowed_tokens() returned shape {m.shape}")
+                    mask[i] = False
+                    mask[i, : len(m)] = m
+                    if not m.any():
+                        if rows[i].constraint.is_finished():
+                            self._finish(i, None, "stop")
+                        else:
+                            raise ValueError("the grammar allows no token")
+                except Exception as e:
+                    self._fail_request(rows[i].handle, e)
+            active = [i for i in active if rows[i] is not None]
+            if not active:
+                return
+            allowed = jnp.asarray(mask)
+
+        # Several steps per call only when nothing can need the host in between.
+        k = self.steps_per_call
+        if k > 1 and (constrained or any(
+                rows[i].handle.request.max_tokens - rows[i].generated < k
+                or rows[i].position + k > self.max_len for i in active)):
+            k = 1
+        kv_len = pow2_bucket(max(positions[i] for i in active) + k, MIN_BUCKET, self.max_len)
+        outs, self.cache, self.pstate = self._decode(
+            self.params, self.cache, self.pstate, self.sbatch, tokens, positions, steps, allowed,
+            kv_len=kv_len, num_steps=k)
+        toks, lps = np.asarray(outs.tokens), np.asarray(outs.logprobs)
+        want_top = any(rows[i].handle.request.top_logprobs for i in active)
+        top_ids = np.asarray(outs.top_ids) if want_top else None
+        top_lps = np.asarray(outs.top_logprobs) if want_top else None
+        self.stats.decode_calls += 1
+        self.stats.decode_steps += k
+
+        for s in range(k):
+            for i in active:
+                row = rows[i]
+                if row is None:  # finished at an earlier step of this call
+                    continue
+                self._emit_token(i, row, int(toks[s, i]), float(lps[s, i]),
+                                 None if top_ids is None else (top_ids[s, i], top_lps[s, i]))
+
+    def _emit_token(self, i: int, row: _Row, tok: int, lp: float, top) -> None:
+        req = row.handle.request
+        row.generated += 1
+        self.stats.tokens += 1
+        finish = None
+        if tok in req.stop_token_ids:
+            finish = "stop"
+        elif row.generated >= req.max_tokens:
+            finish = "length"
+        if row.constraint is not None and finish != "stop":
+            try:
+                row.constraint.advance(tok)
+            except Exception as e:
+                self._fail_request(row.handle, e)
+                return
+        tops: tuple[tuple[int, float], ...] = ()
+        if top is not None and req.top_logprobs:
+            tops = tuple((int(t), float(p)) for t, p in
+                         zip(top[0][: req.top_logprobs], top[1][: req.top_logprobs]))
+        ev = TokenEvent(row.choice, tok, lp if req.logprobs else None, tops, finish)
+        row.handle._emit(ev)
+        if finish is not None:
+            self._slots[i] = None
+            self._wake()
+        else:
+            row.next_token, row.position = tok, row.position + 1
+
+    def _finish(self, i: int, token: int | None, reason: str, error: str | None = None) -> None:
+        row = self._slots[i]
+        if row is None:
+            return
+        self._slots[i] = None
+        row.handle._emit(TokenEvent(row.choice, token, None, (), reason, error))
+
+    def _fail_request(self, handle: RequestHandle, e: Exception) -> None:
+        """An error in one request (e.g. its grammar raised) ends all of its choices."""
+        log.warning("request failed: %s: %s", type(e).__name__, e)
+        for i, row in enumerate(self._slots):
+            if row is not None and row.handle is handle:
+                self._finish(i, None, "error", f"{type(e).__name__}: {e}")
+
+
+def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
+    """Block until the engine has no active or waiting request (for tests and the benchmark)."""
+    t0 = time.monotonic()
+    while engine.snapshot()["active"] or engine.snapshot()["waiting"]:
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError("engine did not become idle")
+        time.sleep(0.005)
