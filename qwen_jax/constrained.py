@@ -1,0 +1,199 @@
+"""Constrained decoding with llguidance: JSON mode, JSON schema and forced tool calls.
+
+The server turns a request's `response_format` / `tool_choice` into an llguidance grammar
+(`grammar_for`), then gives the engine one `GrammarConstraint` per choice. The engine asks each
+constraint for the allowed token ids before a step (`allowed_tokens()`, a bool mask over the
+tokenizer's ids; it includes EOS exactly when the grammar may end) and feeds the sampled token back
+(`advance(token)`).
+
+Why no free whitespace: with random (or weak) weights a JSON grammar that allows whitespace
+between tokens can emit whitespace until max_tokens. We compile JSON with fixed separators
+(", " and ": ", the way `json.dumps` and the Qwen chat template write JSON) and no optional
+whitespace, so every step must make progress. A schema's own `"x-guidance"` options still win.
+
+Forced tool calls (tool_choice "required" or a named function) follow Qwen2.5's own format:
+    <tool_call>\n{"name": "<fn>", "arguments": {...}}\n</tool_call>
+with `<tool_call>` / `</tool_call>` as their single added tokens; several calls separated by "\n"
+when parallel_tool_calls and tool_choice is "required"; then EOS.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import llguidance
+import numpy as np
+
+# JSON layout options (llguidance JsonCompileOptions): compact, deterministic separators.
+JSON_OPTIONS: dict[str, Any] = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+
+
+class ConstraintError(ValueError):
+    """A grammar that cannot be built (bad schema) or a token the grammar rejects."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _backend_json(tokenizer: Any) -> str:
+    """The tokenizer.json text of a `tokenizers.Tokenizer` or of a wrapper holding one."""
+    if hasattr(tokenizer, "to_str"):
+        return tokenizer.to_str()
+    for name in ("backend", "tokenizer", "_tokenizer", "_tok", "hf_tokenizer"):
+        inner = getattr(tokenizer, name, None)
+        if inner is not None and hasattr(inner, "to_str"):
+            return inner.to_str()
+    raise TypeError(f"cannot find a tokenizers.Tokenizer inside {type(tokenizer).__name__}")
+
+
+def build_ll_tokenizer(
+    tokenizer: Any, eos_token_ids: list[int] | None = None
+) -> llguidance.LLTokenizer:
+    """llguidance's view of our tokenizer (about 1-2 s to build: do it once per server)."""
+    if eos_token_ids is None:
+        eos_token_ids = list(getattr(tokenizer, "eos_token_ids", []) or [])
+    return llguidance.LLTokenizer(_backend_json(tokenizer), eos_token=eos_token_ids or None)
+
+
+def _json_grammar(schema: dict) -> str:
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except ValueError as e:
+        raise ConstraintError(f"invalid JSON schema: {e}", "response_format") from e
+
+
+def _function_parameters(tool: dict) -> dict:
+    params = tool["function"].get("parameters")
+    # OpenAI: omitting `parameters` defines a function with an empty parameter list.
+    if params is None:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    return params
+
+
+def _call_schema(tool: dict) -> dict:
+    """The JSON object of one Qwen tool call: {"name": <const>, "arguments": <parameters>}."""
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"const": tool["function"]["name"]},
+            "arguments": _function_parameters(tool),
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def tool_call_lark(tools: list[dict], *, several: bool) -> str:
+    """Lark grammar (llguidance dialect) for one or more Qwen `<tool_call>` blocks."""
+    schema = {"anyOf": [_call_schema(t) for t in tools], "x-guidance": JSON_OPTIONS}
+    start = 'start: call ("\\n" call)*' if several else "start: call"
+    return "\n".join(
+        [
+            start,
+            'call: <tool_call> "\\n" body "\\n" </tool_call>',
+            "body: %json " + json.dumps(schema),
+        ]
+    )
+
+
+def grammar_for(
+    response_format: dict | None = None,
+    tools: list[dict] | tuple[dict, ...] | None = None,
+    tool_choice: str | dict = "none",
+    parallel_tool_calls: bool = True,
+) -> str | None:
+    """The llguidance grammar a request needs, or None for free text.
+
+    A forced tool call (tool_choice "required" or {"type": "function", ...}) wins over
+    response_format, since the answer is then a call and not a message. tool_choice "auto" and
+    "none" never constrain (the model may still write a call under "auto"; see server.py for
+    how "none" is handled).
+    """
+    tools = list(tools or [])
+    if tools and tool_choice == "required":
+        return llguidance.LLMatcher.grammar_from_lark(
+            tool_call_lark(tools, several=parallel_tool_calls)
+        )
+    if tools and isinstance(tool_choice, dict):
+        name = tool_choice["function"]["name"]
+        chosen = [t for t in tools if t["function"]["name"] == name]
+        if not chosen:
+            raise ConstraintError(f"tool_choice names unknown function {name!r}", "tool_choice")
+        return llguidance.LLMatcher.grammar_from_lark(tool_call_lark(chosen, several=False))
+    if response_format is None or response_format.get("type") == "text":
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return _json_grammar({"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise ConstraintError(
+                "response_format.json_schema.schema must be an object",
+                "response_format.json_schema.schema",
+            )
+        return _json_grammar(schema)
+    raise ConstraintError(f"unsupported response_format type {kind!r}", "response_format.type")
+
+
+class GrammarConstraint:
+    """One choice's grammar state: the engine's view of an `llguidance.LLMatcher`."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
+        self._matcher = matcher
+        self._vocab_size = vocab_size
+
+    def allowed_tokens(self) -> np.ndarray:
+        """bool[vocab_size] over the tokenizer's ids; EOS is set when the grammar may end."""
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        mask = np.unpackbits(bits, bitorder="little")[: self._vocab_size].astype(bool)
+        if self._matcher.is_error():
+            raise ConstraintError(f"grammar error: {self._matcher.get_error()}")
+        return mask
+
+    def advance(self, token: int) -> None:
+        if not self._matcher.consume_token(int(token)):
+            raise ConstraintError(
+                f"token {token} rejected by the grammar: {self._matcher.get_error()}"
+            )
+
+    def is_finished(self) -> bool:
+        """True once only EOS can follow (the grammar is complete and cannot be extended)."""
+        return self._matcher.is_stopped()
+
+    def is_accepting(self) -> bool:
+        return self._matcher.is_accepting()
+
+    def fork(self) -> GrammarConstraint:
+        """An independent copy (for the other choices of an n > 1 request)."""
+        return GrammarConstraint(self._matcher.deep_copy(), self._vocab_size)
+
+
+def make_constraint(
+    ll_tokenizer: llguidance.LLTokenizer, grammar: str, param: str | None = "response_format"
+) -> GrammarConstraint:
+    """Compile `grammar` for this tokenizer; a bad grammar raises ConstraintError (-> HTTP 400)."""
+    matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
+    if matcher.is_error():
+        raise ConstraintError(f"cannot build the grammar: {matcher.get_error()}", param)
+    return GrammarConstraint(matcher, ll_tokenizer.vocab_size)
+
+
+def make_constraints(
+    ll_tokenizer: llguidance.LLTokenizer,
+    grammar: str | None,
+    n: int,
+    param: str | None = "response_format",
+) -> list[GrammarConstraint] | None:
+    """One fresh constraint per choice, or None when the request is unconstrained."""
+    if grammar is None:
+        return None
+    first = make_constraint(ll_tokenizer, grammar, param)
+    return [first] + [first.fork() for _ in range(n - 1)]
