@@ -1,0 +1,57 @@
+"""Stop strings across token boundaries.
+
+Generated text arrives as deltas that can split a stop string anywhere ("<|im" + "_end|>").
+`StopStringMatcher` emits only text that can no longer become part of a stop string: the longest
+tail of the pending text that is a prefix of some stop string is held back until the next delta
+decides it. The stop string itself and everything after it are never emitted.
+
+Why holding back the longest such tail is enough: if a stop string started inside already-emitted
+text, the emitted part of it would have been a tail of the emitted text that is a prefix of that
+stop string, and that tail would have been held back. So the first occurrence of a stop string in
+the whole text always lies in the pending buffer, where `push` looks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StopStringMatcher:
+    """Incremental matcher: `push` deltas, emit what it returns, `flush` at the end."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        # Empty stop strings would match before any text; the request validator rejects them,
+        # here they are simply ignored.
+        self.stops: tuple[str, ...] = tuple(dict.fromkeys(s for s in stops if s))
+        self._max_hold = max((len(s) - 1 for s in self.stops), default=0)
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, text_delta: str) -> tuple[str, bool]:
+        """Add generated text; return (text safe to emit now, whether a stop string was hit)."""
+        if self.stopped:
+            return "", True
+        if not self.stops:
+            return text_delta, False
+        text = self._pending + text_delta
+        first = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if first >= 0:
+            self._pending = ""
+            self.stopped = True
+            return text[:first], True
+        hold = self._held_tail_length(text)
+        self._pending = text[len(text) - hold :]
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        """The held-back text once generation ended without hitting a stop string."""
+        text, self._pending = ("" if self.stopped else self._pending), ""
+        return text
+
+    def _held_tail_length(self, text: str) -> int:
+        # Longest tail of `text` that a stop string starts with (a full match was ruled out).
+        for n in range(min(self._max_hold, len(text)), 0, -1):
+            tail = text[len(text) - n :]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0

@@ -1,0 +1,96 @@
+"""Stop strings across arbitrary delta boundaries: nothing leaks, nothing held back needlessly."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qwen_jax.stop_strings import StopStringMatcher
+
+# A small alphabet so that stop strings and their partial matches occur often.
+ALPHABET = "ab<|>é"
+texts = st.text(alphabet=ALPHABET, max_size=40)
+stop_lists = st.lists(st.text(alphabet=ALPHABET, min_size=1, max_size=5), min_size=1, max_size=4)
+
+
+def first_stop(text: str, stops) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+@st.composite
+def split_text(draw):
+    text = draw(texts)
+    cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=12)))
+    bounds = [0, *cuts, len(text)]
+    return text, [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@given(split_text(), stop_lists)
+def test_emitted_text_is_text_up_to_first_stop(split, stops):
+    text, deltas = split
+    m = StopStringMatcher(stops)
+    cut = first_stop(text, stops)
+    expected = text if cut is None else text[:cut]
+    emitted, seen, stopped = "", "", False
+    for delta in deltas:
+        out, stopped = m.push(delta)
+        emitted += out
+        seen += delta
+        # Never past the first stop, never a stop string in what was sent.
+        assert expected.startswith(emitted)
+        assert not any(s in emitted for s in stops)
+        if not stopped:
+            # Held back only what could still start a stop string (a proper prefix of one).
+            held = seen[len(emitted) :]
+            assert seen.startswith(emitted)
+            assert held == "" or any(s.startswith(held) and s != held for s in stops)
+        if stopped:
+            break
+    if stopped:
+        assert emitted == expected
+        assert m.flush() == ""
+    else:
+        assert cut is None  # all text was pushed, so a stop in it would have been found
+        emitted += m.flush()
+        assert emitted == seen == text
+
+
+def test_stop_split_across_deltas_is_dropped():
+    m = StopStringMatcher(["<|im_end|>"])
+    assert m.push("Hello <|im") == ("Hello ", False)
+    assert m.push("_end|> trailing") == ("", True)
+    assert m.push("more") == ("", True)
+    assert m.flush() == ""
+
+
+def test_false_alarm_is_released():
+    m = StopStringMatcher(["STOP"])
+    assert m.push("ST") == ("", False)
+    assert m.push("ART") == ("START", False)
+    assert m.push("S") == ("", False)
+    assert m.flush() == "S"
+
+
+def test_earliest_of_several_stops_wins():
+    m = StopStringMatcher(["world", "lo w"])
+    out, stopped = m.push("hello world")
+    assert (out, stopped) == ("hel", True)
+
+
+def test_no_stops_passes_everything_through():
+    m = StopStringMatcher([])
+    assert m.push("abc") == ("abc", False)
+    assert m.flush() == ""
+
+
+def test_empty_stop_strings_are_ignored():
+    m = StopStringMatcher(["", "x"])
+    assert m.push("abc") == ("abc", False)
+    assert m.push("yxz") == ("y", True)
+
+
+def test_non_ascii_stop():
+    m = StopStringMatcher(["。\n"])
+    assert m.push("你好。") == ("你好", False)
+    assert m.push("\n再见") == ("", True)
