@@ -72,3 +72,126 @@ def hf_checkpoint_factory(tmp_path_factory) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(hf_checkpoint_factory) -> Path:
     return hf_checkpoint_factory("tiny")
+
+
+# ------------------------------------------------------------------------------------------------
+# The real Qwen2.5 tokenizer and a live `qwen-jax serve` (server engineer's fixtures)
+
+LIVE_API_KEY = "test-key-123"
+# Random transformers checkpoint at a tiny shape with the real 151,936-row vocabulary, so the real
+# tokenizer, chat template and tool-call tokens all work on it.
+SERVED_HF_OVERRIDES = dict(vocab_size=151936, max_position_embeddings=2048)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen2.5 tokenizer, built from the base vocabulary (once per session)."""
+    from qwen_jax.tokenizer import build_qwen25_tokenizer
+
+    return build_qwen25_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def served_checkpoint(tmp_path_factory, qwen_tokenizer) -> Path:
+    """A float32 random Qwen2 checkpoint (transformers-built) + the real tokenizer files."""
+    from qwen_jax.tokenizer import save_tokenizer
+
+    path = tmp_path_factory.mktemp("served") / "tiny-qwen"
+    build_hf_checkpoint(path, seed=0, **SERVED_HF_OVERRIDES)
+    # transformers writes a generation_config.json without the chat stop ids; ours has them.
+    (path / "generation_config.json").unlink(missing_ok=True)
+    save_tokenizer(qwen_tokenizer, path)
+    return path
+
+
+class LiveServer:
+    def __init__(self, proc, base_url: str, api_key: str | None, model: str, log_path: Path):
+        self.proc, self.base_url, self.api_key, self.model = proc, base_url, api_key, model
+        self.log_path = log_path
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        hostport = self.base_url.split("//", 1)[1].split("/", 1)[0]
+        host, port = hostport.rsplit(":", 1)
+        return host, int(port)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(args: list[str], log_path: Path, timeout: float = 300.0):
+    """Start `qwen-jax serve ARGS --port 0`; return (process, base URL) once it listens."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.setdefault("QWEN_JAX_XLA_CACHE", str(Path.home() / ".cache" / "qwen-jax" / "xla-tests"))
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_jax.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+         *args],
+        stdout=subprocess.PIPE, stderr=log_file, text=True, env=env, cwd=REPO_ROOT,
+    )
+    found: dict[str, str] = {}
+    ready = threading.Event()
+
+    def pump():  # keep reading stdout so the pipe never fills
+        for line in proc.stdout:
+            log_file.write(line)
+            log_file.flush()
+            m = re.search(r"on (http://\S+/v1)", line)
+            if m and not ready.is_set():
+                found["url"] = m.group(1)
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.5):
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not start in {timeout} s:\n{log_path.read_text()}")
+    if "url" not in found:
+        proc.wait(10)
+        raise RuntimeError(f"server exited ({proc.returncode}):\n{log_path.read_text()}")
+    return proc, found["url"]
+
+
+@pytest.fixture(scope="session")
+def live_server(served_checkpoint, tmp_path_factory):
+    """One `qwen-jax serve` subprocess for the whole session (float32, tiny, API key on)."""
+    log_path = tmp_path_factory.mktemp("server-log") / "server.log"
+    proc, url = start_server(
+        ["--model", str(served_checkpoint), "--dtype", "float32", "--max-model-len", "1024",
+         "--max-num-seqs", "4", "--max-queue", "2", "--api-key", LIVE_API_KEY],
+        log_path,
+    )
+    server = LiveServer(proc, url, LIVE_API_KEY, served_checkpoint.name, log_path)
+    yield server
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except Exception:
+        proc.kill()
+
+
+class ApiTarget:
+    def __init__(self, base_url: str, api_key: str | None, model: str):
+        self.base_url, self.api_key, self.model = base_url.rstrip("/"), api_key, model
+
+
+@pytest.fixture(scope="session")
+def api_target(request) -> ApiTarget:
+    """The server under test: $QWEN_JAX_BASE_URL (+ _API_KEY, _MODEL) or the live test server."""
+    import os
+
+    base = os.environ.get("QWEN_JAX_BASE_URL")
+    if base:
+        return ApiTarget(base, os.environ.get("QWEN_JAX_API_KEY"),
+                         os.environ.get("QWEN_JAX_MODEL", "Qwen/Qwen2.5-7B-Instruct"))
+    live = request.getfixturevalue("live_server")
+    return ApiTarget(live.base_url, live.api_key, live.model)

@@ -1,0 +1,266 @@
+"""Constrained decoding: whatever tokens a (random) model picks inside the mask, the output parses.
+
+The "model" here is a random number generator choosing uniformly among the allowed tokens: the
+worst case for termination, and what random demo weights look like to the grammar.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qwen_jax.constrained import (
+    ConstraintError,
+    grammar_for,
+    make_constraint,
+    make_constraints,
+)
+
+MAX_STEPS = 400
+
+
+@pytest.fixture(scope="module")
+def ll_tok(qwen_tokenizer):
+    from qwen_jax.constrained import build_ll_tokenizer
+
+    return build_ll_tokenizer(qwen_tokenizer)
+
+
+def run_random(constraint, tokenizer, seed: int, max_steps: int = MAX_STEPS):
+    """Sample uniformly among allowed ids until EOS; returns (text, ended_with_eos)."""
+    rng = np.random.default_rng(seed)
+    eos = set(tokenizer.eos_token_ids)
+    out = []
+    for _ in range(max_steps):
+        allowed = constraint.allowed_tokens()
+        assert allowed.dtype == bool and allowed.shape == (tokenizer.vocab_size,)
+        ids = np.flatnonzero(allowed)
+        assert ids.size > 0, "the grammar allowed nothing"
+        token = int(rng.choice(ids))
+        constraint.advance(token)
+        if token in eos:
+            return tokenizer.decode(out), True
+        out.append(token)
+    return tokenizer.decode(out), False
+
+
+def outside_strings(text: str) -> str:
+    """The characters of a JSON text that are not inside string literals."""
+    out, in_str, esc = [], False, False
+    for c in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def assert_compact(text: str) -> None:
+    # Only the ", " and ": " separators may carry whitespace: no free whitespace anywhere.
+    rest = outside_strings(text).replace(", ", ",").replace(": ", ":")
+    assert not re.search(r"\s", rest), text
+
+
+# Bounded JSON schemas: every string, number and array has a limit, so generation must end.
+leaf = st.one_of(
+    st.just({"type": "boolean"}),
+    st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+              st.integers(-50, 50), st.integers(0, 1000)),
+    st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 12)),
+    st.lists(st.text("abcxyz", min_size=1, max_size=5), min_size=1, max_size=4, unique=True)
+    .map(lambda xs: {"enum": xs}),
+    st.just({"type": "null"}),
+)
+
+
+def _object(children):
+    return st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True), children,
+                           min_size=1, max_size=3).flatmap(
+        lambda props: st.sets(st.sampled_from(sorted(props))).map(
+            lambda req: {"type": "object", "properties": props, "required": sorted(req),
+                         "additionalProperties": False}))
+
+
+schemas = st.recursive(
+    leaf,
+    lambda children: st.one_of(
+        _object(children),
+        st.builds(lambda items, n: {"type": "array", "items": items, "maxItems": n},
+                  children, st.integers(0, 3)),
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schema=_object(schemas), seed=st.integers(0, 2**31 - 1))
+def test_json_schema_output_always_validates(ll_tok, qwen_tokenizer, schema, seed):
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    text, ended = run_random(make_constraint(ll_tok, grammar), qwen_tokenizer, seed)
+    assert ended, f"no EOS within {MAX_STEPS} tokens: {text!r}"
+    jsonschema.validate(json.loads(text), schema)
+    assert_compact(text)
+
+
+def test_eos_allowed_exactly_when_the_grammar_may_end(ll_tok, qwen_tokenizer):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    c = make_constraint(ll_tok, grammar_for({"type": "json_schema",
+                                             "json_schema": {"schema": schema}}))
+    eos = list(qwen_tokenizer.eos_token_ids)
+    for token in qwen_tokenizer.encode('{"ok": true'):
+        assert not c.allowed_tokens()[eos].any()
+        assert not c.is_finished()
+        c.advance(token)
+    closing = qwen_tokenizer.encode("}")
+    c.advance(closing[0])
+    mask = c.allowed_tokens()
+    assert mask[eos].all() and mask.sum() == len(eos)  # complete: only EOS may follow
+    assert c.is_finished()
+
+
+def test_rejected_token_raises(ll_tok, qwen_tokenizer):
+    c = make_constraint(ll_tok, grammar_for({"type": "json_object"}))
+    bad = qwen_tokenizer.encode("hello")[0]
+    assert not c.allowed_tokens()[bad]
+    with pytest.raises(ConstraintError):
+        c.advance(bad)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_json_object_mode_is_an_object_or_cut(ll_tok, qwen_tokenizer, seed):
+    # "Any object" has unbounded strings, so a random walk may not end within the budget; what
+    # it wrote must still be a prefix of an object. When it ends, it parses.
+    c = make_constraint(ll_tok, grammar_for({"type": "json_object"}))
+    text, ended = run_random(c, qwen_tokenizer, seed, max_steps=150)
+    assert text.startswith("{")
+    if ended:
+        assert isinstance(json.loads(text), dict)
+        assert_compact(text)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "unit": {"enum": ["c", "f"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 99},
+                           "y": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "required": ["x", "y"],
+            "additionalProperties": False,
+        },
+    },
+}
+NO_PARAMS = {"type": "function", "function": {"name": "ping"}}
+TOOLS = [WEATHER, ADD, NO_PARAMS]
+CALL = re.compile(r"<tool_call>\n(.*?)\n</tool_call>", re.S)
+
+
+def parse_calls(text: str) -> list[dict]:
+    """Independent parse of the Qwen format: nothing but `<tool_call>` blocks joined by newlines."""
+    calls = [json.loads(m) for m in CALL.findall(text)]
+    assert calls and set(CALL.sub("", text)) <= {"\n"}, text  # blocks joined by newlines only
+    return calls
+
+
+def check_call(call: dict) -> None:
+    tool = {t["function"]["name"]: t for t in TOOLS}[call["name"]]
+    params = tool["function"].get("parameters", {"type": "object", "properties": {},
+                                                 "additionalProperties": False})
+    assert set(call) == {"name", "arguments"}
+    jsonschema.validate(call["arguments"], params)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_required_tool_choice_always_yields_valid_calls(ll_tok, qwen_tokenizer, seed):
+    grammar = grammar_for(None, TOOLS, "required", parallel_tool_calls=True)
+    text, ended = run_random(make_constraint(ll_tok, grammar), qwen_tokenizer, seed)
+    assert ended, text
+    assert text.startswith("<tool_call>\n{")
+    calls = parse_calls(text)
+    assert len(calls) >= 1
+    for call in calls:
+        check_call(call)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_named_tool_choice_calls_exactly_that_function(ll_tok, qwen_tokenizer, seed):
+    choice = {"type": "function", "function": {"name": "add"}}
+    grammar = grammar_for({"type": "json_object"}, TOOLS, choice, parallel_tool_calls=True)
+    text, ended = run_random(make_constraint(ll_tok, grammar), qwen_tokenizer, seed)
+    assert ended, text
+    calls = parse_calls(text)
+    assert [c["name"] for c in calls] == ["add"]
+    check_call(calls[0])
+
+
+def test_required_without_parallel_makes_one_call(ll_tok, qwen_tokenizer):
+    grammar = grammar_for(None, [NO_PARAMS], "required", parallel_tool_calls=False)
+    c = make_constraint(ll_tok, grammar)
+    text, ended = run_random(c, qwen_tokenizer, seed=1)
+    assert ended
+    assert text == '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>'
+
+
+def test_tool_call_tags_are_single_tokens(ll_tok, qwen_tokenizer):
+    # The grammar asks for the model's own <tool_call> token, not the text spelled out.
+    c = make_constraint(ll_tok, grammar_for(None, [WEATHER], "required"))
+    assert np.flatnonzero(c.allowed_tokens()).tolist() == [
+        qwen_tokenizer.token_to_id("<tool_call>")]
+
+
+def test_unconstrained_requests_have_no_grammar():
+    assert grammar_for(None) is None
+    assert grammar_for({"type": "text"}) is None
+    assert grammar_for(None, TOOLS, "auto") is None
+    assert grammar_for(None, TOOLS, "none") is None
+
+
+def test_bad_schema_is_a_clear_error(ll_tok):
+    with pytest.raises(ConstraintError) as e:
+        grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": {
+            "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}})
+        make_constraint(ll_tok, grammar)
+    assert e.value.param and e.value.param.startswith("response_format")
+    with pytest.raises(ConstraintError, match="schema"):
+        grammar_for({"type": "json_schema", "json_schema": {"name": "x"}})
+    with pytest.raises(ConstraintError, match="unknown function"):
+        grammar_for(None, TOOLS, {"type": "function", "function": {"name": "nope"}})
+
+
+def test_choices_get_independent_constraints(ll_tok, qwen_tokenizer):
+    cs = make_constraints(ll_tok, grammar_for({"type": "json_object"}), 3)
+    assert len(cs) == 3 and len({id(c) for c in cs}) == 3
+    cs[0].advance(qwen_tokenizer.encode("{")[0])
+    # Advancing one choice leaves the others at the start (only "{" allowed first).
+    assert cs[1].allowed_tokens().sum() != cs[0].allowed_tokens().sum()
+    assert make_constraints(ll_tok, None, 3) is None
