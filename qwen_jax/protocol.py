@@ -1,0 +1,537 @@
+"""The request side of the OpenAI Chat Completions API: validation, defaults and error objects.
+
+`validate_chat_request` is a pure function from the decoded JSON body to a `ChatRequest`, or an
+`APIError` naming the offending field. Sampling ranges come from `qwen_jax.sampler.SAMPLING_RANGES`
+and the request-level ranges from `REQUEST_RANGES` below; `spec/openapi.yaml` states the same ranges
+and `tests/test_spec.py` proves the two agree. Every error the server sends is built here, so
+status codes and messages live in one place.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from qwen_jax.sampler import (
+    SAMPLING_RANGES,
+    SamplingParamError,
+    SamplingParams,
+    validate_sampling_params,
+)
+
+# ------------------------------------------------------------------------------------ errors
+
+
+class APIError(Exception):
+    """An error response: HTTP status plus OpenAI's {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"APIError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
+        )
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """400: a bad field value or type (name the field in `param`)."""
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def missing_parameter(param: str) -> APIError:
+    return invalid_request(
+        f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
+    )
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+
+
+def malformed_json(detail: str) -> APIError:
+    return invalid_request(
+        f"We could not parse the JSON body of your request ({detail}). The body must be a JSON "
+        "object.",
+        code="invalid_json",
+    )
+
+
+def unsupported_media_type(content_type: str | None) -> APIError:
+    return APIError(
+        415,
+        f"Unsupported Content-Type {content_type or '(none)'!r}: send application/json.",
+        "invalid_request_error",
+        None,
+        "unsupported_media_type",
+    )
+
+
+def unauthorized(provided: bool) -> APIError:
+    message = (
+        "Incorrect API key provided."
+        if provided
+        else "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+    )
+    return APIError(401, message, "invalid_request_error", None, "invalid_api_key")
+
+
+def path_not_found(method: str, path: str) -> APIError:
+    return APIError(
+        404, f"Invalid URL ({method} {path}).", "invalid_request_error", None, "unknown_url"
+    )
+
+
+def method_not_allowed(method: str, path: str, allowed: tuple[str, ...] = ()) -> APIError:
+    also = f" Allowed: {', '.join(allowed)}." if allowed else ""
+    return APIError(
+        405,
+        f"Method {method} is not allowed for {path}.{also}",
+        "invalid_request_error",
+        None,
+        "method_not_allowed",
+    )
+
+
+def payload_too_large(limit_bytes: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than {limit_bytes} bytes.",
+        "invalid_request_error",
+        None,
+        "payload_too_large",
+    )
+
+
+def queue_full() -> APIError:
+    return APIError(
+        429,
+        "The server is busy: too many requests are waiting. Retry later.",
+        "rate_limit_error",
+        None,
+        "queue_full",
+    )
+
+
+def server_error(
+    message: str = "The server had an error while processing your request.",
+) -> APIError:
+    return APIError(500, message, "server_error", None, None)
+
+
+def context_length_exceeded(prompt_tokens: int, max_model_len: int) -> APIError:
+    return invalid_request(
+        f"This model's maximum context length is {max_model_len} tokens. However, your messages "
+        f"resulted in {prompt_tokens} tokens, which leaves no room for a completion. Please "
+        "reduce the length of the messages.",
+        param="messages",
+        code="context_length_exceeded",
+    )
+
+
+# ------------------------------------------------------------------------------------ ranges
+
+# field -> (low, high, low_inclusive, high_inclusive), the same form as SAMPLING_RANGES.
+# Sampling fields (temperature, ..., seed, each logit_bias value) are the sampler's; these are the
+# request's own. Both tables together are what spec/openapi.yaml states.
+_OWN_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "n": (1, 4, True, True),
+    "max_tokens": (0, 1_000_000, True, True),
+    "max_completion_tokens": (0, 1_000_000, True, True),
+    "top_logprobs": (0, 20, True, True),
+}
+REQUEST_RANGES: dict[str, tuple[float, float, bool, bool]] = {**_OWN_RANGES, **SAMPLING_RANGES}
+INTEGER_FIELDS = frozenset(
+    {"n", "max_tokens", "max_completion_tokens", "top_logprobs", "seed", "top_k"}
+)
+MAX_STOP_STRINGS = 16
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "seed",
+)
+_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+# Defaults when a field is omitted or null (the seed document's); the sampling fields' defaults are
+# SamplingParams' own.
+DEFAULTS: dict[str, Any] = {
+    "n": 1,
+    "stream": False,
+    "logprobs": False,
+    "top_logprobs": 0,
+    "parallel_tool_calls": True,
+}
+
+
+# ------------------------------------------------------------------------------------ request
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: tuple[dict, ...]  # as sent; chat_template.render_chat validates their details
+    tools: tuple[dict, ...] | None
+    tool_choice: str | dict  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool
+    response_format: (
+        dict | None
+    )  # None (text) | {"type": "json_object"} | {"type": "json_schema", ...}
+    stream: bool
+    include_usage: bool
+    n: int
+    max_tokens: int | None  # None = the rest of the context
+    stop: tuple[str, ...]
+    sampling: SamplingParams
+    logprobs: bool
+    top_logprobs: int
+    user: str | None
+
+    def to_body(self) -> dict:
+        """A request body that validates back to this ChatRequest (for tests and logging)."""
+        s = self.sampling
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": list(self.messages),
+            "stream": self.stream,
+            "stream_options": {"include_usage": self.include_usage},
+            "n": self.n,
+            "max_tokens": self.max_tokens,
+            "stop": list(self.stop),
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "top_k": s.top_k,
+            "min_p": s.min_p,
+            "presence_penalty": s.presence_penalty,
+            "frequency_penalty": s.frequency_penalty,
+            "repetition_penalty": s.repetition_penalty,
+            "logit_bias": {str(i): b for i, b in s.logit_bias} or None,
+            "seed": s.seed,
+            "logprobs": self.logprobs,
+            "top_logprobs": self.top_logprobs,
+            "tools": list(self.tools) if self.tools else None,
+            "tool_choice": self.tool_choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
+            "response_format": self.response_format,
+            "user": self.user,
+        }
+        return body
+
+
+def _describe_range(name: str, rng: tuple[float, float, bool, bool]) -> str:
+    low, high, low_inc, high_inc = rng
+    return f"{low} {'<=' if low_inc else '<'} {name} {'<=' if high_inc else '<'} {high}"
+
+
+def _in_range(value: float, rng: tuple[float, float, bool, bool]) -> bool:
+    low, high, low_inc, high_inc = rng
+    above = value >= low if low_inc else value > low
+    below = value <= high if high_inc else value < high
+    return above and below
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _number(value: object, param: str, range_key: str) -> float | int:
+    """A finite number within its range; bool is not a number (JSON true is not 1).
+
+    Integer fields accept 3.0 like JSON Schema does (JSON has one number type), but not 3.5.
+    """
+    integer = range_key in INTEGER_FIELDS
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise invalid_request(f"'{param}' must be {kind}, got {_type_name(value)}.", param)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise invalid_request(f"'{param}' must be a finite number, got {value}.", param)
+    if integer and isinstance(value, float):
+        if not value.is_integer():
+            raise invalid_request(f"'{param}' must be an integer, got {value}.", param)
+        value = int(value)
+    rng = REQUEST_RANGES[range_key]
+    if not _in_range(value, rng):
+        raise invalid_request(
+            f"'{param}' must satisfy {_describe_range(param, rng)}, got {value}.", param
+        )
+    return value
+
+
+def _optional_number(body: dict, name: str) -> Any:
+    value = body.get(name)
+    return None if value is None else _number(value, name, name)
+
+
+def _optional_bool(value: object, param: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid_request(f"'{param}' must be a boolean, got {_type_name(value)}.", param)
+    return value
+
+
+def _optional_string(value: object, param: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise invalid_request(f"'{param}' must be a string, got {_type_name(value)}.", param)
+    return value
+
+
+def _require_dict(value: object, param: str) -> dict:
+    if not isinstance(value, dict):
+        raise invalid_request(f"'{param}' must be an object, got {_type_name(value)}.", param)
+    return value
+
+
+def _messages(value: object) -> tuple[dict, ...]:
+    if value is None:
+        raise missing_parameter("messages")
+    if not isinstance(value, list) or not value:
+        raise invalid_request(
+            "'messages' must be a non-empty array of message objects.", "messages"
+        )
+    for i, m in enumerate(value):
+        _require_dict(m, f"messages[{i}]")
+        if "role" not in m:
+            raise invalid_request(f"'messages[{i}]' has no 'role'.", f"messages[{i}].role")
+        if not isinstance(m["role"], str):
+            raise invalid_request(
+                f"'messages[{i}].role' must be a string, got {_type_name(m['role'])}.",
+                f"messages[{i}].role",
+            )
+    return tuple(value)
+
+
+def _stop(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list):
+        raise invalid_request(
+            f"'stop' must be a string or an array of strings, got {_type_name(value)}.", "stop"
+        )
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid_request(
+            f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}.", "stop"
+        )
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise invalid_request("Each stop sequence must be a non-empty string.", "stop")
+    return tuple(stops)
+
+
+def _sampling(body: dict, vocab_limit: int | None) -> SamplingParams:
+    """The sampling fields, checked by the sampler (its SAMPLING_RANGES are the single source)."""
+    fields = {name: body.get(name) for name in _SAMPLING_FIELDS}
+    for name in ("top_k", "seed"):
+        value = fields[name]
+        # JSON has one number type: 3.0 is the integer 3 (as in JSON Schema), 3.5 is not.
+        if isinstance(value, float) and value.is_integer():
+            fields[name] = int(value)
+    if fields["logit_bias"] is not None:
+        _require_dict(fields["logit_bias"], "logit_bias")  # the sampler also takes pairs; JSON not
+    try:
+        return validate_sampling_params(fields, vocab_limit=vocab_limit)
+    except SamplingParamError as e:
+        raise invalid_request(str(e) + ".", e.param) from None
+
+
+def _tools(value: object) -> tuple[dict, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise invalid_request(f"'tools' must be an array, got {_type_name(value)}.", "tools")
+    seen: set[str] = set()
+    for i, tool in enumerate(value):
+        p = f"tools[{i}]"
+        _require_dict(tool, p)
+        if tool.get("type") != "function":
+            raise invalid_request(
+                f"'{p}.type' must be 'function' (the only supported tool type).", f"{p}.type"
+            )
+        fn = _require_dict(tool.get("function"), f"{p}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise invalid_request(
+                f"'{p}.function.name' must be 1-64 characters of a-z, A-Z, 0-9, _ or -.",
+                f"{p}.function.name",
+            )
+        if name in seen:
+            raise invalid_request(f"Duplicate tool name {name!r}.", f"{p}.function.name")
+        seen.add(name)
+        _optional_string(fn.get("description"), f"{p}.function.description")
+        if fn.get("parameters") is not None:
+            _require_dict(fn["parameters"], f"{p}.function.parameters")
+        _optional_bool(fn.get("strict"), f"{p}.function.strict", False)
+    return tuple(value) or None  # an empty list means no tools
+
+
+def _tool_choice(value: object, tools: tuple[dict, ...] | None) -> str | dict:
+    if value is None:
+        return "auto" if tools else "none"
+    if isinstance(value, str):
+        if value not in TOOL_CHOICE_MODES:
+            raise invalid_request(
+                f"'tool_choice' must be one of {', '.join(TOOL_CHOICE_MODES)} or a named function, "
+                f"got {value!r}.",
+                "tool_choice",
+            )
+        if value == "required" and not tools:
+            raise invalid_request("'tool_choice' 'required' needs 'tools'.", "tool_choice")
+        # Without tools "auto" can only mean "none"; one canonical value for the server.
+        return value if tools else "none"
+    _require_dict(value, "tool_choice")
+    if value.get("type") != "function":
+        raise invalid_request("'tool_choice.type' must be 'function'.", "tool_choice.type")
+    fn = _require_dict(value.get("function"), "tool_choice.function")
+    name = fn.get("name")
+    if not isinstance(name, str):
+        raise invalid_request(
+            "'tool_choice.function.name' must be a string.", "tool_choice.function.name"
+        )
+    names = [t["function"]["name"] for t in tools or ()]
+    if name not in names:
+        raise invalid_request(
+            f"'tool_choice' names function {name!r}, which is not in 'tools'"
+            + (f" ({', '.join(names)})." if names else " (no tools were given)."),
+            "tool_choice",
+        )
+    return {"type": "function", "function": {"name": name}}
+
+
+def _response_format(value: object) -> dict | None:
+    if value is None:
+        return None
+    _require_dict(value, "response_format")
+    kind = value.get("type")
+    if kind not in RESPONSE_FORMAT_TYPES:
+        raise invalid_request(
+            f"'response_format.type' must be one of {', '.join(RESPONSE_FORMAT_TYPES)}, "
+            f"got {kind!r}.",
+            "response_format.type",
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    js = _require_dict(value.get("json_schema"), "response_format.json_schema")
+    schema = js.get("schema")
+    if not isinstance(schema, dict):
+        raise invalid_request(
+            "'response_format.json_schema.schema' must be a JSON Schema object.",
+            "response_format.json_schema.schema",
+        )
+    name = js.get("name", "response")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise invalid_request(
+            "'response_format.json_schema.name' must be 1-64 characters of a-z, A-Z, 0-9, _ or -.",
+            "response_format.json_schema.name",
+        )
+    strict = _optional_bool(js.get("strict"), "response_format.json_schema.strict", False)
+    out = {"name": name, "schema": schema, "strict": strict}
+    if js.get("description") is not None:
+        out["description"] = _optional_string(
+            js["description"], "response_format.json_schema.description"
+        )
+    return {"type": "json_schema", "json_schema": out}
+
+
+def validate_chat_request(
+    body: object, *, served_model_name: str, vocab_limit: int | None = None
+) -> ChatRequest:
+    """Check a decoded request body and fill in defaults; raise APIError on the first problem."""
+    if not isinstance(body, dict):
+        raise invalid_request(f"The request body must be a JSON object, got {_type_name(body)}.")
+    model = body.get("model")
+    if model is None:
+        raise missing_parameter("model")
+    if not isinstance(model, str):
+        raise invalid_request(f"'model' must be a string, got {_type_name(model)}.", "model")
+    if model != served_model_name:
+        raise model_not_found(model)
+    messages = _messages(body.get("messages"))
+
+    def get(name: str) -> Any:
+        value = _optional_number(body, name)
+        return DEFAULTS.get(name) if value is None else value
+
+    sampling = _sampling(body, vocab_limit)
+    n = get("n")
+    max_tokens, max_completion_tokens = get("max_tokens"), get("max_completion_tokens")
+    if max_completion_tokens is not None:  # OpenAI's newer name wins
+        max_tokens = max_completion_tokens
+    logprobs = _optional_bool(body.get("logprobs"), "logprobs", False)
+    top_logprobs = get("top_logprobs")
+    if top_logprobs and not logprobs:
+        raise invalid_request("'top_logprobs' needs 'logprobs' set to true.", "top_logprobs")
+
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        _require_dict(stream_options, "stream_options")
+    include_usage = _optional_bool(
+        (stream_options or {}).get("include_usage"), "stream_options.include_usage", False
+    )
+    tools = _tools(body.get("tools"))
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        tools=tools,
+        tool_choice=_tool_choice(body.get("tool_choice"), tools),
+        parallel_tool_calls=_optional_bool(
+            body.get("parallel_tool_calls"), "parallel_tool_calls", True
+        ),
+        response_format=_response_format(body.get("response_format")),
+        stream=_optional_bool(body.get("stream"), "stream", False),
+        include_usage=include_usage,
+        n=n,
+        max_tokens=max_tokens,
+        stop=_stop(body.get("stop")),
+        sampling=sampling,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        user=_optional_string(body.get("user"), "user"),
+    )
+
+
+def resolve_max_tokens(requested: int | None, prompt_tokens: int, max_model_len: int) -> int:
+    """Tokens a choice may generate: the request's limit clamped to the rest of the context."""
+    room = max_model_len - prompt_tokens
+    if room <= 0:
+        raise context_length_exceeded(prompt_tokens, max_model_len)
+    return room if requested is None else min(requested, room)

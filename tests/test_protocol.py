@@ -1,0 +1,379 @@
+"""Request validation: defaults, every field's bad values (naming the param), errors, max_tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
+
+from qwen_jax import protocol
+from qwen_jax.protocol import APIError, resolve_max_tokens, validate_chat_request
+
+MODEL = "Qwen/Qwen2.5-7B-Instruct"
+MSGS = [{"role": "user", "content": "Hello!"}]
+BASE = {"model": MODEL, "messages": MSGS}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "get-time", "description": "now"}},
+]
+SPEC = yaml.safe_load((Path(__file__).resolve().parent.parent / "spec/openapi.yaml").read_text())
+ERROR_VALIDATOR = Draft202012Validator({"$ref": "#/components/schemas/ErrorResponse", **SPEC})
+
+
+def ok(**fields):
+    return validate_chat_request({**BASE, **fields}, served_model_name=MODEL)
+
+
+def err(body, **kw) -> APIError:
+    with pytest.raises(APIError) as e:
+        validate_chat_request(body, served_model_name=MODEL, **kw)
+    assert ERROR_VALIDATOR.is_valid(e.value.to_dict())
+    return e.value
+
+
+def test_defaults_are_the_seed_documents():
+    r = ok()
+    s = r.sampling
+    # The seed document's "Default value" lines.
+    assert (s.temperature, s.top_p, s.min_p, s.top_k) == (1, 1, 0, 0)
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0, 0, 1)
+    assert s.seed is None and s.logit_bias == ()
+    assert (r.n, r.stream, r.include_usage, r.max_tokens, r.stop) == (1, False, False, None, ())
+    assert (r.logprobs, r.top_logprobs, r.user) == (False, 0, None)
+    assert (r.tools, r.tool_choice, r.parallel_tool_calls, r.response_format) == (
+        None,
+        "none",
+        True,
+        None,
+    )
+    assert r.messages == tuple(MSGS) and r.model == MODEL
+
+
+def test_null_means_default_and_unknown_fields_are_ignored():
+    nulls = {k: None for k in ("temperature", "top_p", "n", "stop", "seed", "tools", "stream")}
+    assert ok(**nulls) == ok()
+    assert ok(metadata={"a": 1}, service_tier="auto", store=False) == ok()
+
+
+def test_fields_are_carried():
+    r = ok(
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        min_p=0.05,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.05,
+        seed=42,
+        logit_bias={"10": -100, "3": 2.5},
+        n=3,
+        max_tokens=7,
+        stop="\n",
+        stream=True,
+        stream_options={"include_usage": True},
+        logprobs=True,
+        top_logprobs=5,
+        user="u-1",
+    )
+    s = r.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.min_p) == (0.7, 0.8, 20, 0.05)
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -0.5, 1.05)
+    assert s.seed == 42 and s.logit_bias == ((3, 2.5), (10, -100.0))
+    assert (r.n, r.max_tokens, r.stop, r.stream, r.include_usage) == (3, 7, ("\n",), True, True)
+    assert (r.logprobs, r.top_logprobs, r.user) == (True, 5, "u-1")
+
+
+def test_max_completion_tokens_wins():
+    assert ok(max_tokens=5, max_completion_tokens=9).max_tokens == 9
+    assert ok(max_completion_tokens=9).max_tokens == 9
+    assert ok(max_tokens=0).max_tokens == 0
+
+
+def test_integral_floats_are_integers():
+    assert ok(n=2.0, top_k=5.0, seed=3.0).n == 2
+    assert isinstance(ok(top_k=5.0).sampling.top_k, int)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", True),  # bool is not a number
+        ("temperature", "1"),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", 2.01),
+        ("temperature", -0.1),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("min_p", -0.01),
+        ("top_k", 1000),
+        ("top_k", 2.5),
+        ("top_k", -1),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", 5.5),
+        ("seed", -1),
+        ("seed", 2**63),
+        ("seed", "7"),
+        ("n", 0),
+        ("n", 5),
+        ("n", True),
+        ("n", 1.5),
+        ("max_tokens", -1),
+        ("max_tokens", 1_000_001),
+        ("max_tokens", "8"),
+        ("max_completion_tokens", -1),
+        ("top_logprobs", 21),
+        ("logprobs", 1),
+        ("stream", "true"),
+        ("parallel_tool_calls", 0),
+        ("user", 5),
+        ("stop", 5),
+        ("stop", ""),
+        ("stop", ["a", 1]),
+        ("stop", [f"s{i}" for i in range(17)]),
+        ("logit_bias", [[1, 2]]),
+        ("logit_bias", {"x": 1}),
+        ("logit_bias", {"-1": 1}),
+        ("logit_bias", {"1": 101}),
+        ("logit_bias", {"1": True}),
+        ("logit_bias", "a"),
+        ("stream_options", "yes"),
+        ("tools", {"type": "function"}),
+        ("tool_choice", "sometimes"),
+        ("tool_choice", 3),
+        ("response_format", "json"),
+    ],
+)
+def test_bad_values_name_the_param(field, value):
+    e = err(
+        {**BASE, "logprobs": True, field: value}
+        if field == "top_logprobs"
+        else {**BASE, field: value}
+    )
+    assert (e.status, e.type) == (400, "invalid_request_error")
+    assert e.param == field, e
+    assert e.message
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": MSGS}, "model"),
+        ({"model": 7, "messages": MSGS}, "model"),
+        ({"model": MODEL}, "messages"),
+        ({**BASE, "messages": []}, "messages"),
+        ({**BASE, "messages": "hi"}, "messages"),
+        ({**BASE, "messages": ["hi"]}, "messages[0]"),
+        ({**BASE, "messages": [*MSGS, {"content": "x"}]}, "messages[1].role"),
+        ({**BASE, "messages": [{"role": 1, "content": "x"}]}, "messages[0].role"),
+        ({**BASE, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({**BASE, "top_logprobs": 3}, "top_logprobs"),  # needs logprobs: true
+        ({**BASE, "tools": [{"type": "custom", "custom": {}}]}, "tools[0].type"),
+        ({**BASE, "tools": [{"type": "function"}]}, "tools[0].function"),
+        (
+            {**BASE, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+            "tools[0].function.name",
+        ),
+        ({**BASE, "tools": [TOOLS[0], TOOLS[0]]}, "tools[1].function.name"),
+        (
+            {**BASE, "tools": [{"type": "function", "function": {"name": "f", "parameters": 1}}]},
+            "tools[0].function.parameters",
+        ),
+        ({**BASE, "tool_choice": "required"}, "tool_choice"),
+        ({**BASE, "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        (
+            {
+                **BASE,
+                "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            "tool_choice",
+        ),
+        ({**BASE, "tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice.function"),
+        ({**BASE, "response_format": {"type": "xml"}}, "response_format.type"),
+        ({**BASE, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (
+            {**BASE, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {**BASE, "response_format": {"type": "json_schema", "json_schema": {"schema": True}}},
+            "response_format.json_schema.schema",
+        ),
+    ],
+)
+def test_structural_errors_name_the_param(body, param):
+    e = err(body)
+    assert e.status == 400 and e.param == param, e
+
+
+def test_body_must_be_an_object():
+    for body in ([], "x", None, 3):
+        e = err(body)
+        assert e.status == 400 and e.type == "invalid_request_error"
+
+
+def test_other_model_is_404_model_not_found():
+    e = err({**BASE, "model": "gpt-4o"})
+    assert (e.status, e.code, e.type, e.param) == (
+        404,
+        "model_not_found",
+        "invalid_request_error",
+        "model",
+    )
+    assert "gpt-4o" in e.message
+
+
+def test_logit_bias_vocab_limit():
+    assert ok(logit_bias={"99": 1}).sampling.logit_bias == ((99, 1.0),)
+    e = err({**BASE, "logit_bias": {"100": 1}}, vocab_limit=100)
+    assert e.param == "logit_bias" and "100" in e.message
+
+
+def test_tool_choice_defaults_and_forms():
+    assert ok(tools=TOOLS).tool_choice == "auto"
+    assert ok(tools=TOOLS).tools == tuple(TOOLS)
+    assert ok(tools=[]).tools is None and ok(tools=[]).tool_choice == "none"
+    assert ok(tool_choice="auto").tool_choice == "none"  # nothing to call without tools
+    assert ok(tools=TOOLS, tool_choice="none").tool_choice == "none"
+    assert ok(tools=TOOLS, tool_choice="required").tool_choice == "required"
+    named = {"type": "function", "function": {"name": "get-time"}}
+    assert ok(tools=TOOLS, tool_choice=named).tool_choice == named
+    assert ok(tools=TOOLS, parallel_tool_calls=False).parallel_tool_calls is False
+
+
+def test_response_format_forms():
+    assert ok(response_format={"type": "text"}).response_format is None
+    assert ok(response_format={"type": "json_object"}).response_format == {"type": "json_object"}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    rf = ok(response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
+    assert rf.response_format == {
+        "type": "json_schema",
+        "json_schema": {"name": "r", "schema": schema, "strict": False},
+    }
+
+
+def test_stop_forms():
+    assert ok(stop="END").stop == ("END",)
+    assert ok(stop=["a", "b"]).stop == ("a", "b")
+    assert ok(stop=[]).stop == ()
+    assert len(ok(stop=[f"s{i}" for i in range(16)]).stop) == 16
+
+
+def test_sampler_errors_become_400(monkeypatch):
+    from qwen_jax.sampler import SamplingParamError
+
+    def reject(*a, **k):
+        raise SamplingParamError("min_p", "min_p is not allowed here")
+
+    monkeypatch.setattr(protocol, "validate_sampling_params", reject)
+    e = err(BASE)
+    assert (e.status, e.param) == (400, "min_p") and "min_p" in e.message
+
+
+# ------------------------------------------------------------------------ error constructors
+
+CONSTRUCTORS = [
+    (protocol.invalid_request("bad", "x"), 400),
+    (protocol.missing_parameter("model"), 400),
+    (protocol.model_not_found("m"), 404),
+    (protocol.malformed_json("Expecting value"), 400),
+    (protocol.unsupported_media_type("text/plain"), 415),
+    (protocol.unauthorized(provided=True), 401),
+    (protocol.unauthorized(provided=False), 401),
+    (protocol.path_not_found("GET", "/v2/x"), 404),
+    (protocol.method_not_allowed("GET", "/v1/chat/completions", ("POST",)), 405),
+    (protocol.payload_too_large(1024), 413),
+    (protocol.queue_full(), 429),
+    (protocol.server_error(), 500),
+    (protocol.context_length_exceeded(9000, 8192), 400),
+]
+
+
+@pytest.mark.parametrize(
+    "error,status", CONSTRUCTORS, ids=lambda x: getattr(x, "code", None) or str(x)
+)
+def test_error_constructors(error, status):
+    assert isinstance(error, Exception) and error.status == status
+    d = error.to_dict()
+    assert ERROR_VALIDATOR.is_valid(d), d
+    assert set(d["error"]) == {"message", "type", "param", "code"}
+    assert d["error"]["message"]
+
+
+# ------------------------------------------------------------------------ resolve_max_tokens
+
+
+@given(st.one_of(st.none(), st.integers(0, 10**6)), st.integers(0, 5000), st.integers(1, 5000))
+def test_resolve_max_tokens(requested, prompt, max_len):
+    room = max_len - prompt
+    if room <= 0:
+        with pytest.raises(APIError) as e:
+            resolve_max_tokens(requested, prompt, max_len)
+        assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+        assert str(prompt) in e.value.message and str(max_len) in e.value.message
+        return
+    got = resolve_max_tokens(requested, prompt, max_len)
+    assert 0 <= got <= room and prompt + got <= max_len
+    assert got == (room if requested is None else min(requested, room))
+
+
+# ------------------------------------------------------------------------ round trips
+
+finite = dict(allow_nan=False, allow_infinity=False)
+valid_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": st.floats(0, 2, **finite),
+        "top_p": st.floats(0, 1, exclude_min=True, **finite),
+        "top_k": st.integers(0, 999),
+        "min_p": st.floats(0, 1, **finite),
+        "presence_penalty": st.floats(-2, 2, **finite),
+        "frequency_penalty": st.floats(-2, 2, **finite),
+        "repetition_penalty": st.floats(0.01, 5, **finite),
+        "seed": st.integers(0, 2**63 - 1),
+        "logit_bias": st.dictionaries(
+            st.integers(0, 151664).map(str), st.floats(-100, 100, **finite), max_size=3
+        ),
+        "n": st.integers(1, 4),
+        "max_tokens": st.integers(0, 10**6),
+        "stop": st.one_of(
+            st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1), max_size=16)
+        ),
+        "stream": st.booleans(),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+        "logprobs": st.booleans(),
+        "top_logprobs": st.integers(0, 20),
+        "user": st.text(max_size=8),
+        "tools": st.just(TOOLS),
+        "parallel_tool_calls": st.booleans(),
+        "response_format": st.sampled_from(
+            [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {}}}]
+        ),
+    },
+)
+
+
+@given(valid_fields)
+def test_valid_requests_round_trip(fields):
+    if fields.get("top_logprobs"):
+        fields["logprobs"] = True
+    r = ok(**fields)
+    for name in ("temperature", "top_p", "top_k", "min_p", "seed"):
+        if name in fields:
+            assert getattr(r.sampling, name) == fields[name]
+    for name in ("n", "max_tokens", "stream", "user", "top_logprobs"):
+        if name in fields:
+            assert getattr(r, name) == fields[name]
+    if "logit_bias" in fields:
+        assert dict(r.sampling.logit_bias) == {int(k): v for k, v in fields["logit_bias"].items()}
+    if isinstance(fields.get("stop"), str):
+        assert r.stop == (fields["stop"],)
+    # The canonical body validates back to the same request.
+    assert validate_chat_request(r.to_body(), served_model_name=MODEL) == r
