@@ -10,6 +10,7 @@ Per-layer weights are stacked on a leading `layers` axis and the layers run unde
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,7 @@ def layer_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+@partial(jax.jit, static_argnums=(0, 2))
 def init_params(cfg: QwenConfig, key: jax.Array, dtype: jnp.dtype = jnp.bfloat16) -> Params:
     """Random weights (normal, std 0.02 as transformers' initializer_range), norms at one.
 

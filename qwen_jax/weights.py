@@ -1,0 +1,228 @@
+"""Load and save Hugging Face Qwen2 checkpoints (safetensors, single file or sharded).
+
+Loading fills preallocated host arrays (one per params leaf, layers stacked) tensor by tensor in
+the target dtype, then moves them to the device one leaf at a time, so peak host memory stays near
+the size of the weights plus one leaf.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from qwen_jax.config import ConfigError, QwenConfig, load_config
+from qwen_jax.model import LayerParams, Params, layer_shapes
+
+# Our per-layer leaf name -> the Hugging Face tensor name inside `model.layers.{i}.`
+_HF_LAYER_NAMES = {
+    "input_norm": "input_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_proj": "self_attn.k_proj.weight",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_proj": "self_attn.v_proj.weight",
+    "v_bias": "self_attn.v_proj.bias",
+    "o_proj": "self_attn.o_proj.weight",
+    "post_norm": "post_attention_layernorm.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
+_EMBED, _NORM, _LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded (the message names the path or tensor)."""
+
+
+def _numpy_dtype(dtype: jnp.dtype) -> np.dtype:
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16:
+        return np.dtype(ml_dtypes.bfloat16)
+    if dtype in (jnp.float32, jnp.float16):
+        return np.dtype(dtype)
+    raise CheckpointError(f"unsupported parameter dtype {dtype} (use bfloat16, float16, float32)")
+
+
+def expected_tensors(cfg: QwenConfig) -> dict[str, tuple[tuple[str, int | None], tuple[int, ...]]]:
+    """HF tensor name -> ((params leaf, layer index or None), shape) for this config."""
+    vd = (cfg.vocab_size, cfg.hidden_size)
+    out: dict[str, tuple[tuple[str, int | None], tuple[int, ...]]] = {
+        _EMBED: (("embed", None), vd),
+        _NORM: (("final_norm", None), (cfg.hidden_size,)),
+    }
+    if not cfg.tie_word_embeddings:
+        out[_LM_HEAD] = (("lm_head", None), vd)
+    shapes = layer_shapes(cfg)
+    for i in range(cfg.num_hidden_layers):
+        for leaf, hf in _HF_LAYER_NAMES.items():
+            out[f"model.layers.{i}.{hf}"] = ((leaf, i), shapes[leaf])
+    return out
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = model_dir / _INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = {name: model_dir / fname for name, fname in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in {index} but missing")
+        return files
+    single = model_dir / _SINGLE
+    if single.is_file():
+        try:
+            with safe_open(single, framework="numpy") as f:
+                return {name: single for name in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{single}: cannot read safetensors header ({e})") from e
+    raise CheckpointError(f"{model_dir}: no {_SINGLE} or {_INDEX} (only safetensors is supported)")
+
+
+class _Progress:
+    """A one-line progress report on stderr."""
+
+    def __init__(self, total_bytes: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total_bytes, 0, enabled
+        self.start = self.last = time.monotonic()
+
+    def update(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 0.5 or self.done == self.total):
+            self.last = now
+            print(f"\rloading weights: {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB "
+                  f"({now - self.start:.0f} s)", end="", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr, flush=True)
+
+
+def load_checkpoint(
+    model_dir: str | Path, dtype: jnp.dtype = jnp.bfloat16, *, progress: bool = True
+) -> tuple[QwenConfig, Params]:
+    """Load a local Hugging Face Qwen2 snapshot directory into (config, params) of `dtype`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: checkpoint directory does not exist")
+    try:
+        cfg = load_config(model_dir)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    np_dtype = _numpy_dtype(dtype)
+    expected = expected_tensors(cfg)
+    files = _weight_files(model_dir)
+    missing = [name for name in expected if name not in files]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{model_dir}: missing tensors {', '.join(missing[:5])}{more}")
+
+    n = cfg.num_hidden_layers
+    host: dict[str, np.ndarray] = {
+        "embed": np.empty(expected[_EMBED][1], np_dtype),
+        "final_norm": np.empty(expected[_NORM][1], np_dtype),
+    }
+    if not cfg.tie_word_embeddings:
+        host["lm_head"] = np.empty(expected[_LM_HEAD][1], np_dtype)
+    for leaf, shape in layer_shapes(cfg).items():
+        host[leaf] = np.empty((n, *shape), np_dtype)
+
+    total = sum(int(np.prod(shape)) for _, shape in expected.values()) * np_dtype.itemsize
+    bar = _Progress(total, progress)
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        try:
+            with safe_open(path, framework="numpy") as f:
+                for name in names:
+                    (leaf, layer), shape = expected[name]
+                    found = tuple(f.get_slice(name).get_shape())
+                    if found != shape:
+                        raise CheckpointError(
+                            f"{path}: tensor {name} has shape {found}, expected {shape}"
+                        )
+                    target = host[leaf] if layer is None else host[leaf][layer]
+                    target[...] = f.get_tensor(name)  # converts to the target dtype in place
+                    bar.update(target.nbytes)
+        except CheckpointError:
+            raise
+        except Exception as e:  # corrupt file, unknown dtype, ...
+            raise CheckpointError(f"{path}: cannot read tensors ({e})") from e
+    bar.finish()
+
+    def to_device(leaf: str) -> jax.Array:
+        arr = jnp.asarray(host.pop(leaf), dtype=dtype)  # pop: free each host copy as we go
+        return arr
+
+    layers = LayerParams(**{leaf: to_device(leaf) for leaf in _HF_LAYER_NAMES})
+    params = Params(
+        embed=to_device("embed"),
+        layers=layers,
+        final_norm=to_device("final_norm"),
+        lm_head=None if cfg.tie_word_embeddings else to_device("lm_head"),
+    )
+    return cfg, params
+
+
+def _host_tensor(params: Params, leaf: str, layer: int | None) -> np.ndarray:
+    arr = getattr(params, leaf) if layer is None else getattr(params.layers, leaf)[layer]
+    return np.asarray(arr)
+
+
+def save_checkpoint(
+    params: Params, cfg: QwenConfig, model_dir: str | Path, *, max_shard_bytes: int = 4 << 30
+) -> Path:
+    """Write config.json + safetensors in Hugging Face names and layout (loadable by transformers).
+
+    Writes one `model.safetensors`, or `model-0000x-of-0000y.safetensors` shards plus
+    `model.safetensors.index.json` when the weights exceed `max_shard_bytes`. Each shard is
+    materialised on the host only while it is written.
+    """
+    model_dir = Path(model_dir)
+    if (params.lm_head is None) != cfg.tie_word_embeddings:
+        raise CheckpointError("params.lm_head must be None exactly when tie_word_embeddings")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    dtype = jnp.dtype(params.embed.dtype)
+    hf_cfg = {**cfg.to_hf_dict(), "torch_dtype": str(dtype)}
+    (model_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+
+    expected = expected_tensors(cfg)
+    shards: list[list[str]] = [[]]
+    size = total = 0
+    for name, (_, shape) in expected.items():
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+        total += nbytes
+
+    weight_map = {}
+    for k, names in enumerate(shards, start=1):
+        fname = _SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: _host_tensor(params, *expected[name][0]) for name in names}
+        save_file(tensors, model_dir / fname, metadata={"format": "pt"})
+        del tensors
+        weight_map.update(dict.fromkeys(names, fname))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (model_dir / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return model_dir
