@@ -1,0 +1,226 @@
+"""Qwen `<tool_call>` blocks in generated text -> OpenAI `tool_calls`, whole or streamed.
+
+Qwen2.5 writes a call as
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+possibly several, possibly after some text. The rule, shared by `parse_tool_calls` (whole text)
+and `StreamingToolCallParser` (deltas), is per block:
+
+- A block runs from `<tool_call>` to the next `</tool_call>`, or to the end of the text when the
+  closing tag never comes (generation stopped early).
+- A block is a *call* when its inside is one JSON object with a non-empty string `name` and an
+  object `arguments` (absent means `{}`) and, when `tools` are given, `name` is one of their
+  function names. Otherwise the block's raw text, tags included, is ordinary content. Nothing
+  here raises on model output: malformed JSON or an unknown name just comes back as content.
+- Content is all text outside calls, with whitespace removed where it touches a call and at the
+  start of the output (a stream cannot take back whitespace it has sent before a call appears,
+  so it holds whitespace back until it knows). `content` is None when nothing is left.
+
+So for the usual "text, then calls" output, `content` is the text before the first call, stripped,
+or None; and an output whose only block is malformed comes back whole as content, without calls.
+A stream holds back only a possible prefix of `<tool_call>`, trailing whitespace, and an open
+block; each call is sent as a header delta (index, id, type, name, empty arguments) followed by
+one arguments delta, which is what OpenAI clients reassemble.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+START, END = "<tool_call>", "</tool_call>"
+_BLOCKS = re.compile(f"({re.escape(START)}.*?(?:{re.escape(END)}|\\Z))", re.DOTALL)
+
+
+def new_call_id() -> str:
+    """An OpenAI-style tool call id ("call_" + 24 hex digits)."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    content: str | None
+    tool_calls: list[dict] = field(default_factory=list)
+
+
+def tool_names(tools: Sequence[Mapping[str, Any]] | None) -> frozenset[str] | None:
+    """Function names of OpenAI `tools` (None: any name is accepted)."""
+    if tools is None:
+        return None
+    names = set()
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if isinstance(function, Mapping) and isinstance(function.get("name"), str):
+            names.add(function["name"])
+    return frozenset(names)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity: clients could not parse them back
+
+
+def parse_block(inner: str, names: frozenset[str] | None) -> tuple[str, str] | None:
+    """The inside of one block -> (name, arguments as a JSON string), or None if not a call."""
+    try:
+        obj = json.loads(inner, parse_constant=_reject_constant)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    name, arguments = obj.get("name"), obj.get("arguments", {})
+    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+        return None
+    if names is not None and name not in names:
+        return None
+    return name, json.dumps(arguments, ensure_ascii=False)
+
+
+def _call(name: str, arguments: str, call_id: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def parse_tool_calls(
+    text: str,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    id_factory: Callable[[], str] = new_call_id,
+) -> ParsedOutput:
+    """Split a finished generation into content and OpenAI tool calls (the rule is above)."""
+    names = tool_names(tools)
+    # Alternating items: ("text", str) and ("call", (name, arguments)); malformed blocks are text.
+    items: list[tuple[str, Any]] = []
+    for i, piece in enumerate(_BLOCKS.split(text)):
+        is_block = i % 2 == 1
+        inner = piece[len(START) :].removesuffix(END) if is_block else None
+        call = parse_block(inner, names) if is_block else None
+        if call is not None:
+            items.append(("call", call))
+        elif items and items[-1][0] == "text":
+            items[-1] = ("text", items[-1][1] + piece)
+        else:
+            items.append(("text", piece))
+
+    content: list[str] = []
+    calls: list[dict] = []
+    for i, (kind, value) in enumerate(items):
+        if kind == "call":
+            calls.append(_call(*value, id_factory()))
+            continue
+        if i == 0 or items[i - 1][0] == "call":
+            value = value.lstrip()
+        if i + 1 < len(items):  # the next item can only be a call
+            value = value.rstrip()
+        content.append(value)
+    return ParsedOutput("".join(content) or None, calls)
+
+
+def _partial_tag_len(text: str, tag: str = START) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+class StreamingToolCallParser:
+    """Streamed text deltas -> OpenAI chat.completion.chunk `delta` dicts (the rule is above).
+
+    `feed(delta_text)` returns the deltas that are certain so far; `finish()` the rest. The
+    concatenated content and the calls equal `parse_tool_calls` on the whole text.
+    """
+
+    def __init__(
+        self,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        id_factory: Callable[[], str] = new_call_id,
+    ) -> None:
+        self._names = tool_names(tools)
+        self._new_id = id_factory
+        self._buf = ""  # undecided text: a possible tag prefix, or an open block's inside
+        self._in_block = False
+        self._held_ws = ""  # trailing whitespace of the content so far, not yet sent
+        self._drop_ws = True  # at the start or right after a call: leading whitespace goes
+        self._index = 0  # next tool call index
+        self._finished = False
+
+    def feed(self, delta_text: str) -> list[dict]:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        self._buf += delta_text
+        out: list[dict] = []
+        while True:
+            if self._in_block:
+                end = self._buf.find(END)
+                if end < 0:
+                    return out  # the block is still open
+                inner, self._buf = self._buf[:end], self._buf[end + len(END) :]
+                self._in_block = False
+                self._close_block(inner, START + inner + END, out)
+            else:
+                start = self._buf.find(START)
+                if start < 0:
+                    keep = _partial_tag_len(self._buf)
+                    cut = len(self._buf) - keep
+                    self._content(self._buf[:cut], out)
+                    self._buf = self._buf[cut:]
+                    return out
+                self._content(self._buf[:start], out)
+                self._buf = self._buf[start + len(START) :]
+                self._in_block = True
+
+    def finish(self) -> list[dict]:
+        if self._finished:
+            return []
+        self._finished = True
+        out: list[dict] = []
+        if self._in_block:  # unclosed block: judged like any other, raw text is START + inside
+            self._close_block(self._buf, START + self._buf, out)
+        else:
+            self._content(self._buf, out)
+        self._buf = ""
+        if self._held_ws and not self._drop_ws:
+            out.append({"content": self._held_ws})
+        self._held_ws = ""
+        return out
+
+    def _content(self, text: str, out: list[dict]) -> None:
+        """Send content, holding back trailing whitespace (a call may follow and swallow it)."""
+        text = self._held_ws + text
+        if self._drop_ws:
+            text = text.lstrip()
+        body = text.rstrip()
+        self._held_ws = text[len(body) :]
+        if body:
+            self._drop_ws = False
+            out.append({"content": body})
+
+    def _close_block(self, inner: str, raw: str, out: list[dict]) -> None:
+        call = parse_block(inner, self._names)
+        if call is None:
+            self._content(raw, out)
+            return
+        name, arguments = call
+        self._held_ws, self._drop_ws = "", True
+        head = {"name": name, "arguments": ""}
+        out.append(
+            {
+                "tool_calls": [
+                    {
+                        "index": self._index,
+                        "id": self._new_id(),
+                        "type": "function",
+                        "function": head,
+                    }
+                ]
+            }
+        )
+        out.append({"tool_calls": [{"index": self._index, "function": {"arguments": arguments}}]})
+        self._index += 1
