@@ -273,7 +273,7 @@ def official(shared_reference):
 
 
 @pytest.mark.needs_shared
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages=_conversation(), tools=_tools(), add_generation_prompt=st.booleans())
 def test_matches_official_template(official, messages, tools, add_generation_prompt):
     # The oracle gets the normalised messages (text parts joined, developer->system, arguments
