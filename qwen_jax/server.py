@@ -1,0 +1,642 @@
+"""The OpenAI-compatible HTTP server: a plain WSGI app plus a threaded wsgiref server.
+
+Request path: body -> protocol.validate_chat_request -> chat_template.render_chat -> tokenize ->
+protocol.resolve_max_tokens -> engine.submit -> token events -> per-choice text pipeline
+(incremental detokenizer -> stop strings -> tool-call parser) -> JSON or server-sent events.
+
+Every client error is an OpenAI error object with the right status; anything unexpected is a 500
+with a generic message (the traceback goes to the log, never to the client).
+
+tool_choice "none" with tools (following vLLM's default): the tools are still rendered into the
+prompt, nothing is forced, and the output is returned as plain `content` (never parsed into
+tool_calls). "auto": free generation, `<tool_call>` blocks in the output become tool_calls.
+"required" / a named function: constrained decoding (constrained.py) guarantees a call whose
+arguments match the function's parameters schema.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import socketserver
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from qwen_jax import protocol, responses
+from qwen_jax.chat_template import ChatTemplateError, render_chat
+from qwen_jax.constrained import ConstraintError, build_ll_tokenizer, grammar_for, make_constraints
+from qwen_jax.engine import GenerationRequest, QueueFullError
+from qwen_jax.stop_strings import StopStringMatcher
+from qwen_jax.tool_calls import StreamingToolCallParser, parse_tool_calls
+
+log = logging.getLogger("qwen_jax.server")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+DEMO_MAX_MODEL_LEN = 4096
+REAL_MAX_MODEL_LEN = 8192
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Error"
+
+
+# ---------------------------------------------------------------------------------------------
+# Token bytes for logprobs (byte-level BPE: each vocabulary character stands for one byte)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    # GPT-2's bytes_to_unicode table, inverted: printable bytes map to themselves, the others to
+    # code points from 256 on, in byte order.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class TokenText:
+    """Token id -> (text, raw bytes) for logprobs; cached (the same ids come back often)."""
+
+    def __init__(self, tokenizer: Any):
+        self._tok = tokenizer
+        self._added = {i: t.content for i, t in tokenizer.added_tokens.items()}
+        self.get = lru_cache(maxsize=65536)(self._get)
+
+    def _get(self, token_id: int) -> tuple[str, bytes]:
+        if token_id in self._added:
+            raw = self._added[token_id].encode()
+        else:
+            piece = self._tok.id_to_token(token_id) or ""
+            table = _byte_decoder()
+            raw = bytes(table[c] for c in piece if c in table)
+        return raw.decode("utf-8", errors="replace"), raw
+
+    def entry(self, token: int, logprob: float, top: Iterable[tuple[int, float]]):
+        text, raw = self.get(int(token))
+        alts = []
+        for t, lp in top:
+            ttext, traw = self.get(int(t))
+            alts.append(responses.TokenLogprob(ttext, float(lp), traw))
+        return responses.TokenLogprob(text, float(logprob), raw, alts)
+
+
+# ---------------------------------------------------------------------------------------------
+# One choice's text pipeline: ids -> text -> stop strings -> content / tool-call deltas
+
+
+@dataclass
+class ChoiceState:
+    """Turns one choice's token events into OpenAI deltas (shared by streaming and JSON)."""
+
+    index: int
+    detok: Any
+    stops: StopStringMatcher
+    tool_parser: StreamingToolCallParser | None
+    eos_ids: frozenset[int]
+    want_logprobs: bool
+    top_logprobs: int
+    token_text: TokenText | None
+    text: str = ""  # everything emitted so far (after stop strings), tool-call markup included
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    made_tool_calls: bool = False
+    logprob_entries: list = field(default_factory=list)
+    error: str | None = None
+
+    def _route(self, text: str, final: bool) -> list[dict]:
+        """Safe text -> deltas (content, or tool calls when the request has tools)."""
+        self.text += text
+        if self.tool_parser is None:
+            return [{"content": text}] if text else []
+        deltas = list(self.tool_parser.feed(text)) if text else []
+        if final:
+            deltas += list(self.tool_parser.finish())
+        if any("tool_calls" in d for d in deltas):
+            self.made_tool_calls = True
+        return deltas
+
+    def feed(self, token: int | None, logprob: float | None, top) -> tuple[list[dict], bool]:
+        """One sampled token -> (deltas, stop string hit?)."""
+        if token is None:
+            return [], False
+        self.completion_tokens += 1
+        if token in self.eos_ids:
+            return [], False  # counts in usage, is not text
+        if self.want_logprobs and self.token_text is not None:
+            alts = list(top or ())[: self.top_logprobs]
+            self.logprob_entries.append(self.token_text.entry(token, logprob or 0.0, alts))
+        safe, hit = self.stops.push(self.detok.feed(token))
+        return self._route(safe, final=hit), hit
+
+    def finish(self, reason: str) -> list[dict]:
+        """End of this choice: flush held-back text; returns the last deltas."""
+        if reason == "stop_string":
+            reason = "stop"
+            tail = ""
+        else:
+            safe, hit = self.stops.push(self.detok.finish())
+            tail = safe if hit else safe + self.stops.flush()
+        deltas = self._route(tail, final=True)
+        if reason == "cancelled":
+            reason = "stop"
+        if self.made_tool_calls and reason == "stop":
+            reason = "tool_calls"
+        self.finish_reason = reason
+        return deltas
+
+    def take_logprobs(self) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        entries, self.logprob_entries = self.logprob_entries, []
+        return responses.logprobs_content(entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# The WSGI application
+
+
+@dataclass
+class App:
+    engine: Any
+    tokenizer: Any
+    served_model_name: str
+    max_model_len: int
+    api_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    ll_tokenizer: Any = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.eos_ids = frozenset(self.tokenizer.eos_token_ids)
+        self.token_text = TokenText(self.tokenizer)
+        self._ll_lock = threading.Lock()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _ll(self):
+        # llguidance's tokenizer takes ~1-2 s to build: only when a request first needs it.
+        with self._ll_lock:
+            if self.ll_tokenizer is None:
+                self.ll_tokenizer = build_ll_tokenizer(self.tokenizer)
+            return self.ll_tokenizer
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        t0 = time.perf_counter()
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "") or "/"
+        meta: dict[str, Any] = {"prompt": 0, "completion": 0}
+        try:
+            status, headers, body = self._dispatch(environ, method, path, meta)
+        except protocol.APIError as e:
+            status, headers, body = e.status, [], _json_bytes(e.to_dict())
+            if e.status == 405:
+                headers = [("Allow", meta.get("allow", "GET"))]
+        except Exception:  # a bug, not a client error: generic 500, details in the log
+            log.error("internal error on %s %s\n%s", method, path, traceback.format_exc())
+            status, headers, body = 500, [], _json_bytes(protocol.server_error().to_dict())
+        if isinstance(body, bytes):
+            start_response(
+                _status_line(status),
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+                + headers,
+            )
+            self._log(method, path, status, meta, t0)
+            return [body]
+        start_response(
+            _status_line(status),
+            [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")] + headers,
+        )
+        return _LoggedStream(body, lambda: self._log(method, path, status, meta, t0))
+
+    def _log(self, method: str, path: str, status: int, meta: dict, t0: float) -> None:
+        log.info(
+            "%s %s %d prompt_tokens=%d completion_tokens=%d %.3fs",
+            method, path, status, meta["prompt"], meta["completion"], time.perf_counter() - t0,
+        )
+
+    def _check_auth(self, environ: Environ) -> None:
+        if self.api_key is None:
+            return
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, token = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        )
+        if not ok:
+            raise protocol.unauthorized(provided=bool(header))
+
+    def _dispatch(self, environ: Environ, method: str, path: str, meta: dict):
+        path = path.rstrip("/") or "/"
+        routes = {
+            "/health": ("GET",),
+            "/v1/models": ("GET",),
+            "/v1/chat/completions": ("POST",),
+        }
+        model_path = path.startswith("/v1/models/")
+        allowed = routes.get(path, ("GET",) if model_path else None)
+        if allowed is None:
+            raise protocol.path_not_found(method, path)
+        if method not in allowed:
+            meta["allow"] = ", ".join(allowed)
+            raise protocol.method_not_allowed(method, path, allowed)
+        if path == "/health":
+            stats = self.engine.snapshot() if hasattr(self.engine, "snapshot") else {}
+            return 200, [], _json_bytes({"status": "ok", **stats})
+        self._check_auth(environ)
+        if path == "/v1/models":
+            return 200, [], _json_bytes(responses.model_list(self.served_model_name, self.created))
+        if model_path:
+            name = path[len("/v1/models/"):]
+            if name != self.served_model_name:
+                raise protocol.model_not_found(name)
+            return 200, [], _json_bytes(
+                responses.model_list(self.served_model_name, self.created)["data"][0]
+            )
+        return self._chat(self._read_json(environ), meta)
+
+    def _read_json(self, environ: Environ) -> Any:
+        ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise protocol.unsupported_media_type(environ.get("CONTENT_TYPE"))
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise protocol.invalid_request("Invalid Content-Length header") from None
+        if length > self.max_body_bytes:  # checked before reading a byte of the body
+            raise protocol.payload_too_large(self.max_body_bytes)
+        raw = environ["wsgi.input"].read(length) if length > 0 else b""
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise protocol.malformed_json(str(e)) from None
+
+    # -- chat completions --------------------------------------------------------------------
+
+    def _chat(self, body: Any, meta: dict):
+        req = protocol.validate_chat_request(
+            body, served_model_name=self.served_model_name, vocab_limit=self.tokenizer.vocab_size
+        )
+        tools = list(req.tools) if req.tools else None
+        try:
+            prompt = render_chat(list(req.messages), tools=tools, add_generation_prompt=True)
+        except ChatTemplateError as e:
+            param = getattr(e, "param", None) or "messages"
+            raise protocol.invalid_request(str(e), param) from None
+        prompt_ids = self.tokenizer.encode(prompt)
+        max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(prompt_ids),
+                                                 self.max_model_len)
+        meta["prompt"] = len(prompt_ids)
+        constraints = self._constraints(req, tools)
+        gen = GenerationRequest(
+            prompt_ids=tuple(prompt_ids), sampling=req.sampling, max_tokens=max_tokens, n=req.n,
+            stop_token_ids=tuple(sorted(self.eos_ids)), constraints=constraints,
+            logprobs=req.logprobs, top_logprobs=req.top_logprobs,
+        )
+        try:
+            handle = self.engine.submit(gen)
+        except QueueFullError:
+            raise protocol.queue_full() from None
+        except ValueError as e:  # the engine's own checks (should have been caught above)
+            raise protocol.invalid_request(str(e)) from None
+        states = [self._choice_state(i, req, tools) for i in range(req.n)]
+        cid, created = responses.new_completion_id(), int(time.time())
+        if req.stream:
+            return 200, [], self._stream(handle, states, req, cid, created, len(prompt_ids), meta)
+        try:
+            return 200, [], _json_bytes(
+                self._complete(handle, states, req, cid, created, len(prompt_ids), meta)
+            )
+        finally:
+            handle.cancel()  # no-op when everything finished; frees rows on an exception
+
+    def _constraints(self, req, tools):
+        try:
+            grammar = grammar_for(req.response_format, tools, req.tool_choice,
+                                  req.parallel_tool_calls)
+            if grammar is None:
+                return None
+            forced_tool = tools and req.tool_choice not in ("none", "auto")
+            return make_constraints(self._ll(), grammar, req.n,
+                                    "tools" if forced_tool else "response_format")
+        except ConstraintError as e:
+            raise protocol.invalid_request(str(e), e.param) from None
+
+    def _choice_state(self, index: int, req, tools) -> ChoiceState:
+        parse_tools = bool(tools) and req.tool_choice != "none"
+        return ChoiceState(
+            index=index,
+            detok=self.tokenizer.detokenizer(skip_special_tokens=True),
+            stops=StopStringMatcher(req.stop),
+            tool_parser=StreamingToolCallParser(tools) if parse_tools else None,
+            eos_ids=self.eos_ids,
+            want_logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs,
+            token_text=self.token_text if req.logprobs else None,
+        )
+
+    @staticmethod
+    def _drive(handle, states: list[ChoiceState]) -> Iterator[tuple[ChoiceState, list[dict], bool]]:
+        """Engine events -> (choice, deltas, finished?) in arrival order."""
+        for ev in handle.events():
+            st = states[ev.choice]
+            if st.finish_reason is not None:
+                continue  # a choice we already ended (stop string) may still report a cancel
+            deltas, hit = st.feed(ev.token, ev.logprob, ev.top_logprobs)
+            if hit:
+                handle.cancel(ev.choice)
+                yield st, deltas + st.finish("stop_string"), True
+                continue
+            if ev.finish_reason is None:
+                yield st, deltas, False
+                continue
+            if ev.finish_reason == "error":
+                st.error = ev.error or "generation failed"
+                log.error("engine error on choice %d: %s", ev.choice, st.error)
+            yield st, deltas + st.finish(ev.finish_reason), True
+
+    def _complete(self, handle, states, req, cid, created, n_prompt, meta) -> dict:
+        for _ in self._drive(handle, states):
+            pass
+        if any(st.error for st in states):
+            raise protocol.server_error()
+        choices = []
+        for st in states:
+            content: str | None = st.text
+            calls = None
+            if st.tool_parser is not None:
+                parsed = parse_tool_calls(st.text, list(req.tools))
+                content, calls = parsed.content, parsed.tool_calls or None
+            reason = st.finish_reason
+            if calls and reason == "stop":
+                reason = "tool_calls"
+            choices.append(responses.choice(st.index, content, calls, reason, st.take_logprobs()))
+        completion = sum(st.completion_tokens for st in states)
+        meta["completion"] = completion
+        return responses.completion_response(
+            cid, created, self.served_model_name, choices, responses.usage(n_prompt, completion)
+        )
+
+    def _stream(self, handle, states, req, cid, created, n_prompt, meta) -> Iterator[bytes]:
+        model = self.served_model_name
+
+        def event(choices: list[dict], usage: dict | None = None) -> bytes:
+            return responses.sse_event(responses.chunk(cid, created, model, choices, usage))
+
+        try:
+            for st in states:
+                yield event([responses.chunk_choice(st.index, {"role": "assistant",
+                                                                "content": ""})])
+            for st, deltas, finished in self._drive(handle, states):
+                for d in deltas:
+                    yield event([responses.chunk_choice(st.index, d, None, st.take_logprobs())])
+                if finished:
+                    if st.error:
+                        yield responses.sse_event(protocol.server_error().to_dict())
+                        break
+                    yield event([responses.chunk_choice(st.index, {}, st.finish_reason,
+                                                        st.take_logprobs())])
+            else:
+                meta["completion"] = sum(st.completion_tokens for st in states)
+                if req.include_usage:
+                    yield event([], responses.usage(n_prompt, meta["completion"]))
+            yield responses.sse_event("[DONE]")
+        finally:
+            # Also runs on GeneratorExit when the client disconnects: free the rows at once.
+            handle.cancel()
+
+
+def make_app(
+    engine: Any,
+    tokenizer: Any,
+    served_model_name: str,
+    max_model_len: int,
+    api_key: str | None = None,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    ll_tokenizer: Any = None,
+) -> App:
+    """A WSGI callable serving /v1/chat/completions, /v1/models and /health."""
+    return App(engine, tokenizer, served_model_name, max_model_len, api_key, max_body_bytes,
+               ll_tokenizer)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+class _LoggedStream:
+    """A streamed body that logs its request line when the server closes it."""
+
+    def __init__(self, gen: Iterator[bytes], on_close: Callable[[], None]):
+        self._gen, self._on_close = gen, on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._gen
+
+    def close(self) -> None:
+        try:
+            self._gen.close()
+        finally:
+            self._on_close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The threaded HTTP server
+
+
+class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck client never blocks shutdown
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # the app logs one line per request itself
+
+
+def make_server(app: Callable, host: str, port: int) -> ThreadingWSGIServer:
+    server = ThreadingWSGIServer((host, port), _QuietHandler)
+    server.set_app(app)
+    return server
+
+
+# ---------------------------------------------------------------------------------------------
+# `qwen-jax serve` and `qwen-jax generate`
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    served_name: str
+    is_demo: bool
+
+
+def _fail(message: str) -> int:
+    print(f"qwen-jax: error: {message}", file=sys.stderr)
+    return 2
+
+
+def resolve_model(model: str | None) -> LoadedModel:
+    """--model -> a checkpoint dir (raises hub.ModelNotFoundError with the download command)."""
+    from qwen_jax import hub
+
+    if model is None:
+        found = hub.find_in_cache(hub.DEFAULT_MODEL_ID)
+        if found is not None:
+            return LoadedModel(found, hub.DEFAULT_MODEL_ID, False)
+        model = "demo"
+    if model == "demo":
+        from qwen_jax.demo import ensure_demo_checkpoint
+
+        return LoadedModel(ensure_demo_checkpoint(), "demo", True)
+    path = hub.resolve_model_dir(model)
+    return LoadedModel(path, hub.served_name_for(path), False)
+
+
+def _demo_banner(model_arg: str | None) -> str:
+    from qwen_jax import hub
+
+    why = "no --model given and Qwen2.5-7B-Instruct is not in the local HF cache; " if (
+        model_arg is None) else ""
+    return (
+        "=" * 78 + "\n"
+        f"  DEMO MODEL: {why}serving random weights.\n"
+        "  Its output is NOISE (the tokenizer and chat template are real).\n"
+        "  To serve real weights:\n"
+        f"      {hub.download_command(hub.DEFAULT_MODEL_ID)}\n"
+        f"      qwen-jax serve --model {hub.DEFAULT_MODEL_ID}\n" + "=" * 78
+    )
+
+
+def kv_cache_bytes(cfg: Any, max_len: int, slots: int, itemsize: int) -> int:
+    """Bytes of the static KV cache: keys and values for every layer, slot and position."""
+    return 2 * cfg.num_hidden_layers * slots * max_len * cfg.num_key_value_heads * (
+        cfg.head_dim * itemsize
+    )
+
+
+def _load(args: Any):
+    import jax.numpy as jnp
+
+    from qwen_jax.tokenizer import load_tokenizer
+    from qwen_jax.weights import load_checkpoint
+
+    model = resolve_model(args.model)
+    dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
+    cfg, params = load_checkpoint(model.path, dtype)
+    tokenizer = load_tokenizer(model.path)
+    return model, cfg, params, tokenizer, dtype
+
+
+def serve(args: Any) -> int:
+    """`qwen-jax serve`: load, build the engine, run the threaded WSGI server until Ctrl-C."""
+    from qwen_jax import hub
+    from qwen_jax.engine import Engine, enable_compilation_cache
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    api_key = args.api_key or os.environ.get("QWEN_JAX_API_KEY") or None
+    try:
+        model, cfg, params, tokenizer, dtype = _load(args)
+    except hub.ModelNotFoundError as e:
+        return _fail(str(e))
+    except (OSError, ValueError) as e:
+        return _fail(f"cannot load the model: {e}")
+    if model.is_demo:
+        print(_demo_banner(args.model), flush=True)
+    cap = DEMO_MAX_MODEL_LEN if model.is_demo else REAL_MAX_MODEL_LEN
+    max_len = args.max_model_len or min(cfg.max_position_embeddings, cap)
+    if max_len < 2:
+        return _fail("--max-model-len must be at least 2")
+    if max_len > cfg.max_position_embeddings:
+        print(f"warning: --max-model-len {max_len} is over the model's "
+              f"max_position_embeddings {cfg.max_position_embeddings}", file=sys.stderr)
+    itemsize = 4 if args.dtype == "float32" else 2
+    kv = kv_cache_bytes(cfg, max_len, args.max_num_seqs, itemsize)
+    print(f"max_model_len {max_len} x {args.max_num_seqs} sequences: KV cache "
+          f"{kv / 2**30:.2f} GiB ({args.dtype})", flush=True)
+    enable_compilation_cache()
+    engine = Engine(params, cfg, max_slots=args.max_num_seqs, max_len=max_len,
+                    vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue)
+    t = time.perf_counter()
+    if not getattr(args, "no_warmup", False):
+        engine.warmup()
+        print(f"compiled in {time.perf_counter() - t:.1f} s", flush=True)
+    name = args.served_model_name or model.served_name
+    app = make_app(engine, tokenizer, name, max_len, api_key)
+    try:
+        server = make_server(app, args.host, args.port)
+    except OSError as e:
+        engine.close()
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e}")
+    host, port = server.server_address[:2]
+    print(f"serving {name} on http://{host}:{port}/v1  (auth: "
+          f"{'API key required' if api_key else 'none'})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        engine.close()
+    return 0
+
+
+def generate_once(args: Any) -> int:
+    """`qwen-jax generate PROMPT`: render one user message, stream a greedy reply to stdout."""
+    from qwen_jax import hub
+    from qwen_jax.engine import Engine
+    from qwen_jax.sampler import SamplingParams
+
+    try:
+        model, cfg, params, tokenizer, dtype = _load(args)
+    except hub.ModelNotFoundError as e:
+        return _fail(str(e))
+    except (OSError, ValueError) as e:
+        return _fail(f"cannot load the model: {e}")
+    if model.is_demo:
+        print(_demo_banner(args.model), file=sys.stderr)
+    ids = tokenizer.encode(render_chat([{"role": "user", "content": args.prompt}]))
+    max_len = min(cfg.max_position_embeddings, len(ids) + args.max_tokens + 1)
+    engine = Engine(params, cfg, max_slots=1, max_len=max_len, vocab_limit=tokenizer.vocab_size)
+    try:
+        handle = engine.submit(GenerationRequest(
+            prompt_ids=tuple(ids), sampling=SamplingParams(temperature=0.0),
+            max_tokens=args.max_tokens, stop_token_ids=tuple(tokenizer.eos_token_ids)))
+        detok = tokenizer.detokenizer(skip_special_tokens=True)
+        for ev in handle.events():
+            if ev.token is not None and ev.token not in tokenizer.eos_token_ids:
+                sys.stdout.write(detok.feed(ev.token))
+                sys.stdout.flush()
+        sys.stdout.write(detok.finish() + "\n")
+    finally:
+        engine.close()
+    return 0
