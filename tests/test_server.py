@@ -1,0 +1,334 @@
+"""The WSGI app in-process with a scripted fake engine, hub resolution and the serve CLI's errors.
+
+The fake engine replays fixed token ids (real tokenizer), so these tests pin down the server's own
+logic: stop-string hold-back, tool-call deltas, cancellation, error mapping. The real engine is
+exercised end to end in test_e2e_openai.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwen_jax import hub
+from qwen_jax.engine import QueueFullError, TokenEvent
+from qwen_jax.server import kv_cache_bytes, make_app
+
+MODEL = "fake-model"
+
+
+class FakeHandle:
+    def __init__(self, script: list[list[int]], finish: str, error_at: int | None = None):
+        self.script, self.finish, self.error_at = script, finish, error_at
+        self.cancelled: list[int | None] = []
+
+    def events(self):
+        # Round-robin over choices, like a batch would interleave them.
+        longest = max(len(s) for s in self.script)
+        for step in range(longest):
+            for choice, ids in enumerate(self.script):
+                if step >= len(ids) or choice in self.cancelled or None in self.cancelled:
+                    continue
+                if self.error_at == step:
+                    yield TokenEvent(choice, None, None, (), "error", "boom")
+                    return
+                last = step == len(ids) - 1
+                yield TokenEvent(choice, ids[step], -0.5, ((ids[step], -0.5),),
+                                 self.finish if last else None)
+
+    def cancel(self, choice=None):
+        self.cancelled.append(choice)
+
+
+class FakeEngine:
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.texts = ["Hello world"]
+        self.finish = "stop"
+        self.error_at = None
+        self.raise_on_submit: Exception | None = None
+        self.requests, self.handles = [], []
+
+    def submit(self, req):
+        if self.raise_on_submit is not None:
+            raise self.raise_on_submit
+        self.requests.append(req)
+        eos = [self.tok.eos_token_ids[0]] if self.finish == "stop" else []
+        script = [self.tok.encode(self.texts[i % len(self.texts)]) + eos for i in range(req.n)]
+        handle = FakeHandle(script, self.finish, self.error_at)
+        self.handles.append(handle)
+        return handle
+
+
+@pytest.fixture
+def engine(qwen_tokenizer):
+    return FakeEngine(qwen_tokenizer)
+
+
+@pytest.fixture
+def app(engine, qwen_tokenizer):
+    return make_app(engine, qwen_tokenizer, MODEL, 512, api_key="sekrit")
+
+
+def call(app, method="POST", path="/v1/chat/completions", body=None, *, raw=None,
+         headers=None, auth=True, consume=True):
+    environ: dict = {}
+    setup_testing_defaults(environ)
+    data = raw if raw is not None else json.dumps(body or {}).encode()
+    environ.update({"REQUEST_METHOD": method, "PATH_INFO": path,
+                    "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(data)),
+                    "wsgi.input": io.BytesIO(data)})
+    if auth:
+        environ["HTTP_AUTHORIZATION"] = "Bearer sekrit"
+    environ.update(headers or {})
+    got = {}
+
+    def start_response(status, hdrs):
+        got["status"], got["headers"] = int(status.split()[0]), dict(hdrs)
+
+    result = app(environ, start_response)
+    if not consume:
+        return got, result
+    return got["status"], got["headers"], b"".join(result)
+
+
+def req(**kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def sse(raw: bytes) -> list:
+    events = [e for e in raw.decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    return [e[6:] if e[6:] == "[DONE]" else json.loads(e[6:]) for e in events]
+
+
+def streamed_content(events) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for ev in events:
+        if ev == "[DONE]":
+            continue
+        for c in ev["choices"]:
+            out[c["index"]] = out.get(c["index"], "") + (c["delta"].get("content") or "")
+    return out
+
+
+def test_json_reply_and_request_plumbing(app, engine, qwen_tokenizer):
+    status, headers, raw = call(app, body=req(max_tokens=20, seed=3))
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    body = json.loads(raw)
+    assert body["choices"][0]["message"]["content"] == "Hello world"
+    assert body["choices"][0]["finish_reason"] == "stop"
+    n_text = len(qwen_tokenizer.encode("Hello world"))
+    assert body["usage"]["completion_tokens"] == n_text + 1  # EOS counts, is not text
+    (r,) = engine.requests
+    assert r.max_tokens == 20 and r.sampling.seed == 3
+    assert set(r.stop_token_ids) == set(qwen_tokenizer.eos_token_ids)
+    assert body["usage"]["prompt_tokens"] == len(r.prompt_ids)
+
+
+@settings(max_examples=30, deadline=None)
+@given(text=st.text("ab <>|xyz", min_size=1, max_size=30), stop=st.text("ab<>|z", min_size=1,
+                                                                        max_size=4))
+def test_stop_strings_streamed_and_not(qwen_tokenizer, text, stop):
+    engine = FakeEngine(qwen_tokenizer)
+    engine.texts = [text]
+    app = make_app(engine, qwen_tokenizer, MODEL, 512)
+    decoded = qwen_tokenizer.decode(qwen_tokenizer.encode(text))
+    cut = decoded.find(stop)
+    expected = decoded if cut < 0 else decoded[:cut]
+    body = json.loads(call(app, body=req(stop=stop))[2])
+    assert body["choices"][0]["message"]["content"] == expected
+    events = sse(call(app, body=req(stop=stop, stream=True))[2])
+    assert streamed_content(events) == {0: expected}
+    # The stop string never shows up, not even split over chunks.
+    assert stop not in "".join(
+        c["delta"].get("content") or "" for ev in events[:-1] for c in ev["choices"])
+    if cut >= 0:
+        assert engine.handles[-1].cancelled  # the choice was cancelled at the stop string
+
+
+def test_stream_shape_n2_and_usage(app, engine):
+    engine.texts = ["one two", "three"]
+    events = sse(call(app, body=req(n=2, stream=True, stream_options={"include_usage": True}))[2])
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+    assert streamed_content(events) == {0: "one two", 1: "three"}
+    firsts = {}
+    finals = {}
+    for ev in events[:-2]:
+        (c,) = ev["choices"]
+        firsts.setdefault(c["index"], c["delta"])
+        if c["finish_reason"]:
+            finals[c["index"]] = c["finish_reason"]
+    assert all(d.get("role") == "assistant" for d in firsts.values())
+    assert finals == {0: "stop", 1: "stop"}
+
+
+def test_disconnect_cancels_the_request(app, engine):
+    got, body = call(app, body=req(stream=True), consume=False)
+    it = iter(body)
+    next(it)  # the role chunk: headers are out, the client hangs up now
+    body.close()
+    assert engine.handles[0].cancelled == [None]
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+CALL_TEXT = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+
+
+def test_auto_tool_calls_streamed_and_not(app, engine):
+    engine.texts = [CALL_TEXT]
+    body = json.loads(call(app, body=req(tools=TOOLS))[2])
+    c = body["choices"][0]
+    assert c["finish_reason"] == "tool_calls" and c["message"]["content"] == "Sure."
+    (tc,) = c["message"]["tool_calls"]
+    assert tc["function"]["name"] == "f" and json.loads(tc["function"]["arguments"]) == {"x": 1}
+    events = sse(call(app, body=req(tools=TOOLS, stream=True))[2])
+    args, names, reasons = "", [], []
+    for ev in events[:-1]:
+        for ch in ev["choices"]:
+            for t in ch["delta"].get("tool_calls") or []:
+                names += [t["function"]["name"]] if t["function"].get("name") else []
+                args += t["function"].get("arguments") or ""
+            reasons += [ch["finish_reason"]] if ch["finish_reason"] else []
+    assert names == ["f"] and json.loads(args) == {"x": 1} and reasons == ["tool_calls"]
+    assert streamed_content(events)[0].strip() == "Sure."
+
+
+def test_tool_choice_none_leaves_text_alone(app, engine):
+    engine.texts = [CALL_TEXT]
+    c = json.loads(call(app, body=req(tools=TOOLS, tool_choice="none"))[2])["choices"][0]
+    assert c["message"]["content"] == CALL_TEXT and "tool_calls" not in c["message"]
+    assert c["finish_reason"] == "stop"
+
+
+def test_forced_tool_choice_passes_constraints_to_the_engine(app, engine):
+    call(app, body=req(tools=TOOLS, tool_choice="required", n=2))
+    cons = engine.requests[0].constraints
+    assert len(cons) == 2 and cons[0] is not cons[1]
+    assert hasattr(cons[0], "allowed_tokens")
+    call(app, body=req(tools=TOOLS, tool_choice="auto"))
+    assert engine.requests[1].constraints is None
+
+
+def test_logprobs_entries(app, engine, qwen_tokenizer):
+    engine.texts = ["héllo"]
+    body = json.loads(call(app, body=req(logprobs=True, top_logprobs=1))[2])
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == len(qwen_tokenizer.encode("héllo"))  # EOS has no entry
+    assert bytes(b for e in content for b in e["bytes"]).decode() == "héllo"
+    assert all(len(e["top_logprobs"]) == 1 and e["logprob"] == -0.5 for e in content)
+
+
+def test_errors_map_to_openai_objects(app, engine):
+    def err(_app, **kw):
+        status, headers, raw = call(_app, **kw)
+        e = json.loads(raw)["error"]
+        assert set(e) == {"message", "type", "param", "code"}
+        return status, e
+
+    assert err(app, body=req(), auth=False)[0] == 401
+    assert err(app, body=req(), headers={"HTTP_AUTHORIZATION": "Bearer nope"})[0] == 401
+    assert call(app, body=req(), headers={"HTTP_AUTHORIZATION": "bearer sekrit"})[0] == 200
+    assert err(app, path="/v2/x")[0] == 404
+    assert err(app, method="DELETE", path="/v1/models")[0] == 405
+    assert err(app, raw=b"{nope")[0] == 400
+    assert err(app, body=req(), headers={"CONTENT_TYPE": "text/plain"})[0] == 415
+    assert err(app, body=req(), headers={"CONTENT_LENGTH": str(10**8)})[0] == 413
+    status, e = err(app, body=req(top_p=7))
+    assert status == 400 and e["param"] == "top_p"
+    engine.raise_on_submit = QueueFullError("full")
+    assert err(app, body=req())[0] == 429
+    engine.raise_on_submit = RuntimeError("secret internals")
+    status, e = err(app, body=req())
+    assert status == 500 and "secret" not in e["message"]
+
+
+def test_engine_error_is_a_generic_500(app, engine):
+    engine.error_at = 1
+    status, _, raw = call(app, body=req())
+    assert status == 500 and "boom" not in raw.decode() and "Traceback" not in raw.decode()
+    events = sse(call(app, body=req(stream=True))[2])
+    assert events[-1] == "[DONE]" and "error" in events[-2]
+
+
+def test_health_and_models_auth(app):
+    assert call(app, method="GET", path="/health", auth=False)[0] == 200
+    status, _, raw = call(app, method="GET", path="/v1/models")
+    assert status == 200 and json.loads(raw)["data"][0]["id"] == MODEL
+    assert call(app, method="GET", path="/v1/models", auth=False)[0] == 401
+    assert call(app, method="GET", path=f"/v1/models/{MODEL}")[0] == 200
+    assert call(app, method="GET", path="/v1/models/other")[0] == 404
+
+
+def test_kv_cache_bytes_matches_init_cache():
+    import jax.numpy as jnp
+
+    from qwen_jax.config import PRESETS
+    from qwen_jax.model import init_cache
+
+    cfg = PRESETS["demo"]
+    cache = init_cache(cfg, 3, 64, jnp.bfloat16)
+    assert kv_cache_bytes(cfg, 64, 3, 2) == cache.k.nbytes + cache.v.nbytes
+
+
+# ------------------------------------------------------------------------------------------ hub
+
+
+def make_cache(root: Path, repo: str, revs: list[str], main: str | None) -> Path:
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    for r in revs:
+        (repo_dir / "snapshots" / r).mkdir(parents=True)
+        (repo_dir / "snapshots" / r / "config.json").write_text("{}")
+    if main:
+        (repo_dir / "refs").mkdir(parents=True)
+        (repo_dir / "refs" / "main").write_text(main + "\n")
+    return repo_dir
+
+
+def test_hub_resolution_via_refs_main(tmp_path):
+    repo = make_cache(tmp_path, "Qwen/Qwen2.5-7B-Instruct", ["aaa", "bbb"], main="aaa")
+    found = hub.find_in_cache("Qwen/Qwen2.5-7B-Instruct", tmp_path)
+    assert found == repo / "snapshots" / "aaa"
+    assert hub.served_name_for(found) == "Qwen/Qwen2.5-7B-Instruct"
+    assert hub.resolve_model_dir("Qwen/Qwen2.5-7B-Instruct", tmp_path) == found
+    assert hub.find_in_cache("Qwen/Other", tmp_path) is None
+
+
+def test_hub_cache_location_from_env(tmp_path):
+    assert hub.hf_hub_cache({"HF_HUB_CACHE": "/a"}) == Path("/a")
+    assert hub.hf_hub_cache({"HF_HOME": "/b"}) == Path("/b/hub")
+    assert hub.hf_hub_cache({"XDG_CACHE_HOME": "/c"}) == Path("/c/huggingface/hub")
+    assert hub.hf_hub_cache({}) == Path.home() / ".cache/huggingface/hub"
+
+
+def test_missing_model_names_the_download_command(tmp_path):
+    with pytest.raises(hub.ModelNotFoundError) as e:
+        hub.resolve_model_dir("Qwen/Qwen2.5-7B-Instruct", tmp_path)
+    assert "huggingface-cli download Qwen/Qwen2.5-7B-Instruct" in str(e.value)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert hub.served_name_for(plain) == "plain"
+    with pytest.raises(hub.ModelNotFoundError, match="config.json"):
+        hub.resolve_model_dir(str(plain))
+
+
+def test_serve_missing_model_exits_cleanly(tmp_path):
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+    p = subprocess.run(
+        [sys.executable, "-m", "qwen_jax.cli", "serve", "--model", "Qwen/Qwen2.5-7B-Instruct"],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent, timeout=120,
+    )
+    assert p.returncode == 2
+    assert "huggingface-cli download Qwen/Qwen2.5-7B-Instruct" in p.stderr
+    assert "Traceback" not in p.stderr
