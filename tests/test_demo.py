@@ -1,0 +1,63 @@
+"""The built-in demo model: built once, deterministic, loadable like any HF snapshot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qwen_jax import demo
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return demo.ensure_demo_checkpoint(tmp_path_factory.mktemp("qj-cache") / "demo")
+
+
+def test_demo_checkpoint_loads_like_a_snapshot(demo_dir):
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.config import PRESETS
+    from qwen_jax.model import init_params
+    from qwen_jax.tokenizer import load_tokenizer
+    from qwen_jax.weights import load_checkpoint
+
+    cfg, params = load_checkpoint(demo_dir, jnp.float32)
+    preset = PRESETS["demo"]
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (
+        preset.vocab_size, preset.hidden_size, preset.num_hidden_layers)
+    tok = load_tokenizer(demo_dir)
+    assert tok.vocab_size == 151665 and tok.encode("Hello world") == [9707, 1879]
+    assert set(tok.eos_token_ids) == {151645, 151643}
+    # Fixed seed: the weights are the ones init_params gives for DEMO_SEED.
+    ref = init_params(preset, jax.random.PRNGKey(demo.DEMO_SEED), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(params.embed), np.asarray(ref.embed))
+
+
+def test_demo_is_built_once(demo_dir):
+    stamp = (demo_dir / "model.safetensors").stat().st_mtime_ns
+    assert demo.ensure_demo_checkpoint(demo_dir) == demo_dir
+    assert (demo_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_no_model_falls_back_to_demo(demo_dir, tmp_path, monkeypatch):
+    from qwen_jax.server import _demo_banner, resolve_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("QWEN_JAX_CACHE", str(demo_dir.parent))
+    model = resolve_model(None)
+    assert model.is_demo and model.path == demo_dir
+    banner = _demo_banner(None)
+    assert "NOISE" in banner and "download Qwen/Qwen2.5-7B-Instruct" in banner
+
+
+def test_stale_demo_is_rebuilt(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "build_demo_checkpoint",
+                        lambda out: calls.append(out) or (out / demo.MARKER).write_text(
+                            __import__("json").dumps(demo._marker())))
+    target = tmp_path / "demo"
+    target.mkdir()
+    (target / demo.MARKER).write_text('{"version": -1}')  # an older build
+    assert demo.ensure_demo_checkpoint(target) == target and len(calls) == 1
+    assert demo.ensure_demo_checkpoint(target) == target and len(calls) == 1
