@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -149,6 +148,22 @@ class _Stats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_BACKEND_COMPILES = [0]
+
+
+def _count_backend_compile(event: str, duration: float, **_: Any) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _BACKEND_COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
+
+
+def backend_compile_count() -> int:
+    """XLA compiles in this process so far (any jit, not only the engine's): tests diff it."""
+    return _BACKEND_COMPILES[0]
+
+
 def pow2_bucket(n: int, lo: int, hi: int) -> int:
     """Smallest power of two >= n (at least lo), capped at hi."""
     b = lo
@@ -237,15 +252,19 @@ class Engine:
         self.pstate = S.init_penalty_state(max_slots, cfg.vocab_size)
         self._all_true = jnp.ones((max_slots, cfg.vocab_size), bool)  # stays on device
 
-        self._prefill = jax.jit(partial(_prefill, cfg=cfg), donate_argnums=(1,))
-        self._copy_row = jax.jit(_copy_row, donate_argnums=(0,))
-        self._decode = jax.jit(partial(_decode, cfg=cfg, vocab_limit=self.vocab_limit),
-                               static_argnames=("kv_len", "num_steps"), donate_argnums=(1, 2))
-        self._jitted = (self._prefill, self._copy_row, self._decode)
-
+        # Compiled programs, one per static signature, built explicitly (AOT) so that warm-up
+        # compiles without running (no 8k-token prefill at start-up) and compiles are counted.
+        self._jit = {
+            "prefill": jax.jit(partial(_prefill, cfg=cfg), donate_argnums=(1,)),
+            "copy": jax.jit(_copy_row, donate_argnums=(0,)),
+            "decode": jax.jit(partial(_decode, cfg=cfg, vocab_limit=self.vocab_limit),
+                              static_argnames=("kv_len", "num_steps"), donate_argnums=(1, 2)),
+        }
+        self._programs: dict[tuple, Any] = {}
         self.stats = _Stats()
         self._warm = False
         self._slots: list[_Row | None] = [None] * max_slots
+        self._dirty: set[int] = set()  # freed rows whose sampling params are stale
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._cond = threading.Condition()
         self._device_lock = threading.Lock()  # the loop and warmup() both use params + cache
@@ -277,20 +296,16 @@ class Engine:
         buckets = sorted({self._prefill_bucket(max(1, n - 1)) for n in prompt_lengths} if
                          prompt_lengths is not None else self._all_buckets())
         kvs = sorted(set(kv_lens) if kv_lens is not None else self._all_buckets())
+        t0 = time.perf_counter()
         with self._device_lock:
             for b in buckets:
-                self.cache = self._prefill(self.params, self.cache,
-                                           jnp.zeros((1, b), jnp.int32), 0)
-            self.cache = self._copy_row(self.cache, 0, 0)
-            zeros = np.zeros(self.max_slots, np.int32)
+                self._program("prefill", b)
+            self._program("copy")
             for kv in kvs:
-                for k in {1, self.steps_per_call}:
-                    outs, self.cache, self.pstate = self._decode(
-                        self.params, self.cache, self.pstate, self.sbatch, zeros, zeros, zeros,
-                        self._all_true, kv_len=kv, num_steps=k)
-            jax.block_until_ready(self.cache)
-            self._count_compiles()
+                for k in sorted({1, self.steps_per_call}):
+                    self._program("decode", kv, k)
             self._warm = True
+        self.stats.extra["warmup_s"] = time.perf_counter() - t0
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -341,14 +356,37 @@ class Engine:
     def _free_slots_unlocked(self) -> int:
         return sum(r is None for r in self._slots)
 
-    def _count_compiles(self) -> None:
-        # One jit cache entry per traced shape/static signature: growth = a compile.
-        n = sum(f._cache_size() for f in self._jitted)
-        if n > self.stats.compiles and self._warm:
-            self.stats.compiles_after_warmup += n - self.stats.compiles
-            log.warning("engine compiled %d new program(s) after warm-up (total %d)",
-                        n - self.stats.compiles, n)
-        self.stats.compiles = n
+    def _spec(self, tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+    def _program(self, kind: str, *key: int) -> Any:
+        """The compiled program for (kind, *key), compiling it on first use."""
+        prog = self._programs.get((kind, *key))
+        if prog is not None:
+            return prog
+        t0 = time.perf_counter()
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        row = jax.ShapeDtypeStruct((self.max_slots,), jnp.int32)
+        if kind == "prefill":
+            tokens = jax.ShapeDtypeStruct((1, key[0]), jnp.int32)
+            args = (self.params, self.cache, tokens, i32)
+            lowered = self._jit[kind].lower(*map(self._spec, args))
+        elif kind == "copy":
+            lowered = self._jit[kind].lower(self._spec(self.cache), i32, i32)
+        else:
+            args = (self.params, self.cache, self.pstate, self.sbatch)
+            lowered = self._jit[kind].lower(*map(self._spec, args), row, row, row,
+                                            self._spec(self._all_true),
+                                            kv_len=key[0], num_steps=key[1])
+        prog = self._programs[(kind, *key)] = lowered.compile()
+        self.stats.compiles += 1
+        self.stats.extra["compile_s"] = self.stats.extra.get("compile_s", 0.0) + (
+            time.perf_counter() - t0)
+        if self._warm:
+            self.stats.compiles_after_warmup += 1
+            log.warning("engine compiled %s%s after warm-up (%.1f s)", kind, key,
+                        time.perf_counter() - t0)
+        return prog
 
     def _wake(self) -> None:
         with self._cond:
@@ -369,7 +407,6 @@ class Engine:
                 if any(self._slots):
                     with self._device_lock:
                         self._step()
-                    self._count_compiles()
         except Exception as e:  # a bug or a device failure: fail every request, refuse new ones
             log.exception("engine thread died")
             self._dead = f"engine failed: {type(e).__name__}: {e}"
@@ -426,21 +463,23 @@ class Engine:
 
     def _prefill_into(self, r: GenerationRequest, slots: list[int]) -> None:
         ids = np.asarray(r.prompt_ids, np.int32)
-        seed = r.sampling.seed if r.sampling.seed is not None else secrets.randbits(31)
+        seed = S.resolve_seed(r.sampling)  # one seed for all choices; they differ by choice
         head = ids[:-1]  # the last prompt token goes through the decode step
         if len(head):
             b = self._prefill_bucket(len(head))
             tokens = np.zeros((1, b), np.int32)
             tokens[0, : len(head)] = head
-            self.cache = self._prefill(self.params, self.cache, tokens, slots[0])
+            self.cache = self._program("prefill", b)(self.params, self.cache, tokens,
+                                                     np.int32(slots[0]))
             self.stats.prefills += 1
         for c, i in enumerate(slots):
             if c and len(head):
-                self.cache = self._copy_row(self.cache, slots[0], i)
-            self.sbatch = S.set_row(self.sbatch, i, r.sampling, seed=seed, choice=c)
+                self.cache = self._program("copy")(self.cache, np.int32(slots[0]), np.int32(i))
+            self.sbatch = S.set_row(self.sbatch, i, r.sampling, self.vocab_limit, c, seed=seed)
             self.pstate = S.set_penalty_row(self.pstate, i, ids)
 
     def _step(self) -> None:
+        self._reset_free_rows()
         rows = self._slots
         active = [i for i, r in enumerate(rows) if r is not None]
         B = self.max_slots
@@ -482,9 +521,8 @@ class Engine:
                 or rows[i].position + k > self.max_len for i in active)):
             k = 1
         kv_len = pow2_bucket(max(positions[i] for i in active) + k, MIN_BUCKET, self.max_len)
-        outs, self.cache, self.pstate = self._decode(
-            self.params, self.cache, self.pstate, self.sbatch, tokens, positions, steps, allowed,
-            kv_len=kv_len, num_steps=k)
+        outs, self.cache, self.pstate = self._program("decode", kv_len, k)(
+            self.params, self.cache, self.pstate, self.sbatch, tokens, positions, steps, allowed)
         toks, lps = np.asarray(outs.tokens), np.asarray(outs.logprobs)
         want_top = any(rows[i].handle.request.top_logprobs for i in active)
         top_ids = np.asarray(outs.top_ids) if want_top else None
@@ -522,8 +560,7 @@ class Engine:
         ev = TokenEvent(row.choice, tok, lp if req.logprobs else None, tops, finish)
         row.handle._emit(ev)
         if finish is not None:
-            self._slots[i] = None
-            self._wake()
+            self._free(i)
         else:
             row.next_token, row.position = tok, row.position + 1
 
@@ -531,8 +568,20 @@ class Engine:
         row = self._slots[i]
         if row is None:
             return
-        self._slots[i] = None
+        self._free(i)
         row.handle._emit(TokenEvent(row.choice, token, None, (), reason, error))
+
+    def _free(self, i: int) -> None:
+        self._slots[i] = None
+        self._dirty.add(i)
+        self._wake()
+
+    def _reset_free_rows(self) -> None:
+        """Give freed rows greedy params again, so an idle row never forces the sampled path."""
+        for i in sorted(self._dirty):
+            if self._slots[i] is None:
+                self.sbatch = S.set_row(self.sbatch, i, S.IDLE_PARAMS, seed=0)
+        self._dirty.clear()
 
     def _fail_request(self, handle: RequestHandle, e: Exception) -> None:
         """An error in one request (e.g. its grammar raised) ends all of its choices."""
