@@ -1,0 +1,158 @@
+"""Config parsing: released Qwen2.5 config.json files, transformers-5 `rope_parameters`, presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qwen_jax.config import PRESETS, ConfigError, QwenConfig, YarnScaling, load_config
+
+# The released Qwen/Qwen2.5-7B-Instruct config.json (transformers 4.x form).
+QWEN25_7B_INSTRUCT = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584,
+    "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 32768,
+    "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 152064,
+}
+YARN_4X = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+
+# Parameter counts Qwen publishes for the Qwen2.5 sizes (billions): an independent check of the
+# preset numbers.
+PUBLISHED_BILLIONS = {"0.5b": 0.49, "1.5b": 1.54, "3b": 3.09, "7b": 7.61, "14b": 14.7,
+                      "32b": 32.5, "72b": 72.7}
+
+
+def test_released_7b_config_parses_to_the_preset():
+    cfg = QwenConfig.from_hf_dict(QWEN25_7B_INSTRUCT)
+    assert cfg == PRESETS["7b"]
+    assert cfg.head_dim == 128 and cfg.num_groups == 7 and cfg.rope_scaling is None
+
+
+def test_yarn_in_rope_scaling_form():
+    cfg = QwenConfig.from_hf_dict({**QWEN25_7B_INSTRUCT, "rope_scaling": YARN_4X})
+    assert cfg.rope_scaling == YarnScaling(factor=4.0, original_max_position_embeddings=32768)
+    assert cfg.rope_theta == 1e6
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 500000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+     "rope_theta": 1e6},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+     "rope_theta": 1e4, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+])
+def test_transformers5_rope_parameters_form(tmp_path, rope):
+    """What transformers 5 writes with save_pretrained (`rope_parameters`) is read back the same."""
+    from transformers import Qwen2Config
+
+    hf = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rope_parameters=dict(rope),
+                     max_position_embeddings=256)
+    hf.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in written and "rope_theta" not in written
+    cfg = load_config(tmp_path)
+    assert cfg.rope_theta == rope["rope_theta"]
+    if rope["rope_type"] == "default":
+        assert cfg.rope_scaling is None
+    else:
+        s = cfg.rope_scaling
+        assert (s.factor, s.original_max_position_embeddings) == (
+            rope["factor"], rope["original_max_position_embeddings"])
+        assert (s.beta_fast, s.beta_slow) == (rope.get("beta_fast", 32), rope.get("beta_slow", 1))
+        assert s.truncate == rope.get("truncate", True)
+    assert (cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size) == (64, 2, 100)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_through_hf_dict_and_transformers(name):
+    from transformers import Qwen2Config
+
+    cfg = PRESETS[name]
+    assert QwenConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    hash(cfg)  # a static jit argument must be hashable
+    hf = Qwen2Config.from_dict(cfg.to_hf_dict())  # transformers reads what we write
+    assert (hf.hidden_size, hf.num_hidden_layers, hf.num_key_value_heads, hf.vocab_size) == (
+        cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size)
+    assert hf.rope_parameters["rope_theta"] == cfg.rope_theta
+
+
+def test_yarn_round_trip():
+    cfg = PRESETS["7b"].replace(
+        rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=32768))
+    assert QwenConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+def _param_count(cfg: QwenConfig) -> int:
+    d, f, q = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    per_layer = 2 * d + (d * q + q) + 2 * (d * kv + kv) + q * d + 3 * d * f
+    heads = 1 if cfg.tie_word_embeddings else 2
+    return heads * cfg.vocab_size * d + cfg.num_hidden_layers * per_layer + d
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_BILLIONS))
+def test_preset_sizes_match_published_parameter_counts(name):
+    billions = _param_count(PRESETS[name]) / 1e9
+    assert billions == pytest.approx(PUBLISHED_BILLIONS[name], rel=0.01)
+
+
+def test_demo_preset_is_small_with_the_real_vocab():
+    demo = PRESETS["demo"]
+    assert demo.vocab_size == 151936 and demo.tie_word_embeddings
+    assert _param_count(demo) < 25e6
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "llama"}, "not a Qwen2 config"),
+    ({"architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
+    ({"rope_scaling": {"type": "yarn"}}, "factor"),
+    ({"num_key_value_heads": 5}, "divisible"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"hidden_size": -4}, "hidden_size"),
+    ({"vocab_size": None}, "vocab_size"),
+])
+def test_rejects_unsupported_configs(change, message):
+    with pytest.raises(ConfigError, match=message):
+        QwenConfig.from_hf_dict({**QWEN25_7B_INSTRUCT, **change})
+
+
+def test_rejects_missing_keys_and_bad_files(tmp_path):
+    broken = dict(QWEN25_7B_INSTRUCT)
+    del broken["hidden_size"]
+    with pytest.raises(ConfigError, match="hidden_size"):
+        QwenConfig.from_hf_dict(broken)
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_config(tmp_path)
+
+
+def test_sliding_window_false_is_ignored():
+    cfg = QwenConfig.from_hf_dict({**QWEN25_7B_INSTRUCT, "sliding_window": 4096,
+                                   "use_sliding_window": False})
+    assert cfg == PRESETS["7b"]
+
+
+@given(heads=st.integers(1, 16), groups=st.integers(1, 8), head_half=st.integers(1, 64),
+       layers=st.integers(1, 4), tied=st.booleans())
+def test_valid_shapes_round_trip(heads, groups, head_half, layers, tied):
+    cfg = QwenConfig(vocab_size=1000, hidden_size=heads * groups * head_half * 2,
+                     intermediate_size=64, num_hidden_layers=layers,
+                     num_attention_heads=heads * groups, num_key_value_heads=heads,
+                     tie_word_embeddings=tied)
+    assert cfg.head_dim == head_half * 2 and cfg.num_groups == groups
+    assert QwenConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict()))) == cfg

@@ -1,0 +1,164 @@
+"""Checkpoint loading and saving: single or sharded files, tied or untied heads, dtypes, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from qwen_jax.config import QwenConfig
+from qwen_jax.model import forward, init_params
+from qwen_jax.weights import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def _leaves_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        x.shape == y.shape and x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(la, lb)
+    )
+
+
+def test_loaded_tensors_are_the_checkpoint_tensors(tiny_checkpoint, capsys):
+    cfg, params = load_checkpoint(tiny_checkpoint, jnp.float32)
+    assert "loading weights" in capsys.readouterr().err  # a progress line on stderr
+    raw = load_file(tiny_checkpoint / "model.safetensors")
+    assert params.lm_head is None and "lm_head.weight" not in raw
+    np.testing.assert_array_equal(params.embed, raw["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(params.final_norm, raw["model.norm.weight"])
+    for i in range(cfg.num_hidden_layers):
+        np.testing.assert_array_equal(params.layers.q_bias[i],
+                                      raw[f"model.layers.{i}.self_attn.q_proj.bias"])
+        np.testing.assert_array_equal(params.layers.down_proj[i],
+                                      raw[f"model.layers.{i}.mlp.down_proj.weight"])
+
+
+def test_sharded_checkpoint_equals_unsharded(hf_checkpoint_factory):
+    single = hf_checkpoint_factory("untied", tie_word_embeddings=False)
+    sharded = hf_checkpoint_factory("untied", tie_word_embeddings=False, max_shard_size="200KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
+    cfg_a, a = load_checkpoint(single, jnp.float32, progress=False)
+    cfg_b, b = load_checkpoint(sharded, jnp.float32, progress=False)
+    assert cfg_a == cfg_b and a.lm_head is not None
+    assert _leaves_equal(a, b)
+
+
+def test_bfloat16_load_rounds_each_tensor(tiny_checkpoint):
+    _, f32 = load_checkpoint(tiny_checkpoint, jnp.float32, progress=False)
+    _, bf16 = load_checkpoint(tiny_checkpoint, jnp.bfloat16, progress=False)
+    assert _leaves_equal(jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32), bf16)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_then_transformers_loads_the_same_model(tmp_path, tied):
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    cfg = QwenConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    params = init_params(cfg, jax.random.PRNGKey(1), jnp.float32)
+    save_checkpoint(params, cfg, tmp_path)
+    tokens = np.random.default_rng(0).integers(0, 300, (2, 10)).astype(np.int32)
+    ours, _ = forward(params, cfg, tokens, np.broadcast_to(np.arange(10), (2, 10)))
+    model = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    assert np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max() < 1e-4
+    cfg2, params2 = load_checkpoint(tmp_path, jnp.float32, progress=False)
+    assert cfg2 == cfg and _leaves_equal(params, params2)
+
+
+def test_save_sharded_round_trip(tmp_path):
+    cfg = QwenConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2)
+    params = init_params(cfg, jax.random.PRNGKey(2), jnp.bfloat16)
+    save_checkpoint(params, cfg, tmp_path, max_shard_bytes=50_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    cfg2, params2 = load_checkpoint(tmp_path, jnp.bfloat16, progress=False)
+    assert cfg2 == cfg and _leaves_equal(params, params2)
+
+
+# ---- error cases: a CheckpointError naming the path or tensor, never a bare traceback ----
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+
+
+def test_missing_config_and_weights(tmp_path, tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(tmp_path)
+    shutil.copy(tiny_checkpoint / "config.json", tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_checkpoint(tmp_path)
+
+
+def test_not_qwen2(tmp_path, tiny_checkpoint):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "llama",
+                                                  "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="not a Qwen2 config"):
+        load_checkpoint(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2Model"]}))
+    with pytest.raises(CheckpointError, match="unsupported architecture"):
+        load_checkpoint(ckpt)
+
+
+def test_missing_tensor(tmp_path, tiny_checkpoint):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    tensors = load_file(ckpt / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensors model\.layers\.1\.self_attn"):
+        load_checkpoint(ckpt)
+
+
+def test_untied_config_without_lm_head(tmp_path, tiny_checkpoint):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        load_checkpoint(ckpt)
+
+
+def test_shape_mismatch(tmp_path, tiny_checkpoint):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(CheckpointError, match=r"mlp\.gate_proj\.weight has shape \(160, 64\)"):
+        load_checkpoint(ckpt)
+
+
+def test_index_naming_a_missing_shard(tmp_path, hf_checkpoint_factory):
+    sharded = hf_checkpoint_factory("untied", tie_word_embeddings=False, max_shard_size="200KB")
+    ckpt = _copy(sharded, tmp_path / "c")
+    victim = sorted(ckpt.glob("model-*-of-*.safetensors"))[0]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name):
+        load_checkpoint(ckpt)
+
+
+def test_corrupt_safetensors(tmp_path, tiny_checkpoint):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(ckpt)
+
+
+def test_unsupported_dtype(tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="dtype"):
+        load_checkpoint(tiny_checkpoint, jnp.int8)
