@@ -563,6 +563,7 @@ def serve(args: Any) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing is not news
     api_key = args.api_key or os.environ.get("QWEN_JAX_API_KEY") or None
     try:
         model, cfg, params, tokenizer, dtype = _load(args)
