@@ -386,7 +386,12 @@ def _process(x: jax.Array, batch: SamplingBatch, state: PenaltyState,
              allowed: jax.Array | None) -> jax.Array:
     """Steps 2-3 of the module docstring on f32[B, V'] logits (V' = vocab_limit)."""
     b, v = x.shape
-    x = x.at[jnp.arange(b)[:, None], batch.bias_ids].add(batch.bias_values, mode="drop")
+    # One scatter into the flattened logits (a [B, n, 2] index array would be constant-folded
+    # at compile time); ids >= vocab_limit are sent out of range and dropped.
+    flat = jnp.where(batch.bias_ids < v, jnp.arange(b, dtype=jnp.int32)[:, None] * v
+                     + batch.bias_ids, b * v)
+    x = x.reshape(-1).at[flat.reshape(-1)].add(batch.bias_values.reshape(-1), mode="drop")
+    x = x.reshape(b, v)
     if allowed is not None:
         x = jnp.where(allowed[:, :v], x, -jnp.inf)
 
@@ -422,6 +427,7 @@ def _largest_cut(x: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Arr
     Bisection on the float's ordered bit pattern: 32 passes over the row, exact, no sort.
     """
     keys = _ordered(x)
+    target = jnp.minimum(target, jnp.sum(weights, axis=-1))  # reachable despite rounding
     lo = jnp.zeros(x.shape[:1], jnp.uint32)  # weight(x >= lo) = everything >= target
     hi = jnp.full(x.shape[:1], 0xFFFFFFFF, jnp.uint32)  # above every float: weight 0 < target
 
@@ -487,7 +493,7 @@ def _transform(x: jax.Array, batch: SamplingBatch, candidates: int) -> jax.Array
     # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p)
     thr = jnp.where(batch.min_p > 0, jnp.max(x, axis=-1) + jnp.log(batch.min_p), -jnp.inf)
     x = jnp.where(x >= thr[:, None], x, -jnp.inf)
-    k = jnp.where(greedy, 0, batch.top_k)
+    k = jnp.where(greedy | (batch.top_k >= x.shape[-1]), 0, batch.top_k)  # k >= V: keeps all
     p = jnp.where(greedy, 1.0, batch.top_p)
     cut = jax.lax.cond(jnp.any((k > 0) | (p < 1)),
                        lambda: _cut(x, k, p, candidates),
