@@ -1,0 +1,343 @@
+"""`qwen-jax bench`: prefill, time to first token, decode speed, memory and compile time.
+
+Everything is measured through the Engine (what the server runs). Unless --no-reference is
+given and transformers is importable, the same weights are saved as a Hugging Face checkpoint
+and the same figures are measured for transformers (torch, CPU) in a child process, so the two
+runs do not share threads or memory. Prints a table and writes a JSON record (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPEATS = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# process facts
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "loadavg": _loadavg()}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def _parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--prompt-lengths: integers separated by commas, not {text!r}") from None
+    if not lengths or lengths[0] < 2:
+        raise SystemExit("--prompt-lengths must be integers >= 2")
+    return lengths
+
+
+# ---------------------------------------------------------------------------------------------
+# qwen-jax
+
+
+def _wait(cond, timeout: float = 600.0, poll: float = 0.0005) -> float:
+    t0 = time.perf_counter()
+    while not cond():
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError("benchmark step timed out")
+        time.sleep(poll)
+    return time.perf_counter()
+
+
+def _decode_rate(engine, prompts: list[list[int]], max_tokens: int) -> float:
+    """Aggregate decode tokens/s while all `prompts` are in the batch together."""
+    from qwen_jax.engine import GenerationRequest
+    from qwen_jax.sampler import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0)
+    handles = [engine.submit(GenerationRequest(tuple(p), greedy, max_tokens)) for p in prompts]
+    # Start the clock once every row has its first token (prefills done), stop at the end.
+    _wait(lambda: all(h._events or h.done for h in handles))
+    t0, tok0 = time.perf_counter(), engine.stats.tokens
+    t1 = _wait(lambda: all(h.done or not h._open for h in handles))
+    tokens = engine.stats.tokens - tok0
+    for h in handles:
+        for _ in h.events():
+            pass
+    return tokens / (t1 - t0)
+
+
+def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
+              steps_per_call: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.engine import Engine, GenerationRequest, pow2_bucket
+    from qwen_jax.sampler import SamplingParams
+
+    rng = np.random.default_rng(0)
+    max_len = pow2_bucket(max(lengths) + decode_tokens + 1, 16, 1 << 30)
+    out: dict[str, Any] = {"max_len": max_len, "steps_per_call": steps_per_call}
+
+    engine = Engine(params, cfg, max_slots=batch, max_len=max_len, queue_size=batch,
+                    steps_per_call=steps_per_call)
+    try:
+        t = time.perf_counter()
+        kvs = sorted({pow2_bucket(n, 16, max_len) for n in
+                      range(1, max(lengths) + decode_tokens + steps_per_call + 1)})
+        engine.warmup(prompt_lengths=lengths, kv_lens=kvs)
+        out["compile_s"] = time.perf_counter() - t
+        out["compiles"] = engine.stats.compiles
+        weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+        kv_bytes = engine.cache.k.nbytes + engine.cache.v.nbytes
+        out.update(weight_bytes=weights, kv_cache_bytes=kv_bytes)
+        out["rss_after_load_bytes"] = peak_rss_bytes()
+        out["peak_rss_reset"] = reset_peak_rss()
+
+        # Prefill alone: the engine's prefill program on exactly L tokens.
+        out["prefill"] = {}
+        for n in lengths:
+            prog = engine._program("prefill", pow2_bucket(n, 16, max_len))
+            tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, pow2_bucket(n, 16, max_len)),
+                                              dtype=np.int32))
+            times = []
+            for _ in range(REPEATS):
+                t = time.perf_counter()
+                engine.cache = prog(engine.params, engine.cache, tokens, np.int32(0))
+                jax.block_until_ready(engine.cache)
+                times.append(time.perf_counter() - t)
+            s = statistics.median(times)
+            out["prefill"][n] = {"seconds": s, "tokens_per_s": n / s}
+
+        # Time to first token through submit -> first event (idle engine).
+        out["ttft_s"] = {}
+        for n in lengths:
+            times = []
+            for _ in range(REPEATS):
+                prompt = tuple(int(x) for x in rng.integers(0, cfg.vocab_size, n))
+                t = time.perf_counter()
+                h = engine.submit(GenerationRequest(prompt, SamplingParams(temperature=0.0), 1))
+                next(h.events())
+                times.append(time.perf_counter() - t)
+                list(h.events())
+            out["ttft_s"][n] = statistics.median(times)
+
+        prompt_len = min(lengths)
+        prompts = [[int(x) for x in rng.integers(0, cfg.vocab_size, prompt_len)]
+                   for _ in range(batch)]
+        out["decode_b1_tok_s"] = _decode_rate(engine, prompts[:1], decode_tokens)
+        out[f"decode_b{batch}_tok_s"] = _decode_rate(engine, prompts, decode_tokens)
+        out["peak_rss_bytes"] = peak_rss_bytes()
+        out["compiles_after_warmup"] = engine.stats.compiles_after_warmup
+    finally:
+        engine.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers (child process)
+
+
+def bench_transformers(model_dir: str, dtype: str, lengths: list[int], decode_tokens: int,
+                       batch: int, threads: int) -> dict[str, Any]:
+    """Same figures for transformers: greedy decode with its KV cache, no sampling overhead."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype)).eval()
+    out: dict[str, Any] = {"load_s": time.perf_counter() - t, "threads": threads,
+                           "torch": torch.__version__}
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        model(torch.randint(0, vocab, (1, 16), generator=g))  # first-call overheads
+        out["prefill"], out["ttft_s"] = {}, {}
+        for n in lengths:
+            times = []
+            for _ in range(REPEATS):
+                ids = torch.randint(0, vocab, (1, n), generator=g)
+                t = time.perf_counter()
+                logits = model(ids, use_cache=True, logits_to_keep=1).logits
+                logits[:, -1].argmax(-1)
+                times.append(time.perf_counter() - t)
+            s = statistics.median(times)
+            out["prefill"][n] = {"seconds": s, "tokens_per_s": n / s}
+            out["ttft_s"][n] = s  # prefill + argmax: what its first token costs
+
+        def decode(b: int) -> float:
+            ids = torch.randint(0, vocab, (b, min(lengths)), generator=g)
+            res = model(ids, use_cache=True, logits_to_keep=1)
+            past, tok = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+            t = time.perf_counter()
+            for _ in range(decode_tokens - 1):
+                res = model(tok, past_key_values=past, use_cache=True)
+                past, tok = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+            return b * (decode_tokens - 1) / (time.perf_counter() - t)
+
+        out["decode_b1_tok_s"] = decode(1)
+        out[f"decode_b{batch}_tok_s"] = decode(batch)
+    out["peak_rss_bytes"] = peak_rss_bytes()
+    return out
+
+
+def _run_reference(model_dir: str, args: argparse.Namespace, lengths: list[int]) -> dict:
+    cmd = [sys.executable, "-m", "qwen_jax.bench", "--reference-child", json.dumps({
+        "model_dir": model_dir, "dtype": args.dtype, "lengths": lengths,
+        "decode_tokens": args.decode_tokens, "batch": args.batch,
+        "threads": os.cpu_count() or 1})]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": res.stderr.strip()[-2000:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _build(args: argparse.Namespace):
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    if args.model:
+        from qwen_jax.weights import load_checkpoint
+
+        cfg, params = load_checkpoint(args.model, dtype)
+        return cfg, params, args.model
+    from qwen_jax.config import PRESETS
+    from qwen_jax.model import init_params
+
+    if args.preset not in PRESETS:
+        raise SystemExit(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = PRESETS[args.preset]
+    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.PRNGKey(0), dtype)
+    return cfg, params, None
+
+
+def _fmt(x: float | None, unit: str = "") -> str:
+    return "-" if x is None else f"{x:,.2f}{unit}"
+
+
+def _table(rec: dict[str, Any]) -> str:
+    j, r = rec["qwen_jax"], rec.get("transformers") or {}
+    batch = rec["batch"]
+    rows = []
+    for n in rec["prompt_lengths"]:
+        rows.append((f"prefill {n} tok (tok/s)", j["prefill"][n]["tokens_per_s"],
+                     r.get("prefill", {}).get(str(n), {}).get("tokens_per_s")))
+        rows.append((f"time to first token, {n} tok (s)", j["ttft_s"][n],
+                     r.get("ttft_s", {}).get(str(n))))
+    rows.append(("decode batch 1 (tok/s)", j["decode_b1_tok_s"], r.get("decode_b1_tok_s")))
+    rows.append((f"decode batch {batch} (tok/s)", j[f"decode_b{batch}_tok_s"],
+                 r.get(f"decode_b{batch}_tok_s")))
+    rows.append(("peak RSS (GiB)", j["peak_rss_bytes"] / 2**30,
+                 r["peak_rss_bytes"] / 2**30 if "peak_rss_bytes" in r else None))
+    lines = [f"{'':38s} {'qwen-jax':>12s} {'transformers':>13s} {'ratio':>7s}"]
+    for name, a, b in rows:
+        ratio = None if not b else (a / b)
+        lines.append(f"{name:38s} {_fmt(a):>12s} {_fmt(b):>13s} {_fmt(ratio):>7s}")
+    lines.append(f"compile (warm-up) {j['compile_s']:.1f} s, {j['compiles']} programs; "
+                 f"compiles after warm-up: {j['compiles_after_warmup']}")
+    lines.append(f"batch-1 decode = {rec['bandwidth_fraction_b1']:.0%} of the bandwidth bound "
+                 f"({rec['bandwidth_bound_tok_s']:.1f} tok/s at {rec['bandwidth_gbs']} GB/s); "
+                 f"batch {batch} / batch 1 = {rec['batch_speedup']:.2f}x")
+    lines.append(f"peak RSS while serving {j['peak_rss_bytes'] / 2**30:.2f} GiB = "
+                 f"{rec['memory_ratio']:.2f}x weights ({j['weight_bytes'] / 2**30:.2f} GiB) + "
+                 f"KV cache ({j['kv_cache_bytes'] / 2**30:.2f} GiB)")
+    if "error" in r:
+        lines.append(f"transformers failed: {r['error'][-300:]}")
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    lengths = _parse_lengths(args.prompt_lengths)
+    if args.decode_tokens < 2 or args.batch < 1:
+        raise SystemExit("--decode-tokens must be >= 2 and --batch >= 1")
+    rec: dict[str, Any] = {"machine": machine(), "preset": None if args.model else args.preset,
+                           "model": args.model, "dtype": args.dtype, "prompt_lengths": lengths,
+                           "decode_tokens": args.decode_tokens, "batch": args.batch,
+                           "bandwidth_gbs": args.bandwidth_gbs, "time": time.time()}
+    import jax
+
+    rec["machine"]["jax"] = jax.__version__
+    cfg, params, model_dir = _build(args)
+    rec["qwen_jax"] = j = bench_jax(params, cfg, lengths, args.decode_tokens, args.batch,
+                                     args.steps_per_call)
+    rec["bandwidth_bound_tok_s"] = args.bandwidth_gbs * 1e9 / j["weight_bytes"]
+    rec["bandwidth_fraction_b1"] = j["decode_b1_tok_s"] / rec["bandwidth_bound_tok_s"]
+    rec["batch_speedup"] = j[f"decode_b{args.batch}_tok_s"] / j["decode_b1_tok_s"]
+    rec["memory_ratio"] = j["peak_rss_bytes"] / (j["weight_bytes"] + j["kv_cache_bytes"])
+
+    if not args.no_reference:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            rec["transformers"] = {"error": "transformers is not installed"}
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                if model_dir is None:
+                    from qwen_jax.weights import save_checkpoint
+
+                    model_dir = str(save_checkpoint(params, cfg, tmp))
+                del params  # the child needs the memory more than we do
+                rec["transformers"] = _run_reference(model_dir, args, lengths)
+    rec["machine"]["loadavg_after"] = _loadavg()
+    print(_table(rec))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rec, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--reference-child":
+        a = json.loads(sys.argv[2])
+        print(json.dumps(bench_transformers(a["model_dir"], a["dtype"], a["lengths"],
+                                            a["decode_tokens"], a["batch"], a["threads"])))
+    else:
+        sys.exit("use `qwen-jax bench`")
