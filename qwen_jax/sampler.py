@@ -31,7 +31,7 @@ Speed (CPU, V = 151936). Sorting a row costs ~70 ms, so nothing here sorts the v
 common path: greedy-only batches skip sampling (`lax.cond`); penalties are skipped when no row
 uses them; top_k/top_p read a top-1024 candidate set, which is exact whenever the kept set lies
 inside it (always for top_k; for top_p when the candidates hold at least top_p of the mass), with
-an exact bisection fallback otherwise; the draw is a two-level inverse CDF (block sums, then one
+an exact radix-select fallback otherwise; the draw is a two-level inverse CDF (block sums, then one
 block) needing one uniform number per row instead of V Gumbel variates.
 """
 
@@ -424,28 +424,36 @@ def _unordered(k: jax.Array) -> jax.Array:
 def _largest_cut(x: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
     """Per row, the largest value t among x with sum(weights[x >= t]) >= target (> 0).
 
-    Bisection on the float's ordered bit pattern: 32 passes over the row, exact, no sort.
+    Radix select on the float's ordered bit pattern, 8 bits a round: each round histograms the
+    weight of the candidates by their next byte (one scatter-add pass over the row) and keeps the
+    largest byte whose suffix weight still reaches the target. Exact, 4 passes, no sort.
     """
+    b = x.shape[0]
     keys = _ordered(x)
-    target = jnp.minimum(target, jnp.sum(weights, axis=-1))  # reachable despite rounding
-    lo = jnp.zeros(x.shape[:1], jnp.uint32)  # weight(x >= lo) = everything >= target
-    hi = jnp.full(x.shape[:1], 0xFFFFFFFF, jnp.uint32)  # above every float: weight 0 < target
-
-    def halve(_: int, lo_hi: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        lo, hi = lo_hi
-        mid = lo + (hi - lo) // 2
-        ok = jnp.sum(jnp.where(keys >= mid[:, None], weights, 0.0), axis=-1) >= target
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
-    return _unordered(lo)
+    need = jnp.minimum(target, jnp.sum(weights, axis=-1))  # reachable despite rounding
+    prefix = jnp.zeros((b,), jnp.uint32)
+    row_bins = jnp.arange(b, dtype=jnp.int32)[:, None] * 256
+    for shift in (24, 16, 8, 0):
+        w = weights
+        if shift < 24:  # only keys that share the bytes chosen so far
+            w = jnp.where(keys >> (shift + 8) == (prefix >> (shift + 8))[:, None], weights, 0.0)
+        digit = ((keys >> shift) & 0xFF).astype(jnp.int32)
+        hist = jax.ops.segment_sum(w.reshape(-1), (row_bins + digit).reshape(-1), b * 256)
+        hist = hist.reshape(b, 256)
+        above_or_at = jnp.cumsum(hist[:, ::-1], axis=-1)[:, ::-1]  # weight of bytes >= d
+        # The largest byte reaching `need`; `> 0` keeps a rounding-zero `need` on a real key.
+        d = jnp.maximum(jnp.sum((above_or_at >= need[:, None]) & (above_or_at > 0), -1) - 1, 0)
+        at = jnp.take_along_axis(jnp.stack([above_or_at, hist]), d[None, :, None], axis=2)
+        need = jnp.maximum(need - (at[0, :, 0] - at[1, :, 0]), 0.0)  # minus bytes above d
+        prefix = prefix | (d.astype(jnp.uint32) << shift)
+    return _unordered(prefix)
 
 
 def _safe(lse: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(lse), lse, 0.0)  # a row with nothing left: avoid inf - inf
 
 
-def _cut_by_bisection(x: jax.Array, k: jax.Array, p: jax.Array) -> jax.Array:
+def _cut_by_radix_select(x: jax.Array, k: jax.Array, p: jax.Array) -> jax.Array:
     """top_k then top_p thresholds for any k and p (the exact, slower fallback)."""
     none = jnp.full(x.shape[:1], -jnp.inf)
 
@@ -466,7 +474,7 @@ def _cut_by_bisection(x: jax.Array, k: jax.Array, p: jax.Array) -> jax.Array:
 def _cut(x: jax.Array, k: jax.Array, p: jax.Array, candidates: int) -> jax.Array:
     """Per-row logit threshold implementing top_k (k > 0) then top_p (p < 1) on x.
 
-    Reads the `candidates` largest logits only; falls back to bisection when that set might not
+    Reads the `candidates` largest logits only; falls back to radix select when that set might not
     contain every kept token (top_k > candidates, or top_p with the candidates' mass < top_p).
     """
     n = min(candidates, x.shape[-1])
@@ -483,7 +491,7 @@ def _cut(x: jax.Array, k: jax.Array, p: jax.Array, candidates: int) -> jax.Array
         vals, jnp.clip(n_keep - 1, 0, n - 1)[:, None], axis=-1)[:, 0], -jnp.inf)
     exact = jnp.all((k <= n) & ((k > 0) | (p >= 1) | (cum[:, -1] >= p)))
     return jax.lax.cond(exact, lambda: jnp.maximum(thr_k, thr_p),
-                        lambda: _cut_by_bisection(x, k, p))
+                        lambda: _cut_by_radix_select(x, k, p))
 
 
 def _transform(x: jax.Array, batch: SamplingBatch, candidates: int) -> jax.Array:
@@ -598,8 +606,9 @@ def sample(logits: jax.Array, batch: SamplingBatch, state: PenaltyState, steps: 
         return jnp.where(greedy | ~jnp.any(z > -jnp.inf, axis=-1), greedy_tokens, drawn)
 
     tokens = jax.lax.cond(jnp.all(greedy), lambda: greedy_tokens, sampled)
-    logprobs = jax.nn.log_softmax(raw, axis=-1)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(NUM_TOP_LOGPROBS, vocab_limit))
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    # log_softmax(raw) at the few ids needed, without writing out a [B, V] array.
+    lse = jax.nn.logsumexp(raw, axis=-1)
+    top_raw, top_ids = jax.lax.top_k(raw, min(NUM_TOP_LOGPROBS, vocab_limit))
+    chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - lse
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids.astype(jnp.int32),
-                        top_logprobs=top_logprobs)
+                        top_logprobs=top_raw - lse[:, None])

@@ -131,7 +131,7 @@ def device_state(prompt_mask, counts):
        data_seed=st.integers(0, 2**32 - 1), candidates=st.sampled_from([4, S.CANDIDATES]))
 def test_sampling_distribution_matches_reference(rows, data_seed, candidates):
     """A mixed batch: every row's sampling logits give the reference's distribution. With
-    candidates=4 most top_k/top_p rows take the exact bisection fallback."""
+    candidates=4 most top_k/top_p rows take the exact radix-select fallback."""
     logits, allowed, pm, counts = row_data(data_seed, len(rows))
     try:
         expected = [ref_distribution(ref_process(logits[i], p, allowed[i], pm[i], counts[i]), p)
@@ -144,6 +144,23 @@ def test_sampling_distribution_matches_reference(rows, data_seed, candidates):
     for i, z_row in enumerate(np.asarray(z, np.float64)):
         np.testing.assert_array_equal(np.isfinite(z_row), expected[i] > 0, err_msg=f"row {i}")
         np.testing.assert_allclose(_softmax(z_row), expected[i], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("candidates", [4, S.CANDIDATES])
+def test_ties_at_a_cut_off_are_all_kept(candidates):
+    """The documented tie rule, on both the candidate path and the radix-select fallback."""
+    logits = np.array([[3, 2, 2, 2, 1, 1, 0, 0, -1, -1, -2, -2, -3, -3, 5, 5]] * ROWS, np.float32)
+    rows = [SamplingParams(top_k=2), SamplingParams(top_k=5), SamplingParams(min_p=math.exp(-1)),
+            SamplingParams(top_p=0.5)] + [SamplingParams(top_k=k) for k in (1, 4, 7, 14)]
+    z = np.asarray(S.sampling_logits(jnp.asarray(logits), S.make_sampling_batch(rows, V),
+                                     S.init_penalty_state(ROWS, V), jnp.ones((ROWS, V), bool),
+                                     vocab_limit=LIMIT, candidates=candidates))
+    kept = [set(np.nonzero(np.isfinite(row))[0]) for row in z]
+    # top_k=2: the 3 and the three 2s; top_k=5: down to the 1s; min_p = e^-1: logits >= 2.
+    assert kept[:3] == [{0, 1, 2, 3}, set(range(6)), {0, 1, 2, 3}]
+    # top_p=0.5: the 3 alone has p ~ 0.40 < 0.5, so the 2s (p ~ 0.15 each) are reached: all kept.
+    assert kept[3] == {0, 1, 2, 3}
+    assert kept[4:] == [{0}, {0, 1, 2, 3}, set(range(8)), set(range(LIMIT))]
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
