@@ -386,12 +386,16 @@ def _process(x: jax.Array, batch: SamplingBatch, state: PenaltyState,
              allowed: jax.Array | None) -> jax.Array:
     """Steps 2-3 of the module docstring on f32[B, V'] logits (V' = vocab_limit)."""
     b, v = x.shape
-    # One scatter into the flattened logits (a [B, n, 2] index array would be constant-folded
-    # at compile time); ids >= vocab_limit are sent out of range and dropped.
-    flat = jnp.where(batch.bias_ids < v, jnp.arange(b, dtype=jnp.int32)[:, None] * v
-                     + batch.bias_ids, b * v)
-    x = x.reshape(-1).at[flat.reshape(-1)].add(batch.bias_values.reshape(-1), mode="drop")
-    x = x.reshape(b, v)
+
+    def add_bias(x: jax.Array) -> jax.Array:
+        # One scatter into the flattened logits (a [B, n, 2] index array would be constant-folded
+        # at compile time); ids >= vocab_limit are sent out of range and dropped.
+        flat = jnp.where(batch.bias_ids < v, jnp.arange(b, dtype=jnp.int32)[:, None] * v
+                         + batch.bias_ids, b * v)
+        x = x.reshape(-1).at[flat.reshape(-1)].add(batch.bias_values.reshape(-1), mode="drop")
+        return x.reshape(b, v)
+
+    x = jax.lax.cond(jnp.any(batch.bias_values != 0), add_bias, lambda x: x, x)
     if allowed is not None:
         x = jnp.where(allowed[:, :v], x, -jnp.inf)
 
@@ -443,8 +447,8 @@ def _largest_cut(x: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Arr
         above_or_at = jnp.cumsum(hist[:, ::-1], axis=-1)[:, ::-1]  # weight of bytes >= d
         # The largest byte reaching `need`; `> 0` keeps a rounding-zero `need` on a real key.
         d = jnp.maximum(jnp.sum((above_or_at >= need[:, None]) & (above_or_at > 0), -1) - 1, 0)
-        at = jnp.take_along_axis(jnp.stack([above_or_at, hist]), d[None, :, None], axis=2)
-        need = jnp.maximum(need - (at[0, :, 0] - at[1, :, 0]), 0.0)  # minus bytes above d
+        above = jnp.take_along_axis(above_or_at - hist, d[:, None], axis=-1)[:, 0]  # bytes > d
+        need = jnp.maximum(need - above, 0.0)
         prefix = prefix | (d.astype(jnp.uint32) << shift)
     return _unordered(prefix)
 
