@@ -555,8 +555,10 @@ def _draw(z: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def _check_shapes(logits: jax.Array, batch: SamplingBatch, state: PenaltyState,
-                  vocab_limit: int) -> None:
+                  vocab_limit: int, allowed: jax.Array | None = None) -> None:
     b, v = logits.shape
+    if allowed is not None and (allowed.shape[0] != b or allowed.shape[1] < vocab_limit):
+        raise ValueError(f"allowed mask {allowed.shape} does not cover logits {logits.shape}")
     if not 0 < vocab_limit <= v:
         raise ValueError(f"vocab_limit {vocab_limit} must be in [1, {v}] for logits {logits.shape}")
     if batch.size != b or state.output_counts.shape[0] != b:
@@ -571,7 +573,7 @@ def _check_shapes(logits: jax.Array, batch: SamplingBatch, state: PenaltyState,
 def process_logits(logits: jax.Array, batch: SamplingBatch, state: PenaltyState,
                    allowed: jax.Array | None = None, *, vocab_limit: int) -> jax.Array:
     """Logits after bias, mask and penalties (what greedy takes the argmax of): f32[B, limit]."""
-    _check_shapes(logits, batch, state, vocab_limit)
+    _check_shapes(logits, batch, state, vocab_limit, allowed)
     return _process(logits[:, :vocab_limit].astype(jnp.float32), batch, state, allowed)
 
 
@@ -596,7 +598,7 @@ def sample(logits: jax.Array, batch: SamplingBatch, state: PenaltyState, steps: 
     candidate set (results do not depend on it; tests lower it to exercise the fallback).
     A row whose every token is forbidden returns token 0.
     """
-    _check_shapes(logits, batch, state, vocab_limit)
+    _check_shapes(logits, batch, state, vocab_limit, allowed)
     raw = logits[:, :vocab_limit].astype(jnp.float32)
     x = _process(raw, batch, state, allowed)
     greedy_tokens = _argmax(x)

@@ -450,6 +450,9 @@ def test_idle_batch_and_bad_shapes():
     np.testing.assert_array_equal(np.asarray(out.tokens), np.argmax(logits[:, :LIMIT], -1))
     with pytest.raises(ValueError, match="vocab_limit"):
         S.sample(logits, batch, state, jnp.zeros(ROWS, jnp.int32), vocab_limit=V + 1)
+    with pytest.raises(ValueError, match="allowed"):
+        S.sample(logits, batch, state, jnp.zeros(ROWS, jnp.int32), everything[:, :LIMIT - 1],
+                 vocab_limit=LIMIT)
     with pytest.raises(ValueError, match="rows"):
         S.sample(logits, S.make_sampling_batch(3), state, jnp.zeros(ROWS, jnp.int32),
                  vocab_limit=LIMIT)
