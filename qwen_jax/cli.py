@@ -19,7 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    serve.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="auto: bfloat16 on an accelerator; on the CPU float32 when it fits in half the RAM "
+        "(XLA's CPU backend has no native bf16 matmul, so bf16 weights are slower there)",
+    )
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--api-key", default=None, help="or env QWEN_JAX_API_KEY")
     serve.add_argument("--max-model-len", type=int, default=None)
@@ -43,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="render one chat message and generate a reply")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None)
-    gen.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    gen.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     gen.add_argument("--max-tokens", type=int, default=64)
     return parser
 

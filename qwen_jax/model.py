@@ -9,6 +9,7 @@ Per-layer weights are stacked on a leading `layers` axis and the layers run unde
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -69,6 +70,14 @@ def layer_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
         "k_bias": (kv,), "v_proj": (kv, d), "v_bias": (kv,), "o_proj": (d, q),
         "post_norm": (d,), "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
     }
+
+
+def param_count(cfg: QwenConfig) -> int:
+    """Number of parameters (the lm_head counted only when it is not tied)."""
+    per_layer = sum(math.prod(shape) for shape in layer_shapes(cfg).values())
+    vd = cfg.vocab_size * cfg.hidden_size
+    head = 0 if cfg.tie_word_embeddings else vd
+    return cfg.num_hidden_layers * per_layer + vd + head + cfg.hidden_size
 
 
 @partial(jax.jit, static_argnums=(0, 2))

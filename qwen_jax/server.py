@@ -543,13 +543,34 @@ def kv_cache_bytes(cfg: Any, max_len: int, slots: int, itemsize: int) -> int:
     )
 
 
+def choose_dtype(requested: str, cfg: Any, backend: str | None = None,
+                 ram_bytes: int | None = None) -> str:
+    """Resolve `--dtype auto`: bfloat16 on an accelerator; on the CPU, float32 when its weights
+    fit in half the RAM. XLA's CPU backend has no native bf16 matmul (it converts bf16 weights to
+    f32 on every step), so float32 decodes several times faster there when memory allows."""
+    if requested != "auto":
+        return requested
+    import jax
+
+    from qwen_jax.model import param_count
+
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return "bfloat16"
+    if ram_bytes is None:
+        ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return "float32" if 4 * param_count(cfg) <= ram_bytes // 2 else "bfloat16"
+
+
 def _load(args: Any):
     import jax.numpy as jnp
 
+    from qwen_jax.config import load_config
     from qwen_jax.tokenizer import load_tokenizer
     from qwen_jax.weights import load_checkpoint
 
     model = resolve_model(args.model)
+    args.dtype = choose_dtype(args.dtype, load_config(model.path))
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
     cfg, params = load_checkpoint(model.path, dtype)
     tokenizer = load_tokenizer(model.path)

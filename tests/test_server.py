@@ -332,3 +332,19 @@ def test_serve_missing_model_exits_cleanly(tmp_path):
     assert p.returncode == 2
     assert "huggingface-cli download Qwen/Qwen2.5-7B-Instruct" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_choose_dtype_auto_prefers_float32_on_cpu_only_when_it_fits():
+    from qwen_jax.config import PRESETS
+    from qwen_jax.model import param_count
+    from qwen_jax.server import choose_dtype
+
+    seven_b = PRESETS["7b"]
+    assert 7.0e9 < param_count(seven_b) < 7.7e9  # Qwen2.5-7B: 7.61B parameters
+    gib = 2**30
+    assert choose_dtype("auto", PRESETS["demo"], backend="cpu", ram_bytes=24 * gib) == "float32"
+    assert choose_dtype("auto", PRESETS["0.5b"], backend="cpu", ram_bytes=24 * gib) == "float32"
+    assert choose_dtype("auto", seven_b, backend="cpu", ram_bytes=24 * gib) == "bfloat16"
+    assert choose_dtype("auto", PRESETS["demo"], backend="gpu", ram_bytes=24 * gib) == "bfloat16"
+    assert choose_dtype("bfloat16", PRESETS["demo"], backend="cpu") == "bfloat16"
+    assert choose_dtype("float32", seven_b, backend="gpu") == "float32"
