@@ -36,7 +36,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from qwen_jax import protocol, responses
 from qwen_jax.chat_template import ChatTemplateError, render_chat
 from qwen_jax.constrained import ConstraintError, build_ll_tokenizer, grammar_for, make_constraints
-from qwen_jax.engine import GenerationRequest, QueueFullError
+from qwen_jax.engine import GenerationRequest, QueueFullError, TokenEvent
 from qwen_jax.stop_strings import StopStringMatcher
 from qwen_jax.tool_calls import StreamingToolCallParser, parse_tool_calls
 
@@ -321,7 +321,8 @@ class App:
             logprobs=req.logprobs, top_logprobs=req.top_logprobs,
         )
         try:
-            handle = self.engine.submit(gen)
+            # max_tokens 0 (allowed by the API) asks for nothing: answer without the engine.
+            handle = _EmptyHandle(req.n) if max_tokens == 0 else self.engine.submit(gen)
         except QueueFullError:
             raise protocol.queue_full() from None
         except ValueError as e:  # the engine's own checks (should have been caught above)
@@ -431,6 +432,20 @@ class App:
         finally:
             # Also runs on GeneratorExit when the client disconnects: free the rows at once.
             handle.cancel()
+
+
+class _EmptyHandle:
+    """A request handle for max_tokens 0: every choice ends at once with finish_reason length."""
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def events(self) -> Iterator[TokenEvent]:
+        for choice in range(self._n):
+            yield TokenEvent(choice, None, None, (), "length")
+
+    def cancel(self, choice: int | None = None) -> None:
+        pass
 
 
 def make_app(

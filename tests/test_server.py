@@ -348,3 +348,14 @@ def test_choose_dtype_auto_prefers_float32_on_cpu_only_when_it_fits():
     assert choose_dtype("auto", PRESETS["demo"], backend="gpu", ram_bytes=24 * gib) == "bfloat16"
     assert choose_dtype("bfloat16", PRESETS["demo"], backend="cpu") == "bfloat16"
     assert choose_dtype("float32", seven_b, backend="gpu") == "float32"
+
+
+def test_max_tokens_zero_is_an_empty_length_reply(app, engine):
+    body = json.loads(call(app, body=req(max_tokens=0, n=2))[2])
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+    assert all(c["message"]["content"] in ("", None) for c in body["choices"])
+    assert body["usage"]["completion_tokens"] == 0 and not engine.requests
+    events = sse(call(app, body=req(max_tokens=0, stream=True))[2])
+    assert events[-1] == "[DONE]"
+    finals = [c["finish_reason"] for ev in events[:-1] for c in ev["choices"] if c["finish_reason"]]
+    assert finals == ["length"]
