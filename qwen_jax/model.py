@@ -3,7 +3,7 @@
 Numerics follow transformers' `modeling_qwen2.py`: RMSNorm statistics in float32 with the normalised
 value cast back to the activation dtype before the weight multiply, rotary angles in float32,
 softmax in float32. Weights keep the Hugging Face `(out_features, in_features)` layout and are
-applied as `x @ W.T` (XLA's CPU backend is much faster with bf16 weights in that layout).
+applied as `x @ W.T`, so loading a checkpoint is a plain copy.
 Per-layer weights are stacked on a leading `layers` axis and the layers run under `lax.scan`.
 """
 
