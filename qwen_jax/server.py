@@ -592,21 +592,31 @@ def _load(args: Any):
     return model, cfg, params, tokenizer, dtype
 
 
+def _load_or_report(args: Any):
+    """_load, with a one-line error on stderr (no traceback) and None when loading fails."""
+    from qwen_jax import hub
+
+    try:
+        return _load(args)
+    except hub.ModelNotFoundError as e:
+        _fail(str(e))
+    except (OSError, ValueError) as e:
+        _fail(f"cannot load the model: {e}")
+    return None
+
+
 def serve(args: Any) -> int:
     """`qwen-jax serve`: load, build the engine, run the threaded WSGI server until Ctrl-C."""
-    from qwen_jax import hub
     from qwen_jax.engine import Engine, enable_compilation_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing is not news
     api_key = args.api_key or os.environ.get("QWEN_JAX_API_KEY") or None
-    try:
-        model, cfg, params, tokenizer, dtype = _load(args)
-    except hub.ModelNotFoundError as e:
-        return _fail(str(e))
-    except (OSError, ValueError) as e:
-        return _fail(f"cannot load the model: {e}")
+    loaded = _load_or_report(args)
+    if loaded is None:
+        return 2
+    model, cfg, params, tokenizer, dtype = loaded
     if model.is_demo:
         print(_demo_banner(args.model), flush=True)
     cap = DEMO_MAX_MODEL_LEN if model.is_demo else REAL_MAX_MODEL_LEN
@@ -649,16 +659,13 @@ def serve(args: Any) -> int:
 
 def generate_once(args: Any) -> int:
     """`qwen-jax generate PROMPT`: render one user message, stream a greedy reply to stdout."""
-    from qwen_jax import hub
     from qwen_jax.engine import Engine
     from qwen_jax.sampler import SamplingParams
 
-    try:
-        model, cfg, params, tokenizer, dtype = _load(args)
-    except hub.ModelNotFoundError as e:
-        return _fail(str(e))
-    except (OSError, ValueError) as e:
-        return _fail(f"cannot load the model: {e}")
+    loaded = _load_or_report(args)
+    if loaded is None:
+        return 2
+    model, cfg, params, tokenizer, dtype = loaded
     if model.is_demo:
         print(_demo_banner(args.model), file=sys.stderr)
     ids = tokenizer.encode(render_chat([{"role": "user", "content": args.prompt}]))
