@@ -4,7 +4,11 @@ Numerics follow transformers' `modeling_qwen2.py`: RMSNorm statistics in float32
 value cast back to the activation dtype before the weight multiply, rotary angles in float32,
 softmax in float32. Weights keep the Hugging Face `(out_features, in_features)` layout and are
 applied as `x @ W.T`, so loading a checkpoint is a plain copy.
-Per-layer weights are stacked on a leading `layers` axis and the layers run under `lax.scan`.
+
+The layers are a Python list and `forward` loops over them, like `nn.ModuleList`: XLA sees each
+layer's weights as separate arrays. (A `lax.scan` over stacked weights compiles faster on paper,
+but on the CPU backend it made decode 2-15x slower: XLA hoisted a float32 copy of every stacked
+weight out of the loop. Measured figures: benchmarks/README.md.)
 """
 
 from __future__ import annotations
@@ -27,27 +31,27 @@ _MASKED = -1e30
 @jax.tree_util.register_dataclass
 @dataclass
 class LayerParams:
-    """One decoder layer's weights, each stacked on a leading `layers` axis."""
+    """One decoder layer's weights (`model.layers.{i}.*` in Hugging Face names)."""
 
-    input_norm: jax.Array  # [L, D]          input_layernorm.weight
-    q_proj: jax.Array  # [L, H*hd, D]        self_attn.q_proj.weight
-    q_bias: jax.Array  # [L, H*hd]           self_attn.q_proj.bias
-    k_proj: jax.Array  # [L, KV*hd, D]
-    k_bias: jax.Array  # [L, KV*hd]
-    v_proj: jax.Array  # [L, KV*hd, D]
-    v_bias: jax.Array  # [L, KV*hd]
-    o_proj: jax.Array  # [L, D, H*hd]        (no bias)
-    post_norm: jax.Array  # [L, D]           post_attention_layernorm.weight
-    gate_proj: jax.Array  # [L, F, D]
-    up_proj: jax.Array  # [L, F, D]
-    down_proj: jax.Array  # [L, D, F]
+    input_norm: jax.Array  # [D]          input_layernorm.weight
+    q_proj: jax.Array  # [H*hd, D]        self_attn.q_proj.weight
+    q_bias: jax.Array  # [H*hd]           self_attn.q_proj.bias
+    k_proj: jax.Array  # [KV*hd, D]
+    k_bias: jax.Array  # [KV*hd]
+    v_proj: jax.Array  # [KV*hd, D]
+    v_bias: jax.Array  # [KV*hd]
+    o_proj: jax.Array  # [D, H*hd]        (no bias)
+    post_norm: jax.Array  # [D]           post_attention_layernorm.weight
+    gate_proj: jax.Array  # [F, D]
+    up_proj: jax.Array  # [F, D]
+    down_proj: jax.Array  # [D, F]
 
 
 @jax.tree_util.register_dataclass
 @dataclass
 class Params:
     embed: jax.Array  # [V, D]               model.embed_tokens.weight
-    layers: LayerParams
+    layers: list[LayerParams]
     final_norm: jax.Array  # [D]             model.norm.weight
     lm_head: jax.Array | None  # [V, D], None when tied to `embed`
 
@@ -55,14 +59,14 @@ class Params:
 @jax.tree_util.register_dataclass
 @dataclass
 class KVCache:
-    """Static-shape key/value cache, each [layers, batch, max_len, kv_heads, head_dim]."""
+    """Static-shape key/value cache: one [batch, max_len, kv_heads, head_dim] array per layer."""
 
-    k: jax.Array
-    v: jax.Array
+    k: list[jax.Array]
+    v: list[jax.Array]
 
 
 def layer_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the per-layer weights (without the leading layers axis)."""
+    """Shapes of one layer's weights."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     return {
@@ -80,38 +84,46 @@ def param_count(cfg: QwenConfig) -> int:
     return cfg.num_hidden_layers * per_layer + vd + head + cfg.hidden_size
 
 
-@partial(jax.jit, static_argnums=(0, 2))
 def init_params(cfg: QwenConfig, key: jax.Array, dtype: jnp.dtype = jnp.bfloat16) -> Params:
     """Random weights (normal, std 0.02 as transformers' initializer_range), norms at one.
 
     Unlike transformers, biases are random too (std 0.02) so tests exercise the bias path.
+    One compiled program per layer shape, reused for every layer (compiling the whole model's
+    initialisation as one program took minutes at 7B on a GPU).
     """
-    n = cfg.num_hidden_layers
-    keys = iter(jax.random.split(key, 16))
-
-    def normal(shape: tuple[int, ...]) -> jax.Array:
-        return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
-
-    layers = {}
-    for name, shape in layer_shapes(cfg).items():
-        if name.endswith("norm"):
-            layers[name] = jnp.ones((n, *shape), dtype)
-        else:
-            layers[name] = normal((n, *shape))
+    k_embed, k_head, k_layers = jax.random.split(key, 3)
     vd = (cfg.vocab_size, cfg.hidden_size)
     return Params(
-        embed=normal(vd),
-        layers=LayerParams(**layers),
+        embed=_normal(k_embed, vd, dtype),
+        layers=[_init_layer(cfg, jax.random.fold_in(k_layers, i), dtype)
+                for i in range(cfg.num_hidden_layers)],
         final_norm=jnp.ones((cfg.hidden_size,), dtype),
-        lm_head=None if cfg.tie_word_embeddings else normal(vd),
+        lm_head=None if cfg.tie_word_embeddings else _normal(k_head, vd, dtype),
     )
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _init_layer(cfg: QwenConfig, key: jax.Array, dtype: jnp.dtype) -> LayerParams:
+    shapes = layer_shapes(cfg)
+    keys = dict(zip(shapes, jax.random.split(key, len(shapes))))
+    return LayerParams(**{
+        name: jnp.ones(shape, dtype) if name.endswith("norm") else _normal(keys[name], shape, dtype)
+        for name, shape in shapes.items()
+    })
 
 
 def init_cache(
     cfg: QwenConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16
 ) -> KVCache:
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    n = cfg.num_hidden_layers
+    return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(n)],
+                   v=[jnp.zeros(shape, dtype) for _ in range(n)])
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -120,9 +132,36 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
+# XLA's CPU backend has no bfloat16 matrix multiply: a bf16 dot first converts the whole weight
+# to float32, which makes decode (one row per sequence) 10-30x slower than reading the weight once.
+# Its matrix-vector emitter does read bf16 directly, for `x @ W.T` with at most this many columns
+# (found by inspecting the compiled HLO of jax 0.10; a regression test checks the decode program).
+_CPU_MATVEC_MAX_IN = 3584
+_CPU_MATVEC_MAX_ROWS = 8
+
+
 def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w.T with w in (out, in) layout."""
+    rows = math.prod(x.shape[:-1])
+    if x.dtype == jnp.bfloat16 and rows <= _CPU_MATVEC_MAX_ROWS and jax.default_backend() == "cpu":
+        return _cpu_bf16_matvecs(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], -1)
     return jnp.einsum("...d,fd->...f", x, w)
+
+
+def _cpu_bf16_matvecs(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x[R, in] @ w.T as R matrix-vector products, each split into column chunks the CPU
+    matrix-vector emitter accepts (the partial sums add up in float32)."""
+    n_in = w.shape[1]
+    chunks = -(-n_in // _CPU_MATVEC_MAX_IN)
+    size = -(-n_in // chunks)
+    out = []
+    for r in range(x.shape[0]):
+        # Sum the chunks in float32; the barrier keeps XLA from fusing that convert into the dot,
+        # which would send it back to the converting path (as preferred_element_type does).
+        parts = [jax.lax.optimization_barrier(x[r:r + 1, c:c + size] @ w[:, c:c + size].T)
+                 .astype(jnp.float32) for c in range(0, n_in, size)]
+        out.append(sum(parts[1:], parts[0]))
+    return jnp.concatenate(out).astype(x.dtype)
 
 
 def _mlp(x: jax.Array, p: LayerParams) -> jax.Array:
@@ -165,11 +204,13 @@ def forward(
     *,
     kv_len: int | None = None,
     logits_at: jax.Array | None = None,
+    cache_rows: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits (float32) of tokens[B, T] at positions[B, T], and the updated cache.
 
-    With a cache, the key/value of token (b, t) is written at cache index positions[b, t] of row
-    b (positions outside [0, max_len) are dropped) and query (b, t) attends to cache indices
+    With a cache, token row b uses cache row `cache_rows[b]` (default: b; rows must be distinct):
+    the key/value of token (b, t) is written at cache index positions[b, t] of that row
+    (positions outside [0, max_len) are dropped) and query (b, t) attends to cache indices
     j <= positions[b, t], j < kv_len. Without a cache: causal attention over the T tokens.
     `logits_at[B]` returns logits only at those token indices ([B, V] instead of [B, T, V]).
     """
@@ -182,45 +223,38 @@ def forward(
     eps = cfg.rms_norm_eps
 
     if cache is None:
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = jnp.broadcast_to(causal, (b, t, t))
-
-        def layer(x, p):
-            q, k, v = _qkv(rms_norm(x, p.input_norm, eps), p, cos, sin, cfg)
-            x = x + _linear(_attend(q, k, v, mask, cfg), p.o_proj)
-            x = x + _mlp(rms_norm(x, p.post_norm, eps), p)
-            return x, None
-
-        x, _ = jax.lax.scan(layer, x, params.layers)
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
         new_cache = None
     else:
-        max_len = cache.k.shape[2]
+        max_len = cache.k[0].shape[1]
         kv_len = max_len if kv_len is None else kv_len
         if not 0 < kv_len <= max_len:
             raise ValueError(f"kv_len {kv_len} must be in [1, {max_len}]")
         # Negative positions would wrap around in a scatter: send them out of range instead.
         write_pos = jnp.where(positions < 0, max_len, positions)
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        rows = jnp.arange(b) if cache_rows is None else jnp.asarray(cache_rows, jnp.int32)
+        read_rows = slice(None) if cache_rows is None else rows  # a slice when rows are 0..B-1
         mask = jnp.arange(kv_len)[None, None, :] <= positions[:, :, None]  # [B, T, kv_len]
+        new_k, new_v = [], []
 
-        def layer(carry, xs):
-            x, ck, cv = carry
-            p, i = xs
-            q, k, v = _qkv(rms_norm(x, p.input_norm, eps), p, cos, sin, cfg)
-            # Scatter into the full (carried, donated) cache so XLA updates it in place.
-            ck = ck.at[i, rows, write_pos].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[i, rows, write_pos].set(v.astype(cv.dtype), mode="drop")
-            k_all = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False)[:, :kv_len]
-            v_all = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False)[:, :kv_len]
-            x = x + _linear(_attend(q, k_all.astype(dtype), v_all.astype(dtype), mask, cfg),
-                            p.o_proj)
-            x = x + _mlp(rms_norm(x, p.post_norm, eps), p)
-            return (x, ck, cv), None
+    for i, p in enumerate(params.layers):
+        q, k, v = _qkv(rms_norm(x, p.input_norm, eps), p, cos, sin, cfg)
+        if cache is not None:
+            # Write this step's keys/values into the (donated) cache in place, then attend to
+            # the first kv_len entries of the rows in use.
+            ck = cache.k[i].at[rows[:, None], write_pos].set(k.astype(cache.k[i].dtype),
+                                                             mode="drop")
+            cv = cache.v[i].at[rows[:, None], write_pos].set(v.astype(cache.v[i].dtype),
+                                                             mode="drop")
+            new_k.append(ck)
+            new_v.append(cv)
+            k = ck[read_rows, :kv_len].astype(dtype)
+            v = cv[read_rows, :kv_len].astype(dtype)
+        x = x + _linear(_attend(q, k, v, mask, cfg), p.o_proj)
+        x = x + _mlp(rms_norm(x, p.post_norm, eps), p)
 
-        layer_ids = jnp.arange(cfg.num_hidden_layers)
-        (x, ck, cv), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (params.layers, layer_ids))
-        new_cache = KVCache(k=ck, v=cv)
-
+    if cache is not None:
+        new_cache = KVCache(k=new_k, v=new_v)
     if logits_at is not None:
         x = x[jnp.arange(b), jnp.asarray(logits_at, jnp.int32)]  # [B, D]
     x = rms_norm(x, params.final_norm, eps)

@@ -3,7 +3,7 @@
 Kept apart from the model math: `model.py` never mentions devices. Each weight dimension gets a
 logical name; a rules table maps logical names to mesh axes (or None = replicated). The default
 rules are tensor parallelism over a mesh axis "tp": attention heads, MLP width and vocabulary are
-split; the hidden ("embed") dimension and the stacked "layers" axis are replicated.
+split; the hidden ("embed") dimension is replicated.
 """
 
 from __future__ import annotations
@@ -19,22 +19,21 @@ from qwen_jax.model import KVCache, LayerParams, Params
 # Fused projection outputs (heads * head_dim) are named by their head axis: splitting them over
 # devices by whole heads keeps every head's head_dim on one device.
 _LAYER_AXES = {
-    "input_norm": ("layers", "embed"),
-    "q_proj": ("layers", "heads", "embed"),
-    "q_bias": ("layers", "heads"),
-    "k_proj": ("layers", "kv_heads", "embed"),
-    "k_bias": ("layers", "kv_heads"),
-    "v_proj": ("layers", "kv_heads", "embed"),
-    "v_bias": ("layers", "kv_heads"),
-    "o_proj": ("layers", "embed", "heads"),
-    "post_norm": ("layers", "embed"),
-    "gate_proj": ("layers", "mlp", "embed"),
-    "up_proj": ("layers", "mlp", "embed"),
-    "down_proj": ("layers", "embed", "mlp"),
+    "input_norm": ("embed",),
+    "q_proj": ("heads", "embed"),
+    "q_bias": ("heads",),
+    "k_proj": ("kv_heads", "embed"),
+    "k_bias": ("kv_heads",),
+    "v_proj": ("kv_heads", "embed"),
+    "v_bias": ("kv_heads",),
+    "o_proj": ("embed", "heads"),
+    "post_norm": ("embed",),
+    "gate_proj": ("mlp", "embed"),
+    "up_proj": ("mlp", "embed"),
+    "down_proj": ("embed", "mlp"),
 }
 
 DEFAULT_RULES: dict[str, str | None] = {
-    "layers": None,
     "embed": None,
     "heads": "tp",
     "kv_heads": "tp",
@@ -55,20 +54,20 @@ def make_mesh(tp: int | None = None) -> Mesh:
 
 def param_logical_axes(cfg: QwenConfig) -> Params:
     """A Params-shaped pytree whose leaves are tuples of logical axis names, one per dimension."""
-    return _param_axes(tied=cfg.tie_word_embeddings)
+    return _param_axes(cfg.num_hidden_layers, tied=cfg.tie_word_embeddings)
 
 
-def _param_axes(tied: bool) -> Params:
+def _param_axes(num_layers: int, tied: bool) -> Params:
     return Params(
         embed=("vocab", "embed"),
-        layers=LayerParams(**_LAYER_AXES),
+        layers=[LayerParams(**_LAYER_AXES) for _ in range(num_layers)],
         final_norm=("embed",),
         lm_head=None if tied else ("vocab", "embed"),
     )
 
 
 def cache_logical_axes() -> KVCache:
-    axes = ("layers", "batch", "sequence", "kv_heads", "head_dim")
+    axes = ("batch", "sequence", "kv_heads", "head_dim")
     return KVCache(k=axes, v=axes)
 
 
@@ -100,10 +99,10 @@ def shard_params(
     params: Params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES
 ) -> Params:
     """Place every weight on `mesh` following `rules` (logical name -> mesh axis name or None)."""
-    return _shard(params, _param_axes(tied=params.lm_head is None), mesh, rules)
+    return _shard(params, _param_axes(len(params.layers), tied=params.lm_head is None), mesh, rules)
 
 
 def shard_cache(
     cache: KVCache, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES
 ) -> KVCache:
-    return _shard(cache, cache_logical_axes(), mesh, rules)
+    return _shard(cache, cache_logical_axes(len(cache.k)), mesh, rules)

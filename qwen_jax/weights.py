@@ -1,6 +1,6 @@
 """Load and save Hugging Face Qwen2 checkpoints (safetensors, single file or sharded).
 
-Loading fills preallocated host arrays (one per params leaf, layers stacked) tensor by tensor in
+Loading fills preallocated host arrays (one per tensor) tensor by tensor in
 the target dtype, then moves them to the device one leaf at a time, so peak host memory stays near
 the size of the weights plus one leaf.
 """
@@ -133,15 +133,10 @@ def load_checkpoint(
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{model_dir}: missing tensors {', '.join(missing[:5])}{more}")
 
-    n = cfg.num_hidden_layers
-    host: dict[str, np.ndarray] = {
-        "embed": np.empty(expected[_EMBED][1], np_dtype),
-        "final_norm": np.empty(expected[_NORM][1], np_dtype),
+    # Host buffers keyed like `expected`: (leaf, None) for top-level weights, (leaf, i) per layer.
+    host: dict[tuple[str, int | None], np.ndarray] = {
+        key: np.empty(shape, np_dtype) for key, shape in expected.values()
     }
-    if not cfg.tie_word_embeddings:
-        host["lm_head"] = np.empty(expected[_LM_HEAD][1], np_dtype)
-    for leaf, shape in layer_shapes(cfg).items():
-        host[leaf] = np.empty((n, *shape), np_dtype)
 
     total = sum(int(np.prod(shape)) for _, shape in expected.values()) * np_dtype.itemsize
     bar = _Progress(total, progress)
@@ -158,7 +153,7 @@ def load_checkpoint(
                         raise CheckpointError(
                             f"{path}: tensor {name} has shape {found}, expected {shape}"
                         )
-                    target = host[leaf] if layer is None else host[leaf][layer]
+                    target = host[(leaf, layer)]
                     target[...] = f.get_tensor(name)  # converts to the target dtype in place
                     bar.update(target.nbytes)
         except CheckpointError:
@@ -167,11 +162,11 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: cannot read tensors ({e})") from e
     bar.finish()
 
-    def to_device(leaf: str) -> jax.Array:
-        arr = jnp.asarray(host.pop(leaf), dtype=dtype)  # pop: free each host copy as we go
-        return arr
+    def to_device(leaf: str, layer: int | None = None) -> jax.Array:
+        return jnp.asarray(host.pop((leaf, layer)), dtype=dtype)  # pop: free each host copy
 
-    layers = LayerParams(**{leaf: to_device(leaf) for leaf in _HF_LAYER_NAMES})
+    layers = [LayerParams(**{leaf: to_device(leaf, i) for leaf in _HF_LAYER_NAMES})
+              for i in range(cfg.num_hidden_layers)]
     params = Params(
         embed=to_device("embed"),
         layers=layers,
@@ -182,7 +177,7 @@ def load_checkpoint(
 
 
 def _host_tensor(params: Params, leaf: str, layer: int | None) -> np.ndarray:
-    arr = getattr(params, leaf) if layer is None else getattr(params.layers, leaf)[layer]
+    arr = getattr(params, leaf) if layer is None else getattr(params.layers[layer], leaf)
     return np.asarray(arr)
 
 

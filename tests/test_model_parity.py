@@ -183,9 +183,9 @@ def test_two_device_tensor_parallel_forward(tmp_path):
         params = init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
         mesh = make_mesh(2)
         sharded = shard_params(params, mesh)
-        assert sharded.layers.gate_proj.sharding.spec[1] == "tp"
-        assert len(sharded.layers.q_proj.addressable_shards) == 2
-        assert sharded.layers.q_proj.addressable_shards[0].data.shape == (2, 32, 64)
+        assert sharded.layers[1].gate_proj.sharding.spec[0] == "tp"
+        assert len(sharded.layers[1].q_proj.addressable_shards) == 2
+        assert sharded.layers[1].q_proj.addressable_shards[0].data.shape == (32, 64)
         tok = np.arange(24, dtype=np.int32).reshape(2, 12)
         pos = np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))
         f = jax.jit(forward, static_argnums=1)

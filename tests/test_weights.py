@@ -32,9 +32,9 @@ def test_loaded_tensors_are_the_checkpoint_tensors(tiny_checkpoint, capsys):
     np.testing.assert_array_equal(params.embed, raw["model.embed_tokens.weight"])
     np.testing.assert_array_equal(params.final_norm, raw["model.norm.weight"])
     for i in range(cfg.num_hidden_layers):
-        np.testing.assert_array_equal(params.layers.q_bias[i],
+        np.testing.assert_array_equal(params.layers[i].q_bias,
                                       raw[f"model.layers.{i}.self_attn.q_proj.bias"])
-        np.testing.assert_array_equal(params.layers.down_proj[i],
+        np.testing.assert_array_equal(params.layers[i].down_proj,
                                       raw[f"model.layers.{i}.mlp.down_proj.weight"])
 
 

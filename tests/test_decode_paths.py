@@ -1,0 +1,108 @@
+"""The decode-specific code paths of model.py: cache rows mapped to slots, and the CPU bf16
+matrix-vector path (numerics, and a check of the compiled program that it really avoids
+converting whole weights to float32, which cost 10-30x in decode speed)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwen_jax import model
+from qwen_jax.config import QwenConfig
+from qwen_jax.model import forward, init_cache, init_params
+
+CFG = QwenConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.PRNGKey(5), jnp.float32)
+
+
+def _stack(cache) -> np.ndarray:
+    return np.stack([np.asarray(a) for a in cache.k + cache.v])
+
+
+def test_cache_rows_equal_the_default_row_layout(params):
+    """Rows (2, 0) of a 4-row cache behave exactly like rows (0, 1) of a 2-row cache, and the
+    other rows are left untouched."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CFG.vocab_size, (2, 6)).astype(np.int32)
+    positions = np.stack([np.arange(6), np.arange(6) + 3]).astype(np.int32)
+    f = jax.jit(forward, static_argnums=1, static_argnames=("kv_len",))
+
+    def filled(rows):  # recognisable contents (row 1 of the tokens also attends to 0..2 unwritten)
+        return jax.tree.map(lambda a: a + 7.0, init_cache(CFG, rows, 16, jnp.float32))
+
+    ref_logits, ref_cache = f(params, CFG, tokens, positions, filled(2), kv_len=16)
+    big = filled(4)
+    logits, big = f(params, CFG, tokens, positions, big, kv_len=16,
+                    cache_rows=np.array([2, 0], np.int32))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
+    got, want = _stack(big), _stack(ref_cache)
+    # Written positions match; row 2 <- token row 0 (positions 0..5), row 0 <- row 1 (3..8).
+    np.testing.assert_allclose(got[:, 2, :6], want[:, 0, :6], rtol=1e-6)
+    np.testing.assert_allclose(got[:, 0, 3:9], want[:, 1, 3:9], rtol=1e-6)
+    assert np.all(got[:, 2, 6:] == 7.0) and np.all(got[:, 0, :3] == 7.0)
+    assert np.all(got[:, 1] == 7.0) and np.all(got[:, 3] == 7.0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 10), n_in=st.sampled_from([64, 3584, 3585, 4864]),
+       seed=st.integers(0, 2**16))
+def test_bf16_linear_matches_float32_reference(rows, n_in, seed):
+    """The CPU bf16 path (per-row matrix-vector products, contraction split in chunks above
+    3584) computes x @ W.T like a float32 matmul of the same bf16 inputs, to bf16 rounding."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((1, rows, n_in)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((96, n_in)) * 0.05, jnp.bfloat16)
+    got = np.asarray(jax.jit(model._linear)(x, w).astype(jnp.float32))
+    want = np.asarray(x.astype(jnp.float32)) @ np.asarray(w.astype(jnp.float32)).T
+    assert got.shape == (1, rows, 96)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() / scale < 2 ** -7  # within a couple of bf16 ulps of the max
+
+
+def _f32_weight_copies(hlo: str, weight_sizes: set[int]) -> list[str]:
+    """Top-level instructions of compiled HLO text (arrays that are materialised in memory, not
+    values inside a fusion) producing a float32 array as large as a weight."""
+    bad = []
+    for line in hlo[hlo.index("\nENTRY"):].splitlines():
+        m = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]", line)
+        if m and math.prod(int(d) for d in m.group(1).split(",")) in weight_sizes:
+            bad.append(line.strip()[:160])
+    return bad
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
+def test_cpu_bf16_decode_step_reads_weights_without_f32_copies():
+    """A regression guard: the compiled batch-1 and batch-4 bf16 decode steps at Qwen2.5-0.5B
+    layer shapes (two layers) must not materialise a float32 copy of any weight matrix."""
+    cfg = QwenConfig(vocab_size=4096, hidden_size=896, intermediate_size=4864,
+                     num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
+    sizes = {math.prod(a.shape) for a in jax.tree.leaves(params) if a.ndim == 2}
+
+    def step(params, tokens, positions, cache):
+        return forward(params, cfg, tokens, positions, cache, kv_len=64,
+                       logits_at=jnp.zeros(tokens.shape[:1], jnp.int32))
+
+    for batch in (1, 4):
+        cache = jax.eval_shape(lambda b=batch: init_cache(cfg, b, 64, jnp.bfloat16))
+        ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+        hlo = jax.jit(step).lower(params, ids, ids, cache).compile().as_text()
+        assert not _f32_weight_copies(hlo, sizes), _f32_weight_copies(hlo, sizes)[:3]
+
+    # The guard itself can fail: a float32 prefill-sized matmul does convert the weights.
+    prefill = jax.ShapeDtypeStruct((1, 64), jnp.int32)
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 64, jnp.bfloat16))
+    hlo = jax.jit(step).lower(params, prefill, prefill, cache).compile().as_text()
+    assert _f32_weight_copies(hlo, sizes)
