@@ -127,11 +127,11 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
         t = time.perf_counter()
         kvs = sorted({pow2_bucket(n, 16, max_len) for n in
                       range(1, max(lengths) + decode_tokens + steps_per_call + 1)})
-        engine.warmup(prompt_lengths=lengths, kv_lens=kvs)
+        engine.warmup(prompt_lengths=lengths, kv_lens=kvs, rows=[1, batch])
         out["compile_s"] = time.perf_counter() - t
         out["compiles"] = engine.stats.compiles
         weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-        kv_bytes = engine.cache.k.nbytes + engine.cache.v.nbytes
+        kv_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.cache))
         out.update(weight_bytes=weights, kv_cache_bytes=kv_bytes)
         out["rss_after_load_bytes"] = peak_rss_bytes()
         out["peak_rss_reset"] = reset_peak_rss()

@@ -5,13 +5,16 @@ rows ("slots"), prefills their prompt, and from then on every decode step advanc
 at once, each with its own position, sampling parameters, penalty counts, grammar mask and PRNG
 stream. A row that finishes (EOS, max_tokens, cancel, error) frees its slot immediately.
 
-How a request enters the batch: the prompt minus its last token is prefilled into a batch-1 cache
-of a power-of-two length bucket and copied into the request's slots (one per choice, so n
-choices share one prefill); the last prompt token is then fed by the ordinary decode step, which
-samples the first new token. Prefill and decode therefore share one sampling code path.
+How a request enters the batch: the prompt minus its last token, padded to a power-of-two length
+bucket, is prefilled into the request's first slot and copied to its other slots (one per
+choice, so n choices share one prefill); the last prompt token is then fed by the ordinary decode
+step, which samples the first new token. Prefill and decode therefore share one sampling path.
+A decode step runs only the busy rows (padded to a power-of-two row bucket), gathered from and
+scattered back to their slots inside the compiled program.
 
 Everything on device has static shapes: prefill is compiled once per prompt bucket, decode once
-per power-of-two `kv_len` bucket (and steps-per-call), so nothing recompiles in steady state.
+per (power-of-two `kv_len` bucket, steps-per-call, row bucket), so nothing recompiles in steady
+state.
 """
 
 from __future__ import annotations
@@ -192,42 +195,43 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
 
 
 def _prefill(params, cache: KVCache, tokens, slot, *, cfg: QwenConfig) -> KVCache:
-    """Prefill tokens[1, T] (right-padded) into a fresh batch-1 cache and copy it to row `slot`."""
+    """Prefill tokens[1, T] (right-padded) into cache row `slot`."""
     t = tokens.shape[1]
-    tmp = init_cache(cfg, 1, t, cache.k.dtype)
     positions = jnp.arange(t, dtype=jnp.int32)[None]
-    _, tmp = forward(params, cfg, tokens, positions, tmp, logits_at=jnp.zeros((1,), jnp.int32))
-    start = (0, slot, 0, 0, 0)
-    return KVCache(
-        k=jax.lax.dynamic_update_slice(cache.k, tmp.k, start),
-        v=jax.lax.dynamic_update_slice(cache.v, tmp.v, start),
-    )
+    _, cache = forward(params, cfg, tokens, positions, cache, kv_len=t,
+                       logits_at=jnp.zeros((1,), jnp.int32), cache_rows=slot[None])
+    return cache
 
 
 def _copy_row(cache: KVCache, src, dst) -> KVCache:
     """Copy cache row src to row dst (the n choices of one request share one prefill)."""
     def cp(x):
-        row = jax.lax.dynamic_index_in_dim(x, src, axis=1, keepdims=True)
-        return jax.lax.dynamic_update_index_in_dim(x, row, dst, axis=1)
+        row = jax.lax.dynamic_index_in_dim(x, src, axis=0, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(x, row, dst, axis=0)
 
-    return KVCache(k=cp(cache.k), v=cp(cache.v))
+    return jax.tree_util.tree_map(cp, cache)
 
 
-def _decode(params, cache, pstate, sbatch, tokens, positions, steps, allowed, *,
+def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allowed, *,
             cfg: QwenConfig, kv_len: int, vocab_limit: int, num_steps: int):
-    """`num_steps` decode steps for all rows: feed tokens[B] at positions[B], sample, repeat."""
+    """`num_steps` decode steps for the R cache rows `slots` (distinct): feed tokens[R] at
+    positions[R], sample, repeat. Running only the busy rows matters on a CPU, where a step costs
+    about as much per row as a batch-1 step."""
+    rows = partial(jax.tree_util.tree_map, lambda a: a[slots])
+    sb, ps = rows(sbatch), rows(pstate)
     zeros = jnp.zeros(tokens.shape, jnp.int32)
 
     def step(carry, _):
-        cache, pstate, tokens, positions, steps = carry
+        cache, ps, tokens, positions, steps = carry
         logits, cache = forward(params, cfg, tokens[:, None], positions[:, None], cache,
-                                kv_len=kv_len, logits_at=zeros)
-        out = S.sample(logits, sbatch, pstate, steps, allowed, vocab_limit=vocab_limit)
-        pstate = S.update_penalty_state(pstate, out.tokens)
-        return (cache, pstate, out.tokens, positions + 1, steps + 1), out
+                                kv_len=kv_len, logits_at=zeros, cache_rows=slots)
+        out = S.sample(logits, sb, ps, steps, allowed, vocab_limit=vocab_limit)
+        ps = S.update_penalty_state(ps, out.tokens)
+        return (cache, ps, out.tokens, positions + 1, steps + 1), out
 
-    carry = (cache, pstate, tokens, positions, steps)
-    (cache, pstate, *_), outs = jax.lax.scan(step, carry, None, length=num_steps)
+    carry = (cache, ps, tokens, positions, steps)
+    (cache, ps, *_), outs = jax.lax.scan(step, carry, None, length=num_steps)
+    pstate = jax.tree_util.tree_map(lambda full, part: full.at[slots].set(part), pstate, ps)
     return outs, cache, pstate
 
 
@@ -251,7 +255,7 @@ class Engine:
         self.cache = init_cache(cfg, max_slots, max_len, cache_dtype)
         self.sbatch = S.make_sampling_batch(max_slots)
         self.pstate = S.init_penalty_state(max_slots, cfg.vocab_size)
-        self._all_true = jnp.ones((max_slots, cfg.vocab_size), bool)  # stays on device
+        self._all_true: dict[int, jax.Array] = {}  # [R, V] all-True masks, kept on device
 
         # Compiled programs, one per static signature, built explicitly (AOT) so that warm-up
         # compiles without running (no 8k-token prefill at start-up) and compiles are counted.
@@ -291,9 +295,10 @@ class Engine:
         return handle
 
     def warmup(self, prompt_lengths: Sequence[int] | None = None,
-               kv_lens: Sequence[int] | None = None) -> None:
+               kv_lens: Sequence[int] | None = None, rows: Sequence[int] | None = None) -> None:
         """Compile prefill for the buckets of `prompt_lengths` (default: every bucket) and decode
-        for every `kv_len` bucket; afterwards any compile is logged as a warning."""
+        for every `kv_len` bucket and row bucket (default: all, or the buckets of `rows` busy
+        rows); afterwards any compile is logged as a warning."""
         buckets = sorted({self._prefill_bucket(max(1, n - 1)) for n in prompt_lengths} if
                          prompt_lengths is not None else self._all_buckets())
         kvs = sorted(set(kv_lens) if kv_lens is not None else self._all_buckets())
@@ -304,7 +309,9 @@ class Engine:
             self._program("copy")
             for kv in kvs:
                 for k in sorted({1, self.steps_per_call}):
-                    self._program("decode", kv, k)
+                    for r in self._row_buckets() if rows is None else sorted(
+                            {self._row_bucket(n) for n in rows}):
+                        self._program("decode", kv, k, r)
             self._warm = True
         self.stats.extra["warmup_s"] = time.perf_counter() - t0
 
@@ -354,6 +361,17 @@ class Engine:
                 return out
             b *= 2
 
+    def _row_buckets(self) -> list[int]:
+        """Decode batch sizes: powers of two below max_slots, and max_slots."""
+        out, r = [], 1
+        while r < self.max_slots:
+            out.append(r)
+            r *= 2
+        return out + [self.max_slots]
+
+    def _row_bucket(self, busy: int) -> int:
+        return next(r for r in self._row_buckets() if r >= busy)
+
     def _free_slots_unlocked(self) -> int:
         return sum(r is None for r in self._slots)
 
@@ -366,14 +384,14 @@ class Engine:
         if prog is not None:
             return prog
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        row = jax.ShapeDtypeStruct((self.max_slots,), jnp.int32)
         if kind == "prefill":
             args = (self.params, self.cache, jax.ShapeDtypeStruct((1, key[0]), jnp.int32), i32)
         elif kind == "copy":
             args = (self.cache, i32, i32)
         else:
-            args = (self.params, self.cache, self.pstate, self.sbatch, row, row, row,
-                    self._all_true)
+            row = jax.ShapeDtypeStruct((key[2],), jnp.int32)
+            mask = jax.ShapeDtypeStruct((key[2], self.cfg.vocab_size), jnp.bool_)
+            args = (self.params, self.cache, self.pstate, self.sbatch, row, row, row, row, mask)
         specs = tuple(map(self._spec, args))
         # Engines of one shape in one process (tests, the benchmark) share compiled programs.
         shared_key = (kind, key, self.cfg, self.vocab_limit, repr(specs))
@@ -486,26 +504,17 @@ class Engine:
         self._reset_free_rows()
         rows = self._slots
         active = [i for i, r in enumerate(rows) if r is not None]
-        B = self.max_slots
-        tokens = np.zeros(B, np.int32)
-        positions = np.full(B, -1, np.int32)  # free rows: the model writes and attends nothing
-        steps = np.zeros(B, np.int32)
-        for i in active:
-            tokens[i], positions[i], steps[i] = rows[i].next_token, rows[i].position, \
-                rows[i].generated
 
-        # Host-side grammar masks, only when some row is constrained.
-        allowed = self._all_true
+        # Host-side grammar masks (by slot), only when some row is constrained.
+        masks: dict[int, np.ndarray] = {}
         constrained = [i for i in active if rows[i].constraint is not None]
         if constrained:
-            mask = np.ones((B, self.cfg.vocab_size), bool)
             for i in constrained:
                 try:
                     m = np.asarray(rows[i].constraint.allowed_tokens(), bool)
                     if m.ndim != 1 or len(m) > self.cfg.vocab_size:
                         raise ValueError(f"allowed_tokens() returned shape {m.shape}")
-                    mask[i] = False
-                    mask[i, : len(m)] = m
+                    masks[i] = m
                     if not m.any():
                         if rows[i].constraint.is_finished():
                             self._finish(i, None, "stop")
@@ -516,7 +525,29 @@ class Engine:
             active = [i for i in active if rows[i] is not None]
             if not active:
                 return
+
+        # The busy rows first, padded to a row bucket with free slots (position -1: the model
+        # writes and attends nothing for them, and their idle sampling params are greedy).
+        R = self._row_bucket(len(active))
+        free = [i for i, r in enumerate(rows) if r is None]
+        slots = np.asarray(active + free[: R - len(active)], np.int32)
+        tokens = np.zeros(R, np.int32)
+        positions = np.full(R, -1, np.int32)
+        steps = np.zeros(R, np.int32)
+        for j, i in enumerate(active):
+            tokens[j], positions[j], steps[j] = rows[i].next_token, rows[i].position, \
+                rows[i].generated
+        if masks:
+            mask = np.ones((R, self.cfg.vocab_size), bool)
+            for j, i in enumerate(active):
+                if i in masks:
+                    mask[j] = False
+                    mask[j, : len(masks[i])] = masks[i]
             allowed = jnp.asarray(mask)
+        else:
+            if R not in self._all_true:
+                self._all_true[R] = jnp.ones((R, self.cfg.vocab_size), bool)
+            allowed = self._all_true[R]
 
         # Several steps per call only when nothing can need the host in between.
         k = self.steps_per_call
@@ -524,9 +555,10 @@ class Engine:
                 rows[i].handle.request.max_tokens - rows[i].generated < k
                 or rows[i].position + k > self.max_len for i in active)):
             k = 1
-        kv_len = pow2_bucket(max(positions[i] for i in active) + k, MIN_BUCKET, self.max_len)
-        outs, self.cache, self.pstate = self._program("decode", kv_len, k)(
-            self.params, self.cache, self.pstate, self.sbatch, tokens, positions, steps, allowed)
+        kv_len = pow2_bucket(int(positions.max()) + k, MIN_BUCKET, self.max_len)
+        outs, self.cache, self.pstate = self._program("decode", kv_len, k, R)(
+            self.params, self.cache, self.pstate, self.sbatch, slots, tokens, positions, steps,
+            allowed)
         toks, lps = np.asarray(outs.tokens), np.asarray(outs.logprobs)
         want_top = any(rows[i].handle.request.top_logprobs for i in active)
         top_ids = np.asarray(outs.top_ids) if want_top else None
@@ -535,12 +567,12 @@ class Engine:
         self.stats.decode_steps += k
 
         for s in range(k):
-            for i in active:
+            for j, i in enumerate(active):
                 row = rows[i]
                 if row is None:  # finished at an earlier step of this call
                     continue
-                self._emit_token(i, row, int(toks[s, i]), float(lps[s, i]),
-                                 None if top_ids is None else (top_ids[s, i], top_lps[s, i]))
+                self._emit_token(i, row, int(toks[s, j]), float(lps[s, j]),
+                                 None if top_ids is None else (top_ids[s, j], top_lps[s, j]))
 
     def _emit_token(self, i: int, row: _Row, tok: int, lp: float, top) -> None:
         req = row.handle.request

@@ -558,6 +558,16 @@ def kv_cache_bytes(cfg: Any, max_len: int, slots: int, itemsize: int) -> int:
     )
 
 
+def default_steps_per_call(backend: str | None = None) -> int:
+    """Decode steps per device call: on an accelerator several steps per call keep the device
+    busy between host round trips (H200, 7B shapes: 135 -> 186 tok/s at batch 1); on the CPU a
+    multi-step program runs its layers inside a loop, which XLA's CPU backend compiles to a
+    slower program for bf16 weights (benchmarks/README.md)."""
+    import jax
+
+    return 1 if (backend or jax.default_backend()) == "cpu" else 8
+
+
 def choose_dtype(requested: str, cfg: Any, backend: str | None = None,
                  ram_bytes: int | None = None) -> str:
     """Resolve `--dtype auto`: bfloat16 on an accelerator; on the CPU, float32 when its weights
@@ -631,8 +641,13 @@ def serve(args: Any) -> int:
     print(f"max_model_len {max_len} x {args.max_num_seqs} sequences: KV cache "
           f"{kv / 2**30:.2f} GiB ({args.dtype})", flush=True)
     enable_compilation_cache()
+    steps = getattr(args, "steps_per_call", None)
+    steps = default_steps_per_call() if steps is None else steps
+    if steps < 1:
+        return _fail("--steps-per-call must be at least 1")
     engine = Engine(params, cfg, max_slots=args.max_num_seqs, max_len=max_len,
-                    vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue)
+                    vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,
+                    steps_per_call=steps)
     t = time.perf_counter()
     if not getattr(args, "no_warmup", False):
         engine.warmup()

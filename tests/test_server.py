@@ -279,7 +279,7 @@ def test_kv_cache_bytes_matches_init_cache():
 
     cfg = PRESETS["demo"]
     cache = init_cache(cfg, 3, 64, jnp.bfloat16)
-    assert kv_cache_bytes(cfg, 64, 3, 2) == cache.k.nbytes + cache.v.nbytes
+    assert kv_cache_bytes(cfg, 64, 3, 2) == sum(a.nbytes for a in cache.k + cache.v)
 
 
 # ------------------------------------------------------------------------------------------ hub
@@ -359,3 +359,11 @@ def test_max_tokens_zero_is_an_empty_length_reply(app, engine):
     assert events[-1] == "[DONE]"
     finals = [c["finish_reason"] for ev in events[:-1] for c in ev["choices"] if c["finish_reason"]]
     assert finals == ["length"]
+
+
+def test_default_steps_per_call_by_backend():
+    from qwen_jax.server import default_steps_per_call
+
+    assert default_steps_per_call("cpu") == 1
+    assert default_steps_per_call("gpu") == 8
+    assert default_steps_per_call("tpu") == 8
