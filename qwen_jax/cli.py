@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "bfloat16", "float32"],
         default="auto",
         help="auto: bfloat16 on an accelerator; on the CPU float32 when it fits in half the RAM "
-        "(XLA's CPU backend has no native bf16 matmul, so bf16 weights are slower there)",
+        "(XLA's CPU backend has no bf16 matrix-matrix multiply: prefill and batches are slower)",
     )
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--api-key", default=None, help="or env QWEN_JAX_API_KEY")

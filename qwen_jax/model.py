@@ -143,8 +143,12 @@ _CPU_MATVEC_MAX_ROWS = 8
 def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w.T with w in (out, in) layout."""
     rows = math.prod(x.shape[:-1])
-    if x.dtype == jnp.bfloat16 and rows <= _CPU_MATVEC_MAX_ROWS and jax.default_backend() == "cpu":
-        return _cpu_bf16_matvecs(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], -1)
+    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        if rows <= _CPU_MATVEC_MAX_ROWS:
+            return _cpu_bf16_matvecs(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], -1)
+        # A matrix-matrix dot converts w to float32. Tie w to x so that XLA converts each weight
+        # when its layer runs, instead of converting all weights up front and keeping them alive.
+        x, w = jax.lax.optimization_barrier((x, w))
     return jnp.einsum("...d,fd->...f", x, w)
 
 
@@ -195,6 +199,22 @@ def _qkv(x: jax.Array, p: LayerParams, cos: jax.Array, sin: jax.Array, cfg: Qwen
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
+def _cache_write(cache: jax.Array, rows: jax.Array, positions: jax.Array, new: jax.Array
+                 ) -> jax.Array:
+    """cache[rows[b], positions[b, t]] = new[b, t]; out-of-range positions are dropped.
+
+    A 16-bit float cache is scattered through an integer view of its bits: XLA's CPU backend
+    converts a bf16 array to float32 around a scatter, which copied the whole cache three times
+    at every layer."""
+    new = new.astype(cache.dtype)
+    if cache.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(cache, jnp.uint16)
+        bits = bits.at[rows[:, None], positions].set(
+            jax.lax.bitcast_convert_type(new, jnp.uint16), mode="drop")
+        return jax.lax.bitcast_convert_type(bits, cache.dtype)
+    return cache.at[rows[:, None], positions].set(new, mode="drop")
+
+
 def forward(
     params: Params,
     cfg: QwenConfig,
@@ -242,10 +262,8 @@ def forward(
         if cache is not None:
             # Write this step's keys/values into the (donated) cache in place, then attend to
             # the first kv_len entries of the rows in use.
-            ck = cache.k[i].at[rows[:, None], write_pos].set(k.astype(cache.k[i].dtype),
-                                                             mode="drop")
-            cv = cache.v[i].at[rows[:, None], write_pos].set(v.astype(cache.v[i].dtype),
-                                                             mode="drop")
+            ck = _cache_write(cache.k[i], rows, write_pos, k)
+            cv = _cache_write(cache.v[i], rows, write_pos, v)
             new_k.append(ck)
             new_v.append(cv)
             k = ck[read_rows, :kv_len].astype(dtype)

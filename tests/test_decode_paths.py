@@ -106,3 +106,39 @@ def test_cpu_bf16_decode_step_reads_weights_without_f32_copies():
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 64, jnp.bfloat16))
     hlo = jax.jit(step).lower(params, prefill, prefill, cache).compile().as_text()
     assert _f32_weight_copies(hlo, sizes)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU scheduling")
+def test_cpu_bf16_prefill_converts_weights_one_layer_at_a_time():
+    """A bf16 prefill converts each weight to f32 for its matmul: the compiled program must not
+    keep all layers' converted copies alive at once (qwen_jax sets XLA's CPU scheduler flag)."""
+    cfg = QwenConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024,
+                     num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 64, jnp.bfloat16))
+    ids = jax.ShapeDtypeStruct((1, 64), jnp.int32)
+
+    def prefill(params, tokens, cache):
+        return forward(params, cfg, tokens, jnp.arange(64)[None], cache,
+                       logits_at=jnp.zeros((1,), jnp.int32))
+
+    mem = jax.jit(prefill).lower(params, ids, cache).compile().memory_analysis()
+    layer_weights_f32 = 4 * sum(math.prod(a.shape) for a in jax.tree.leaves(params.layers[0]))
+    # All 8 layers' f32 copies would be 8x; allow two layers' worth plus activations.
+    assert mem.temp_size_in_bytes < 2 * layer_weights_f32 + (4 << 20), mem.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_cache_write_sets_rows_and_drops_out_of_range(dtype):
+    """The 16-bit caches are written through an integer view: same result as a plain scatter."""
+    rng = np.random.default_rng(3)
+    cache = jnp.asarray(rng.standard_normal((4, 8, 2, 3)), dtype)
+    new = jnp.asarray(rng.standard_normal((2, 3, 2, 3)), dtype)
+    rows = jnp.array([3, 1], jnp.int32)
+    positions = jnp.array([[0, 1, 8], [5, 6, 7]], jnp.int32)  # 8 is out of range: dropped
+    got = np.asarray(jax.jit(model._cache_write)(cache, rows, positions, new).astype(jnp.float32))
+    want = np.asarray(cache.astype(jnp.float32)).copy()
+    new32 = np.asarray(new.astype(jnp.float32))
+    want[3, 0], want[3, 1] = new32[0, 0], new32[0, 1]
+    want[1, 5:8] = new32[1]
+    np.testing.assert_array_equal(got, want)
