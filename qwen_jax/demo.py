@@ -18,7 +18,7 @@ from pathlib import Path
 DEMO_SEED = 0
 DEMO_PRESET = "demo"
 # Bump when the demo's contents change so old caches are rebuilt.
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: init_params draws per-layer keys (list-of-layers params)
 MARKER = "qwen-jax-demo.json"
 
 

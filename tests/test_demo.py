@@ -61,3 +61,41 @@ def test_stale_demo_is_rebuilt(tmp_path, monkeypatch):
     (target / demo.MARKER).write_text('{"version": -1}')  # an older build
     assert demo.ensure_demo_checkpoint(target) == target and len(calls) == 1
     assert demo.ensure_demo_checkpoint(target) == target and len(calls) == 1
+
+
+def test_generate_cli_streams_the_greedy_reply(demo_dir):
+    """`qwen-jax generate` on the demo prints the greedy continuation (computed here with the
+    cache-free forward and an argmax over the tokenizer's ids) and the NOISE banner."""
+    import os
+    import subprocess
+    import sys
+
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.chat_template import render_chat
+    from qwen_jax.model import forward
+    from qwen_jax.tokenizer import load_tokenizer
+    from qwen_jax.weights import load_checkpoint
+
+    env = {**os.environ, "QWEN_JAX_CACHE": str(demo_dir.parent)}
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen_jax.cli", "generate", "Hello there", "--model", "demo",
+         "--max-tokens", "6", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "NOISE" in out.stderr
+
+    cfg, params = load_checkpoint(demo_dir, jnp.float32, progress=False)
+    tok = load_tokenizer(demo_dir)
+    ids = tok.encode(render_chat([{"role": "user", "content": "Hello there"}]))
+    f = jax.jit(forward, static_argnums=1)
+    new: list[int] = []
+    for _ in range(6):
+        seq = np.asarray([ids + new], np.int32)
+        logits, _ = f(params, cfg, seq, np.arange(seq.shape[1], dtype=np.int32)[None])
+        t = int(np.argmax(np.asarray(logits[0, -1, : tok.vocab_size])))
+        if t in tok.eos_token_ids:
+            break
+        new.append(t)
+    assert out.stdout == tok.decode(new, skip_special_tokens=True) + "\n"
