@@ -9,12 +9,12 @@ How a request enters the batch: the prompt minus its last token, padded to a pow
 bucket, is prefilled into the request's first slot and copied to its other slots (one per
 choice, so n choices share one prefill); the last prompt token is then fed by the ordinary decode
 step, which samples the first new token. Prefill and decode therefore share one sampling path.
-A decode step runs only the busy rows (padded to a power-of-two row bucket), gathered from and
-scattered back to their slots inside the compiled program.
+A decode step runs only the busy rows (padded with free slots to a row bucket), gathered from
+and scattered back to their slots inside the compiled program.
 
 Everything on device has static shapes: prefill is compiled once per prompt bucket, decode once
-per (power-of-two `kv_len` bucket, steps-per-call, row bucket), so nothing recompiles in steady
-state.
+per (power-of-two `kv_len` bucket >= DECODE_MIN_KV, steps-per-call, row bucket), so nothing
+recompiles in steady state.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from qwen_jax.model import KVCache, forward, init_cache
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
+# Decode attends to a power-of-two prefix of the cache of at least this length: below it the
+# attention is cheap next to reading the weights, and each bucket is another compiled program.
+DECODE_MIN_KV = 256
 TOP_LOGPROBS_MAX = 20
 
 
@@ -243,9 +246,20 @@ class Engine:
 
     def __init__(self, params: Any, cfg: QwenConfig, *, max_slots: int = 8, max_len: int = 2048,
                  vocab_limit: int | None = None, queue_size: int = 64,
-                 steps_per_call: int = 1, cache_dtype: Any = None, start: bool = True) -> None:
+                 steps_per_call: int = 1, cache_dtype: Any = None,
+                 row_buckets: Sequence[int] | None = None, start: bool = True) -> None:
+        """`row_buckets`: the decode batch sizes compiled (busy rows are padded up to the next
+        one). Default: every power of two below max_slots on the CPU, where a step costs about
+        as much per row as a batch-1 step; 1 and max_slots on an accelerator, where a decode
+        step costs about the same for any batch (it reads the weights once)."""
         if max_slots < 1 or max_len < 2 or queue_size < 0 or steps_per_call < 1:
             raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
+        if row_buckets is None:
+            pow2 = [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots]
+            row_buckets = pow2 if jax.default_backend() == "cpu" else [1]
+        if any(not 1 <= r <= max_slots for r in row_buckets):
+            raise ValueError(f"row_buckets must lie in [1, {max_slots}]")
+        self.row_buckets = sorted(set(row_buckets) | {max_slots})
         self.params, self.cfg = params, cfg
         self.max_slots, self.max_len, self.queue_size = max_slots, max_len, queue_size
         self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
@@ -301,7 +315,8 @@ class Engine:
         rows); afterwards any compile is logged as a warning."""
         buckets = sorted({self._prefill_bucket(max(1, n - 1)) for n in prompt_lengths} if
                          prompt_lengths is not None else self._all_buckets())
-        kvs = sorted(set(kv_lens) if kv_lens is not None else self._all_buckets())
+        kvs = sorted({self._kv_bucket(n) for n in kv_lens} if kv_lens is not None
+                     else self._all_kv_buckets())
         t0 = time.perf_counter()
         with self._device_lock:
             for b in buckets:
@@ -309,7 +324,7 @@ class Engine:
             self._program("copy")
             for kv in kvs:
                 for k in sorted({1, self.steps_per_call}):
-                    for r in self._row_buckets() if rows is None else sorted(
+                    for r in self.row_buckets if rows is None else sorted(
                             {self._row_bucket(n) for n in rows}):
                         self._program("decode", kv, k, r)
             self._warm = True
@@ -361,16 +376,14 @@ class Engine:
                 return out
             b *= 2
 
-    def _row_buckets(self) -> list[int]:
-        """Decode batch sizes: powers of two below max_slots, and max_slots."""
-        out, r = [], 1
-        while r < self.max_slots:
-            out.append(r)
-            r *= 2
-        return out + [self.max_slots]
+    def _kv_bucket(self, n: int) -> int:
+        return pow2_bucket(n, DECODE_MIN_KV, self.max_len)
+
+    def _all_kv_buckets(self) -> list[int]:
+        return sorted({self._kv_bucket(n) for n in self._all_buckets()})
 
     def _row_bucket(self, busy: int) -> int:
-        return next(r for r in self._row_buckets() if r >= busy)
+        return next(r for r in self.row_buckets if r >= busy)
 
     def _free_slots_unlocked(self) -> int:
         return sum(r is None for r in self._slots)
@@ -555,7 +568,7 @@ class Engine:
                 rows[i].handle.request.max_tokens - rows[i].generated < k
                 or rows[i].position + k > self.max_len for i in active)):
             k = 1
-        kv_len = pow2_bucket(int(positions.max()) + k, MIN_BUCKET, self.max_len)
+        kv_len = self._kv_bucket(int(positions.max()) + k)
         outs, self.cache, self.pstate = self._program("decode", kv_len, k, R)(
             self.params, self.cache, self.pstate, self.sbatch, slots, tokens, positions, steps,
             allowed)

@@ -168,7 +168,7 @@ def test_no_recompile_in_steady_state(params):
         run(eng, prompt=[1, 2], sampling=SAMPLED, max_tokens=2)
         before = backend_compile_count()
         compiles = eng.stats.compiles
-        for n in range(3, 15):  # prompt lengths 3..14: prefill buckets 16; kv_len 16 and 32
+        for n in range(3, 15):  # prompt lengths 3..14: prefill bucket 16; kv_len 64 (max_len)
             run(eng, prompt=list(range(1, n + 1)), max_tokens=4 + n,
                 sampling=SAMPLED if n % 2 else GREEDY)
         assert backend_compile_count() == before
@@ -270,7 +270,7 @@ def test_multi_step_decode_matches_single_step(params, engine):
     eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, steps_per_call=4)
     try:
         for sampling in (SAMPLED, GREEDY):
-            # Positions stay below 16 - 4: one kv_len bucket, one extra compile.
+            # One kv_len bucket (max_len 64): one extra compile per row bucket.
             kw = dict(prompt=[8, 6, 7], sampling=sampling, max_tokens=8, n=2)
             one, four = run(engine, **kw), run(eng, **kw)
             assert {c: tokens(v) for c, v in one.items()} == {c: tokens(v) for c, v in
@@ -281,6 +281,25 @@ def test_multi_step_decode_matches_single_step(params, engine):
                   stop_token_ids=(ref[k],))[0]
         assert tokens(evs) == ref[: k + 1] and evs[-1].finish_reason == "stop"
         assert eng.stats.decode_steps > eng.stats.decode_calls  # it did batch steps
+    finally:
+        eng.close()
+
+
+def test_decode_runs_only_the_busy_rows(params):
+    """A lone request runs the 1-row decode program, two requests the 2-row one; the result is
+    the same as in a full batch (batch invariance covers the sampled case)."""
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, row_buckets=[1, 2])
+    try:
+        assert eng.row_buckets == [1, 2, 4]
+        alone = tokens(run(eng, prompt=[5, 9, 2], max_tokens=6)[0])
+        assert {key[3] for key in eng._programs if key[0] == "decode"} == {1}
+        hs = [eng.submit(request(prompt=[5, 9, 2], max_tokens=6)) for _ in range(2)]
+        both = [tokens(collect(h)[0]) for h in hs]
+        assert {key[3] for key in eng._programs if key[0] == "decode"} <= {1, 2}
+        assert 2 in {key[3] for key in eng._programs if key[0] == "decode"}
+        assert both == [alone, alone]
+        with pytest.raises(ValueError, match="row_buckets"):
+            Engine(params, CFG, max_slots=4, max_len=64, row_buckets=[8], start=False)
     finally:
         eng.close()
 
