@@ -143,12 +143,8 @@ _CPU_MATVEC_MAX_ROWS = 8
 def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w.T with w in (out, in) layout."""
     rows = math.prod(x.shape[:-1])
-    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        if rows <= _CPU_MATVEC_MAX_ROWS:
-            return _cpu_bf16_matvecs(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], -1)
-        # A matrix-matrix dot converts w to float32. Tie w to x so that XLA converts each weight
-        # when its layer runs, instead of converting all weights up front and keeping them alive.
-        x, w = jax.lax.optimization_barrier((x, w))
+    if x.dtype == jnp.bfloat16 and rows <= _CPU_MATVEC_MAX_ROWS and jax.default_backend() == "cpu":
+        return _cpu_bf16_matvecs(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], -1)
     return jnp.einsum("...d,fd->...f", x, w)
 
 
