@@ -3,12 +3,13 @@
 Generated text arrives as deltas that can split a stop string anywhere ("<|im" + "_end|>").
 `StopStringMatcher` emits only text that can no longer become part of a stop string: the longest
 tail of the pending text that is a prefix of some stop string is held back until the next delta
-decides it. The stop string itself and everything after it are never emitted.
+decides it. The text ends where the first stop string to complete begins; the stop string itself
+and everything after it are never emitted.
 
 Why holding back the longest such tail is enough: if a stop string started inside already-emitted
 text, the emitted part of it would have been a tail of the emitted text that is a prefix of that
-stop string, and that tail would have been held back. So the first occurrence of a stop string in
-the whole text always lies in the pending buffer, where `push` looks for it.
+stop string, and that tail would have been held back. So the first stop string to complete always
+lies in the pending buffer, where `push` looks for it.
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ class StopStringMatcher:
         if not self.stops:
             return text_delta, False
         text = self._pending + text_delta
-        first = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if first >= 0:
+        # The stop that completes first ends the text (ties: the one starting first). Generation
+        # cannot know about a longer stop that would complete later, so "first" means first to
+        # end; this also makes the result independent of how the text was split into deltas.
+        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
+        if hits:
             self._pending = ""
             self.stopped = True
-            return text[:first], True
+            return text[: min(hits)[1]], True
         hold = self._held_tail_length(text)
         self._pending = text[len(text) - hold :]
         return text[: len(text) - hold], False

@@ -14,8 +14,10 @@ stop_lists = st.lists(st.text(alphabet=ALPHABET, min_size=1, max_size=5), min_si
 
 
 def first_stop(text: str, stops) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+    """Where the text ends: at the start of the stop string that completes first (ties: the one
+    that starts first), as a generator that checks after every token would see it."""
+    hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    return min(hits)[1] if hits else None
 
 
 @st.composite
@@ -54,6 +56,19 @@ def test_emitted_text_is_text_up_to_first_stop(split, stops):
         assert cut is None  # all text was pushed, so a stop in it would have been found
         emitted += m.flush()
         assert emitted == seen == text
+
+
+def test_the_stop_that_completes_first_wins_however_the_text_is_split():
+    """'>' completes at index 2, before '<><' (which starts earlier) completes at 3."""
+    for deltas in (["<><"], ["<>", "<"], ["<", "><"], ["<", ">", "<"]):
+        m = StopStringMatcher([">", "<><"])
+        emitted = ""
+        for d in deltas:
+            out, stopped = m.push(d)
+            emitted += out
+            if stopped:
+                break
+        assert (emitted, stopped) == ("<", True), deltas
 
 
 def test_stop_split_across_deltas_is_dropped():
