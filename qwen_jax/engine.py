@@ -311,8 +311,8 @@ class Engine:
     def warmup(self, prompt_lengths: Sequence[int] | None = None,
                kv_lens: Sequence[int] | None = None, rows: Sequence[int] | None = None) -> None:
         """Compile prefill for the buckets of `prompt_lengths` (default: every bucket) and decode
-        for every `kv_len` bucket and row bucket (default: all, or the buckets of `rows` busy
-        rows); afterwards any compile is logged as a warning."""
+        for the kv_len buckets of the cache lengths `kv_lens` and the row buckets of `rows` busy
+        rows (defaults: all); afterwards any compile is logged as a warning."""
         buckets = sorted({self._prefill_bucket(max(1, n - 1)) for n in prompt_lengths} if
                          prompt_lengths is not None else self._all_buckets())
         kvs = sorted({self._kv_bucket(n) for n in kv_lens} if kv_lens is not None

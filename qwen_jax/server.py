@@ -560,9 +560,9 @@ def kv_cache_bytes(cfg: Any, max_len: int, slots: int, itemsize: int) -> int:
 
 def default_steps_per_call(backend: str | None = None) -> int:
     """Decode steps per device call: on an accelerator several steps per call keep the device
-    busy between host round trips (H200, 7B shapes: 135 -> 186 tok/s at batch 1); on the CPU a
-    multi-step program runs its layers inside a loop, which XLA's CPU backend compiles to a
-    slower program for bf16 weights (benchmarks/README.md)."""
+    busy between host round trips (H200, 7B shapes, batch 1: 134 -> 190 tok/s with 8 steps); on
+    the CPU a multi-step program wraps the layers in a loop that XLA compiles to a much slower
+    program for bf16 weights (demo model: 132 -> 19 tok/s; benchmarks/README.md)."""
     import jax
 
     return 1 if (backend or jax.default_backend()) == "cpu" else 8

@@ -1,8 +1,8 @@
 """Load and save Hugging Face Qwen2 checkpoints (safetensors, single file or sharded).
 
-Loading fills preallocated host arrays (one per tensor) tensor by tensor in
-the target dtype, then moves them to the device one leaf at a time, so peak host memory stays near
-the size of the weights plus one leaf.
+Loading fills one preallocated host array per tensor, converting to the target dtype as it reads,
+then moves them to the device one at a time, so peak host memory stays near the size of the
+weights plus one tensor.
 """
 
 from __future__ import annotations
