@@ -265,7 +265,7 @@ class Engine:
         self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
         self.steps_per_call = steps_per_call
         if cache_dtype is None:
-            cache_dtype = jax.tree_util.tree_leaves(params)[0].dtype
+            cache_dtype = params.final_norm.dtype  # the activation dtype, also for int8 weights
         self.cache = init_cache(cfg, max_slots, max_len, cache_dtype)
         self.sbatch = S.make_sampling_batch(max_slots)
         self.pstate = S.init_penalty_state(max_slots, cfg.vocab_size)

@@ -71,7 +71,7 @@ def greedy_generate(
     for row, p in enumerate(prompts):
         tokens[row, : len(p)] = p
 
-    cache = init_cache(cfg, len(prompts), cache_len, params.embed.dtype)
+    cache = init_cache(cfg, len(prompts), cache_len, params.final_norm.dtype)
     logits, cache = prefill(params, cfg, tokens, lengths, cache, kv_len=prompt_len)
     next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import QwenConfig
+from qwen_jax.quantize import Int8Weight
 from qwen_jax.rope import rope_cos_sin, rotate
 
 # Masked attention scores: a large finite value (not -inf) so a query with no visible key gives
@@ -31,7 +32,8 @@ _MASKED = -1e30
 @jax.tree_util.register_dataclass
 @dataclass
 class LayerParams:
-    """One decoder layer's weights (`model.layers.{i}.*` in Hugging Face names)."""
+    """One decoder layer's weights (`model.layers.{i}.*` in Hugging Face names). The seven
+    projection matrices may be `Int8Weight`s (quantize.py)."""
 
     input_norm: jax.Array  # [D]          input_layernorm.weight
     q_proj: jax.Array  # [H*hd, D]        self_attn.q_proj.weight
@@ -50,16 +52,20 @@ class LayerParams:
 @jax.tree_util.register_dataclass
 @dataclass
 class Params:
-    embed: jax.Array  # [V, D]               model.embed_tokens.weight
+    embed: jax.Array | Int8Weight  # [V, D]  model.embed_tokens.weight
     layers: list[LayerParams]
-    final_norm: jax.Array  # [D]             model.norm.weight
-    lm_head: jax.Array | None  # [V, D], None when tied to `embed`
+    final_norm: jax.Array  # [D]             model.norm.weight (its dtype is the activations')
+    lm_head: jax.Array | Int8Weight | None  # [V, D], None when tied to `embed`
 
 
 @jax.tree_util.register_dataclass
 @dataclass
 class KVCache:
-    """Static-shape key/value cache: one [batch, max_len, kv_heads, head_dim] array per layer."""
+    """Static-shape key/value cache: one [batch, max_len, kv_heads, head_dim] array per layer.
+
+    On the CPU a bfloat16 cache holds its values' bit patterns as uint16 (`cache_storage_dtype`):
+    XLA's CPU backend converts a bf16 array to float32 and back around every update, copying the
+    whole cache at each layer of each step; an integer array is updated in place."""
 
     k: list[jax.Array]
     v: list[jax.Array]
@@ -121,9 +127,29 @@ def init_cache(
     cfg: QwenConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16
 ) -> KVCache:
     shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    n = cfg.num_hidden_layers
-    return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(n)],
-                   v=[jnp.zeros(shape, dtype) for _ in range(n)])
+    n, storage = cfg.num_hidden_layers, cache_storage_dtype(dtype)
+    return KVCache(k=[jnp.zeros(shape, storage) for _ in range(n)],
+                   v=[jnp.zeros(shape, storage) for _ in range(n)])
+
+
+def cache_storage_dtype(dtype: jnp.dtype, backend: str | None = None) -> jnp.dtype:
+    """The array dtype of a KV cache of `dtype`: uint16 bit patterns for bfloat16 on the CPU."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16 and (backend or jax.default_backend()) == "cpu":
+        return jnp.dtype(jnp.uint16)
+    return dtype
+
+
+def _to_cache(x: jax.Array, storage: jnp.dtype) -> jax.Array:
+    if storage == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(storage)
+
+
+def _from_cache(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    if x.dtype == jnp.uint16:
+        x = jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+    return x.astype(dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -140,28 +166,60 @@ _CPU_MATVEC_MAX_IN = 3584
 _CPU_MATVEC_MAX_ROWS = 8
 
 
-def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w.T with w in (out, in) layout."""
+def _linear(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
+    """x @ w.T with w in (out, in) layout (int8 weights: times their row scales)."""
     rows = math.prod(x.shape[:-1])
-    if x.dtype == jnp.bfloat16 and rows <= _CPU_MATVEC_MAX_ROWS and jax.default_backend() == "cpu":
-        return _cpu_bf16_matvecs(x.reshape(rows, x.shape[-1]), w).reshape(*x.shape[:-1], -1)
+    matvecs = rows <= _CPU_MATVEC_MAX_ROWS and jax.default_backend() == "cpu"
+    if isinstance(w, Int8Weight):
+        return _int8_linear(x, w, matvecs)
+    if x.dtype == jnp.bfloat16 and matvecs:
+        n_in = w.shape[1]
+        size = -(-n_in // -(-n_in // _CPU_MATVEC_MAX_IN))
+        blocks = [w[:, c:c + size] for c in range(0, n_in, size)]
+        y = _cpu_matvecs(x.reshape(rows, n_in), blocks, lambda wb: wb)
+        return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
     return jnp.einsum("...d,fd->...f", x, w)
 
 
-def _cpu_bf16_matvecs(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x[R, in] @ w.T as R matrix-vector products, each split into column chunks the CPU
-    matrix-vector emitter accepts (the partial sums add up in float32)."""
-    n_in = w.shape[1]
-    chunks = -(-n_in // _CPU_MATVEC_MAX_IN)
-    size = -(-n_in // chunks)
+def _int8_linear(x: jax.Array, w: Int8Weight, matvecs: bool) -> jax.Array:
+    blocks, _, size = w.q.shape
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, n_in)
+    if blocks * size > n_in:  # the quantizer zero-padded the last block
+        x = jnp.pad(x, ((0, 0), (0, blocks * size - n_in)))
+    if matvecs:
+        # The matrix-vector emitter converts int8 to float32 as it reads (about twice as fast as
+        # reading a bf16 weight); a float32 x keeps it on that path.
+        y = _cpu_matvecs(x.astype(jnp.float32), list(w.q), lambda wb: wb.astype(jnp.float32))
+    else:
+        y = jnp.einsum("rbc,bfc->rf", x.reshape(-1, blocks, size), w.q.astype(x.dtype),
+                       preferred_element_type=jnp.float32)
+    return (y * w.scale).astype(x.dtype).reshape(*lead, -1)
+
+
+def _cpu_matvecs(x: jax.Array, blocks: list[jax.Array], read) -> jax.Array:
+    """x[R, in] @ concat(read(blocks), axis=1).T in float32, as R matrix-vector products per
+    column block (each at most _CPU_MATVEC_MAX_IN wide); partial sums add up in float32."""
     out = []
     for r in range(x.shape[0]):
-        # Sum the chunks in float32; the barrier keeps XLA from fusing that convert into the dot,
-        # which would send it back to the converting path (as preferred_element_type does).
-        parts = [jax.lax.optimization_barrier(x[r:r + 1, c:c + size] @ w[:, c:c + size].T)
-                 .astype(jnp.float32) for c in range(0, n_in, size)]
+        parts, start = [], 0
+        for wb in blocks:
+            # The barrier keeps XLA from fusing the float32 convert into a bf16 dot, which would
+            # send it back to the converting path (as preferred_element_type does).
+            xr = x[r:r + 1, start:start + wb.shape[1]]
+            parts.append(jax.lax.optimization_barrier(xr @ read(wb).T).astype(jnp.float32))
+            start += wb.shape[1]
         out.append(sum(parts[1:], parts[0]))
-    return jnp.concatenate(out).astype(x.dtype)
+    return jnp.concatenate(out)
+
+
+def _embed(table: jax.Array | Int8Weight, tokens: jax.Array, dim: int, dtype: jnp.dtype
+           ) -> jax.Array:
+    if isinstance(table, Int8Weight):
+        q = jnp.moveaxis(table.q[:, tokens], 0, -2)  # [..., blocks, block_in]
+        q = q.reshape(*tokens.shape, -1)[..., :dim]
+        return (q.astype(jnp.float32) * table.scale[tokens][..., None]).astype(dtype)
+    return table[tokens]
 
 
 def _mlp(x: jax.Array, p: LayerParams) -> jax.Array:
@@ -197,18 +255,8 @@ def _qkv(x: jax.Array, p: LayerParams, cos: jax.Array, sin: jax.Array, cfg: Qwen
 
 def _cache_write(cache: jax.Array, rows: jax.Array, positions: jax.Array, new: jax.Array
                  ) -> jax.Array:
-    """cache[rows[b], positions[b, t]] = new[b, t]; out-of-range positions are dropped.
-
-    A 16-bit float cache is scattered through an integer view of its bits: XLA's CPU backend
-    converts a bf16 array to float32 around a scatter, which copied the whole cache three times
-    at every layer."""
-    new = new.astype(cache.dtype)
-    if cache.dtype.itemsize == 2:
-        bits = jax.lax.bitcast_convert_type(cache, jnp.uint16)
-        bits = bits.at[rows[:, None], positions].set(
-            jax.lax.bitcast_convert_type(new, jnp.uint16), mode="drop")
-        return jax.lax.bitcast_convert_type(bits, cache.dtype)
-    return cache.at[rows[:, None], positions].set(new, mode="drop")
+    """cache[rows[b], positions[b, t]] = new[b, t]; out-of-range positions are dropped."""
+    return cache.at[rows[:, None], positions].set(new.astype(cache.dtype), mode="drop")
 
 
 def forward(
@@ -232,8 +280,8 @@ def forward(
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
-    x = params.embed[tokens]
-    dtype = x.dtype
+    dtype = params.final_norm.dtype  # the activation dtype (the embedding may be int8)
+    x = _embed(params.embed, tokens, cfg.hidden_size, dtype)
     cos, sin = rope_cos_sin(positions, cfg, dtype)
     b, t = tokens.shape
     eps = cfg.rms_norm_eps
@@ -258,12 +306,12 @@ def forward(
         if cache is not None:
             # Write this step's keys/values into the (donated) cache in place, then attend to
             # the first kv_len entries of the rows in use.
-            ck = _cache_write(cache.k[i], rows, write_pos, k)
-            cv = _cache_write(cache.v[i], rows, write_pos, v)
+            ck = _cache_write(cache.k[i], rows, write_pos, _to_cache(k, cache.k[i].dtype))
+            cv = _cache_write(cache.v[i], rows, write_pos, _to_cache(v, cache.v[i].dtype))
             new_k.append(ck)
             new_v.append(cv)
-            k = ck[read_rows, :kv_len].astype(dtype)
-            v = cv[read_rows, :kv_len].astype(dtype)
+            k = _from_cache(ck[read_rows, :kv_len], dtype)
+            v = _from_cache(cv[read_rows, :kv_len], dtype)
         x = x + _linear(_attend(q, k, v, mask, cfg), p.o_proj)
         x = x + _mlp(rms_norm(x, p.post_norm, eps), p)
 

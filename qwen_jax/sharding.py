@@ -15,6 +15,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.config import QwenConfig
 from qwen_jax.model import KVCache, LayerParams, Params
+from qwen_jax.quantize import QUANTIZED_LAYER_WEIGHTS, Int8Weight
 
 # Fused projection outputs (heads * head_dim) are named by their head axis: splitting them over
 # devices by whole heads keeps every head's head_dim on one device.
@@ -57,12 +58,18 @@ def param_logical_axes(cfg: QwenConfig) -> Params:
     return _param_axes(cfg.num_hidden_layers, tied=cfg.tie_word_embeddings)
 
 
-def _param_axes(num_layers: int, tied: bool) -> Params:
+def _param_axes(num_layers: int, tied: bool, quantized: bool = False) -> Params:
+    def weight(axes: tuple[str, str]):
+        # An int8 weight's column blocks are a separate leading axis, never split.
+        return Int8Weight(q=("blocks", *axes), scale=axes[:1]) if quantized else axes
+
+    layer = {name: weight(axes) if name in QUANTIZED_LAYER_WEIGHTS else axes
+             for name, axes in _LAYER_AXES.items()}
     return Params(
-        embed=("vocab", "embed"),
-        layers=[LayerParams(**_LAYER_AXES) for _ in range(num_layers)],
+        embed=weight(("vocab", "embed")),
+        layers=[LayerParams(**layer) for _ in range(num_layers)],
         final_norm=("embed",),
-        lm_head=None if tied else ("vocab", "embed"),
+        lm_head=None if tied else weight(("vocab", "embed")),
     )
 
 
@@ -99,7 +106,9 @@ def shard_params(
     params: Params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES
 ) -> Params:
     """Place every weight on `mesh` following `rules` (logical name -> mesh axis name or None)."""
-    return _shard(params, _param_axes(len(params.layers), tied=params.lm_head is None), mesh, rules)
+    axes = _param_axes(len(params.layers), tied=params.lm_head is None,
+                       quantized=isinstance(params.embed, Int8Weight))
+    return _shard(params, axes, mesh, rules)
 
 
 def shard_cache(

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -21,6 +20,7 @@ from safetensors.numpy import save_file
 
 from qwen_jax.config import ConfigError, QwenConfig, load_config
 from qwen_jax.model import LayerParams, Params, layer_shapes
+from qwen_jax.quantize import QUANTIZED_LAYER_WEIGHTS, quantize_int8
 
 # Our per-layer leaf name -> the Hugging Face tensor name inside `model.layers.{i}.`
 _HF_LAYER_NAMES = {
@@ -115,9 +115,15 @@ class _Progress:
 
 
 def load_checkpoint(
-    model_dir: str | Path, dtype: jnp.dtype = jnp.bfloat16, *, progress: bool = True
+    model_dir: str | Path, dtype: jnp.dtype = jnp.bfloat16, *, progress: bool = True,
+    quantize: str | None = None,
 ) -> tuple[QwenConfig, Params]:
-    """Load a local Hugging Face Qwen2 snapshot directory into (config, params) of `dtype`."""
+    """Load a local Hugging Face Qwen2 snapshot directory into (config, params) of `dtype`.
+
+    `quantize="int8"` stores the projection matrices and the embedding / lm_head as int8 with
+    per-row scales (quantize.py), each quantized as it reaches the device."""
+    if quantize not in (None, "int8"):
+        raise CheckpointError(f"unknown quantization {quantize!r} (supported: int8)")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: checkpoint directory does not exist")
@@ -162,8 +168,11 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: cannot read tensors ({e})") from e
     bar.finish()
 
-    def to_device(leaf: str, layer: int | None = None) -> jax.Array:
-        return jnp.asarray(host.pop((leaf, layer)), dtype=dtype)  # pop: free each host copy
+    quantized = (*QUANTIZED_LAYER_WEIGHTS, "embed", "lm_head") if quantize else ()
+
+    def to_device(leaf: str, layer: int | None = None):
+        arr = jnp.asarray(host.pop((leaf, layer)), dtype=dtype)  # pop: free each host copy
+        return quantize_int8(arr) if leaf in quantized else arr
 
     layers = [LayerParams(**{leaf: to_device(leaf, i) for leaf in _HF_LAYER_NAMES})
               for i in range(cfg.num_hidden_layers)]
@@ -193,6 +202,9 @@ def save_checkpoint(
     model_dir = Path(model_dir)
     if (params.lm_head is None) != cfg.tie_word_embeddings:
         raise CheckpointError("params.lm_head must be None exactly when tie_word_embeddings")
+    if not hasattr(params.embed, "dtype"):
+        raise CheckpointError("int8-quantized params cannot be saved as a Hugging Face checkpoint: "
+                              "save the original weights and quantize at load time")
     model_dir.mkdir(parents=True, exist_ok=True)
     dtype = jnp.dtype(params.embed.dtype)
     hf_cfg = {**cfg.to_hf_dict(), "torch_dtype": str(dtype)}

@@ -142,3 +142,56 @@ def test_cache_write_sets_rows_and_drops_out_of_range(dtype):
     want[3, 0], want[3, 1] = new32[0, 0], new32[0, 1]
     want[1, 5:8] = new32[1]
     np.testing.assert_array_equal(got, want)
+
+
+def test_bf16_cache_holds_bits_on_cpu_and_reads_back_the_same(params):
+    """A bf16 cache is stored as uint16 bit patterns on the CPU (and as bf16 elsewhere); the
+    model reads it exactly like a bf16 cache."""
+    assert model.cache_storage_dtype(jnp.bfloat16, "gpu") == jnp.bfloat16
+    assert model.cache_storage_dtype(jnp.bfloat16, "cpu") == jnp.uint16
+    assert model.cache_storage_dtype(jnp.float32, "cpu") == jnp.float32
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, CFG.vocab_size, (2, 7)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(7, dtype=np.int32), tokens.shape)
+    f = jax.jit(forward, static_argnums=1, static_argnames=("kv_len",))
+    bits = jax.tree.map(lambda a: a.astype(jnp.uint16), init_cache(CFG, 2, 16, jnp.float32))
+    plain = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_cache(CFG, 2, 16, jnp.float32))
+    outs = []
+    for cache in (bits, plain):
+        first, cache = f(p16, CFG, tokens[:, :6], pos[:, :6], cache, kv_len=16)
+        second, cache = f(p16, CFG, tokens[:, 6:], pos[:, 6:], cache, kv_len=16)
+        outs.append((np.asarray(first), np.asarray(second), _stack(cache)))
+    (a1, a2, ca), (b1, b2, cb) = outs
+    np.testing.assert_array_equal(a1, b1)
+    np.testing.assert_array_equal(a2, b2)
+    assert ca.dtype == np.uint16
+    np.testing.assert_array_equal(ca, cb.view(np.uint16))
+    assert np.any(ca != 0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
+def test_cpu_decode_step_updates_the_cache_in_place():
+    """The engine-style decode step (rows mapped to cache slots) must not copy the cache: its
+    temporaries stay below one layer's cache. The same step with a plain bf16 cache, which XLA's
+    CPU backend converts to float32 around the update, does exceed it (so the check can fail)."""
+    cfg = QwenConfig(vocab_size=1024, hidden_size=128, intermediate_size=256,
+                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
+    ids = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+    slots = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def step(params, tokens, positions, slots, cache):
+        return forward(params, cfg, tokens, positions, cache, kv_len=256, cache_rows=slots,
+                       logits_at=jnp.zeros((2,), jnp.int32))
+
+    def temps(dtype):
+        cache = jax.eval_shape(lambda: jax.tree.map(
+            lambda a: a.astype(dtype), init_cache(cfg, 8, 1024, jnp.float32)))
+        compiled = jax.jit(step, donate_argnums=4).lower(params, ids, ids, slots, cache).compile()
+        return compiled.memory_analysis().temp_size_in_bytes, cache.k[0].size * 2
+
+    used, layer_cache = temps(model.cache_storage_dtype(jnp.bfloat16))
+    assert used < layer_cache, (used, layer_cache)
+    used, layer_cache = temps(jnp.bfloat16)
+    assert used > layer_cache, (used, layer_cache)
