@@ -247,7 +247,7 @@ def _build(args: argparse.Namespace):
     if args.model:
         from qwen_jax.weights import load_checkpoint
 
-        cfg, params = load_checkpoint(args.model, dtype)
+        cfg, params = load_checkpoint(args.model, dtype, quantize=_quantize(args))
         return cfg, params, args.model
     from qwen_jax.config import PRESETS
     from qwen_jax.model import init_params
@@ -255,8 +255,12 @@ def _build(args: argparse.Namespace):
     if args.preset not in PRESETS:
         raise SystemExit(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     cfg = PRESETS[args.preset]
-    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.PRNGKey(0), dtype)
-    return cfg, params, None
+    return cfg, init_params(cfg, jax.random.PRNGKey(0), dtype), None
+
+
+def _quantize(args: argparse.Namespace) -> str | None:
+    q = getattr(args, "quantize", "none")
+    return None if q == "none" else q
 
 
 def _fmt(x: float | None, unit: str = "") -> str:
@@ -277,7 +281,9 @@ def _table(rec: dict[str, Any]) -> str:
                  r.get(f"decode_b{batch}_tok_s")))
     rows.append(("peak RSS (GiB)", j["peak_rss_bytes"] / 2**30,
                  r["peak_rss_bytes"] / 2**30 if "peak_rss_bytes" in r else None))
-    lines = [f"{'':38s} {'qwen-jax':>12s} {'transformers':>13s} {'ratio':>7s}"]
+    weights = f"int8 weights, {rec['dtype']} activations" if rec.get("quantize") else rec["dtype"]
+    lines = [f"qwen-jax: {weights}; transformers: {rec['dtype']}",
+             f"{'':38s} {'qwen-jax':>12s} {'transformers':>13s} {'ratio':>7s}"]
     for name, a, b in rows:
         ratio = None if not b else (a / b)
         lines.append(f"{name:38s} {_fmt(a):>12s} {_fmt(b):>13s} {_fmt(ratio):>7s}")
@@ -305,27 +311,34 @@ def run_bench(args: argparse.Namespace) -> int:
     import jax
 
     rec["machine"]["jax"] = jax.__version__
-    cfg, params, model_dir = _build(args)
-    rec["qwen_jax"] = j = bench_jax(params, cfg, lengths, args.decode_tokens, args.batch,
-                                     args.steps_per_call)
-    rec["bandwidth_bound_tok_s"] = args.bandwidth_gbs * 1e9 / j["weight_bytes"]
-    rec["bandwidth_fraction_b1"] = j["decode_b1_tok_s"] / rec["bandwidth_bound_tok_s"]
-    rec["batch_speedup"] = j[f"decode_b{args.batch}_tok_s"] / j["decode_b1_tok_s"]
-    rec["memory_ratio"] = j["peak_rss_bytes"] / (j["weight_bytes"] + j["kv_cache_bytes"])
-
-    if not args.no_reference:
+    rec["quantize"] = _quantize(args)
+    reference = not args.no_reference
+    if reference:
         try:
             import transformers  # noqa: F401
         except ImportError:
             rec["transformers"] = {"error": "transformers is not installed"}
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                if model_dir is None:
-                    from qwen_jax.weights import save_checkpoint
+            reference = False
+    cfg, params, model_dir = _build(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        if reference and model_dir is None:
+            from qwen_jax.weights import save_checkpoint
 
-                    model_dir = str(save_checkpoint(params, cfg, tmp))
-                del params  # the child needs the memory more than we do
-                rec["transformers"] = _run_reference(model_dir, args, lengths)
+            # Random weights: transformers gets the same ones, unquantized, in --dtype.
+            model_dir = str(save_checkpoint(params, cfg, tmp))
+        if rec["quantize"] and not args.model:
+            from qwen_jax.quantize import quantize_params
+
+            params = quantize_params(params)
+        rec["qwen_jax"] = j = bench_jax(params, cfg, lengths, args.decode_tokens, args.batch,
+                                         args.steps_per_call)
+        del params  # the child needs the memory more than we do
+        if reference:
+            rec["transformers"] = _run_reference(model_dir, args, lengths)
+    rec["bandwidth_bound_tok_s"] = args.bandwidth_gbs * 1e9 / j["weight_bytes"]
+    rec["bandwidth_fraction_b1"] = j["decode_b1_tok_s"] / rec["bandwidth_bound_tok_s"]
+    rec["batch_speedup"] = j[f"decode_b{args.batch}_tok_s"] / j["decode_b1_tok_s"]
+    rec["memory_ratio"] = j["peak_rss_bytes"] / (j["weight_bytes"] + j["kv_cache_bytes"])
     rec["machine"]["loadavg_after"] = _loadavg()
     print(_table(rec))
     if args.json:

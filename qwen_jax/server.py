@@ -596,9 +596,12 @@ def _load(args: Any):
     from qwen_jax.weights import load_checkpoint
 
     model = resolve_model(args.model)
+    quantize = None if getattr(args, "quantize", "none") == "none" else args.quantize
+    if quantize and args.dtype == "auto":
+        args.dtype = "bfloat16"  # the weights are int8 either way; bf16 halves the KV cache
     args.dtype = choose_dtype(args.dtype, load_config(model.path))
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
-    cfg, params = load_checkpoint(model.path, dtype)
+    cfg, params = load_checkpoint(model.path, dtype, quantize=quantize)
     tokenizer = load_tokenizer(model.path)
     return model, cfg, params, tokenizer, dtype
 
@@ -640,7 +643,8 @@ def serve(args: Any) -> int:
     itemsize = 4 if args.dtype == "float32" else 2
     kv = kv_cache_bytes(cfg, max_len, args.max_num_seqs, itemsize)
     print(f"max_model_len {max_len} x {args.max_num_seqs} sequences: KV cache "
-          f"{kv / 2**30:.2f} GiB ({args.dtype})", flush=True)
+          f"{kv / 2**30:.2f} GiB ({args.dtype})"
+          + (", int8 weights" if getattr(args, "quantize", "none") == "int8" else ""), flush=True)
     enable_compilation_cache()
     steps = getattr(args, "steps_per_call", None)
     steps = default_steps_per_call() if steps is None else steps
