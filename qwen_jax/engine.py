@@ -20,6 +20,7 @@ recompiles in steady state.
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import threading
@@ -169,6 +170,15 @@ jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
 def backend_compile_count() -> int:
     """XLA compiles in this process so far (any jit, not only the engine's): tests diff it."""
     return _BACKEND_COMPILES[0]
+
+
+def release_freed_memory() -> bool:
+    """Return the heap memory that compiling freed to the OS (glibc keeps it mapped otherwise:
+    about 200 MB after warming up the 0.5B model's programs). False where there is no glibc."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def pow2_bucket(n: int, lo: int, hi: int) -> int:
@@ -329,6 +339,7 @@ class Engine:
                         self._program("decode", kv, k, r)
             self._warm = True
         self.stats.extra["warmup_s"] = time.perf_counter() - t0
+        release_freed_memory()
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:
