@@ -31,6 +31,7 @@ import numpy as np
 from qwen_jax import model
 from qwen_jax.config import PRESETS
 from qwen_jax.engine import Engine, GenerationRequest, pow2_bucket, wait_idle
+from qwen_jax.quantize import quantize_params
 from qwen_jax.sampler import SamplingParams
 
 
@@ -158,6 +159,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
     ap.add_argument("--batch", type=int, default=8, help="concurrent requests for the engine")
     ap.add_argument("--reference", action="store_true", help="also time transformers")
+    ap.add_argument("--quantize", choices=["none", "int8"], default="none",
+                    help="int8 weights for qwen-jax (transformers stays bf16)")
     args = ap.parse_args()
     if args.steps < 16:
         ap.error("--steps must be at least 16 (the engine runs up to 8 steps per call, and the "
@@ -170,7 +173,10 @@ def main() -> None:
     rec["copy_bandwidth_Bps"] = bw = copy_bandwidth((4 << 30) if dev.platform == "gpu"
                                                     else (256 << 20))
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
+    if args.quantize == "int8":
+        params = quantize_params(params)
     jax.block_until_ready(params)
+    rec["quantize"] = args.quantize
     rec["weight_bytes"] = wb = sum(x.nbytes for x in jax.tree.leaves(params))
     raw = raw_decode(params, cfg, args.context, args.steps)
     bound = bw / (wb + raw["kv_bytes_read"])
@@ -183,8 +189,9 @@ def main() -> None:
     if args.reference:
         rec["transformers"] = reference_decode(cfg, args.context, args.steps)
 
+    weights = "int8 weights" if args.quantize == "int8" else "bf16"
     print(f"{dev.device_kind} ({dev.platform}), jax {jax.__version__}, preset {args.preset}, "
-          f"bf16, context {args.context}")
+          f"{weights}, context {args.context}")
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; weights {wb / 1e9:.2f} GB; "
           f"bound {bound:.1f} tok/s at batch 1")
     rows = [("model step, 1 per call", raw["tok_s"]),

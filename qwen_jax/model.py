@@ -191,8 +191,16 @@ def _int8_linear(x: jax.Array, w: Int8Weight, matvecs: bool) -> jax.Array:
         # The matrix-vector emitter converts int8 to float32 as it reads (about twice as fast as
         # reading a bf16 weight); a float32 x keeps it on that path.
         y = _cpu_matvecs(x.astype(jnp.float32), list(w.q), lambda wb: wb.astype(jnp.float32))
+    elif x.shape[0] == 1:
+        # One row elsewhere (GPU): a multiply-reduce, which XLA fuses with the convert so the
+        # int8 weight is read once (the einsum below first writes a converted copy).
+        xb = x.reshape(1, blocks, 1, size).astype(jnp.float32)
+        y = jnp.sum(xb * w.q.astype(jnp.float32)[None], axis=(1, 3))
     else:
-        y = jnp.einsum("rbc,bfc->rf", x.reshape(-1, blocks, size), w.q.astype(x.dtype),
+        # On the CPU in float32: it has no bf16 matrix-matrix dot (it would convert int8 -> bf16
+        # -> f32); elsewhere in the activation dtype.
+        dt = jnp.float32 if jax.default_backend() == "cpu" else x.dtype
+        y = jnp.einsum("rbc,bfc->rf", x.reshape(-1, blocks, size).astype(dt), w.q.astype(dt),
                        preferred_element_type=jnp.float32)
     return (y * w.scale).astype(x.dtype).reshape(*lead, -1)
 

@@ -70,6 +70,9 @@ def test_int8_linear_is_x_times_the_dequantized_weight(rows, n_in, dtype, seed):
     assert got.shape == (1, rows, 96)
     tol = 2**-7 if dtype == jnp.bfloat16 else 1e-5
     assert np.abs(got - want).max() / np.abs(want).max() < tol
+    # The accelerator paths (one row: multiply-reduce; more: einsum), run here on the CPU.
+    other = jax.jit(model._int8_linear, static_argnums=2)(x, qw, False)
+    assert np.abs(np.asarray(other.astype(jnp.float32)) - want).max() / np.abs(want).max() < tol
 
 
 def test_quantized_embedding_rows_are_the_dequantized_rows(params):
