@@ -63,9 +63,11 @@ def test_stale_demo_is_rebuilt(tmp_path, monkeypatch):
     assert demo.ensure_demo_checkpoint(target) == target and len(calls) == 1
 
 
-def test_generate_cli_streams_the_greedy_reply(demo_dir):
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_generate_cli_streams_the_greedy_reply(demo_dir, quantize):
     """`qwen-jax generate` on the demo prints the greedy continuation (computed here with the
-    cache-free forward and an argmax over the tokenizer's ids) and the NOISE banner."""
+    cache-free forward and an argmax over the tokenizer's ids) and the NOISE banner; with
+    `--quantize int8`, that of the int8 weights."""
     import os
     import subprocess
     import sys
@@ -81,12 +83,13 @@ def test_generate_cli_streams_the_greedy_reply(demo_dir):
     env = {**os.environ, "QWEN_JAX_CACHE": str(demo_dir.parent)}
     out = subprocess.run(
         [sys.executable, "-m", "qwen_jax.cli", "generate", "Hello there", "--model", "demo",
-         "--max-tokens", "6", "--dtype", "float32"],
+         "--max-tokens", "6", "--dtype", "float32", "--quantize", quantize],
         capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "NOISE" in out.stderr
 
-    cfg, params = load_checkpoint(demo_dir, jnp.float32, progress=False)
+    cfg, params = load_checkpoint(demo_dir, jnp.float32, progress=False,
+                                  quantize=None if quantize == "none" else quantize)
     tok = load_tokenizer(demo_dir)
     ids = tok.encode(render_chat([{"role": "user", "content": "Hello there"}]))
     f = jax.jit(forward, static_argnums=1)
@@ -99,3 +102,19 @@ def test_generate_cli_streams_the_greedy_reply(demo_dir):
             break
         new.append(t)
     assert out.stdout == tok.decode(new, skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_serve_and_generate_load_int8_weights_when_asked(demo_dir, monkeypatch, quantize):
+    """The loader behind `serve` and `generate` applies --quantize (auto dtype: bf16 with int8)."""
+    import argparse
+
+    from qwen_jax.quantize import is_quantized
+    from qwen_jax.server import _load
+
+    monkeypatch.setenv("QWEN_JAX_CACHE", str(demo_dir.parent))
+    args = argparse.Namespace(model="demo", dtype="auto", quantize=quantize)
+    _, _, params, _, _ = _load(args)
+    assert is_quantized(params) == (quantize == "int8")
+    if quantize == "int8":
+        assert args.dtype == "bfloat16" and params.final_norm.dtype == "bfloat16"
