@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import QwenConfig
-from qwen_jax.quantize import Int8Weight
+from qwen_jax.quantize import CPU_MATVEC_MAX_IN, Int8Weight
 from qwen_jax.rope import rope_cos_sin, rotate
 
 # Masked attention scores: a large finite value (not -inf) so a query with no visible key gives
@@ -160,9 +160,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 # XLA's CPU backend has no bfloat16 matrix multiply: a bf16 dot first converts the whole weight
 # to float32, which makes decode (one row per sequence) 10-30x slower than reading the weight once.
-# Its matrix-vector emitter does read bf16 directly, for `x @ W.T` with at most this many columns
-# (found by inspecting the compiled HLO of jax 0.10; a regression test checks the decode program).
-_CPU_MATVEC_MAX_IN = 3584
+# Its matrix-vector emitter does read bf16 (and int8) directly, for `x @ W.T` with at most
+# CPU_MATVEC_MAX_IN = 3584 columns (found by inspecting the compiled HLO of jax 0.10; regression
+# tests check the decode programs). Up to this many rows run as separate matrix-vector products:
 _CPU_MATVEC_MAX_ROWS = 8
 
 
@@ -174,7 +174,7 @@ def _linear(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
         return _int8_linear(x, w, matvecs)
     if x.dtype == jnp.bfloat16 and matvecs:
         n_in = w.shape[1]
-        size = -(-n_in // -(-n_in // _CPU_MATVEC_MAX_IN))
+        size = -(-n_in // -(-n_in // CPU_MATVEC_MAX_IN))
         blocks = [w[:, c:c + size] for c in range(0, n_in, size)]
         y = _cpu_matvecs(x.reshape(rows, n_in), blocks, lambda wb: wb)
         return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
@@ -207,7 +207,7 @@ def _int8_linear(x: jax.Array, w: Int8Weight, matvecs: bool) -> jax.Array:
 
 def _cpu_matvecs(x: jax.Array, blocks: list[jax.Array], read) -> jax.Array:
     """x[R, in] @ concat(read(blocks), axis=1).T in float32, as R matrix-vector products per
-    column block (each at most _CPU_MATVEC_MAX_IN wide); partial sums add up in float32."""
+    column block (each at most CPU_MATVEC_MAX_IN wide); partial sums add up in float32."""
     out = []
     for r in range(x.shape[0]):
         parts, start = [], 0

@@ -12,7 +12,8 @@ Layout: the input dimension is cut into blocks of at most `block` columns, store
 other (`q[blocks, out, block_in]`, zero-padded). XLA's CPU matrix-vector emitter reads a weight at
 full speed only while a row has at most 3584 columns; a contiguous block per product ran the
 0.5B shape's down_proj (in = 4864) in 6.2 ms per token instead of 11.3 ms for column slices of one
-matrix (24 layers, this machine). Other backends see one einsum over the blocks.
+matrix (24 layers, this machine). Elsewhere the blocks cost nothing: one row is a
+multiply-reduce over them, more rows an einsum.
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ class Int8Weight:
     scale: jax.Array  # float32 [out]
 
 
-# The widest row XLA's CPU matrix-vector emitter reads directly (model.py measures the same limit).
-DEFAULT_BLOCK = 3584
+# The widest row XLA's CPU matrix-vector emitter reads directly (model.py explains it).
+CPU_MATVEC_MAX_IN = 3584
 
 
 @partial(jax.jit, static_argnames="block")
-def quantize_int8(w: jax.Array, block: int = DEFAULT_BLOCK) -> Int8Weight:
+def quantize_int8(w: jax.Array, block: int = CPU_MATVEC_MAX_IN) -> Int8Weight:
     """Symmetric per-row int8: |dequantize(quantize_int8(w)) - w| <= scale / 2 elementwise."""
     out, n_in = w.shape
     blocks = -(-n_in // block)

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from qwen_jax.config import ConfigError, QwenConfig, load_config
 from qwen_jax.model import LayerParams, Params, layer_shapes
-from qwen_jax.quantize import QUANTIZED_LAYER_WEIGHTS, quantize_int8
+from qwen_jax.quantize import QUANTIZED_LAYER_WEIGHTS, is_quantized, quantize_int8
 
 # Our per-layer leaf name -> the Hugging Face tensor name inside `model.layers.{i}.`
 _HF_LAYER_NAMES = {
@@ -202,7 +202,7 @@ def save_checkpoint(
     model_dir = Path(model_dir)
     if (params.lm_head is None) != cfg.tie_word_embeddings:
         raise CheckpointError("params.lm_head must be None exactly when tie_word_embeddings")
-    if not hasattr(params.embed, "dtype"):
+    if is_quantized(params):
         raise CheckpointError("int8-quantized params cannot be saved as a Hugging Face checkpoint: "
                               "save the original weights and quantize at load time")
     model_dir.mkdir(parents=True, exist_ok=True)
