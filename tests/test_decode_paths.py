@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from qwen_jax import model
 from qwen_jax.config import QwenConfig
 from qwen_jax.model import forward, init_cache, init_params
+from qwen_jax.quantize import quantize_params
 
 CFG = QwenConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -71,25 +72,32 @@ def test_bf16_linear_matches_float32_reference(rows, n_in, seed):
     assert np.abs(got - want).max() / scale < 2 ** -7  # within a couple of bf16 ulps of the max
 
 
-def _f32_weight_copies(hlo: str, weight_sizes: set[int]) -> list[str]:
+def _float_weight_copies(hlo: str, weight_sizes: set[int]) -> list[str]:
     """Top-level instructions of compiled HLO text (arrays that are materialised in memory, not
-    values inside a fusion) producing a float32 array as large as a weight."""
+    values inside a fusion; parameters excluded) producing a float array as large as a weight."""
     bad = []
     for line in hlo[hlo.index("\nENTRY"):].splitlines():
-        m = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]", line)
-        if m and math.prod(int(d) for d in m.group(1).split(",")) in weight_sizes:
+        m = re.match(r"\s*(?:ROOT )?%\S+ = (?:f32|bf16)\[([\d,]+)\]", line)
+        if (m and "parameter(" not in line
+                and math.prod(int(d) for d in m.group(1).split(",")) in weight_sizes):
             bad.append(line.strip()[:160])
     return bad
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
-def test_cpu_bf16_decode_step_reads_weights_without_f32_copies():
-    """A regression guard: the compiled batch-1 and batch-4 bf16 decode steps at Qwen2.5-0.5B
-    layer shapes (two layers) must not materialise a float32 copy of any weight matrix."""
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_cpu_decode_step_reads_weights_without_float_copies(weights):
+    """A regression guard: the compiled batch-1 and batch-4 decode steps at Qwen2.5-0.5B layer
+    shapes (two layers), with bf16 or int8 weights, must not materialise a float copy of any
+    weight matrix (or, for int8, of one of its column blocks)."""
     cfg = QwenConfig(vocab_size=4096, hidden_size=896, intermediate_size=4864,
                      num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
     sizes = {math.prod(a.shape) for a in jax.tree.leaves(params) if a.ndim == 2}
+    if weights == "int8":
+        params = jax.eval_shape(quantize_params, params)
+        blocks = [a.shape for a in jax.tree.leaves(params) if a.ndim == 3]
+        sizes |= {math.prod(shape[1:]) for shape in blocks}
 
     def step(params, tokens, positions, cache):
         return forward(params, cfg, tokens, positions, cache, kv_len=64,
@@ -99,13 +107,13 @@ def test_cpu_bf16_decode_step_reads_weights_without_f32_copies():
         cache = jax.eval_shape(lambda b=batch: init_cache(cfg, b, 64, jnp.bfloat16))
         ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
         hlo = jax.jit(step).lower(params, ids, ids, cache).compile().as_text()
-        assert not _f32_weight_copies(hlo, sizes), _f32_weight_copies(hlo, sizes)[:3]
+        assert not _float_weight_copies(hlo, sizes), _float_weight_copies(hlo, sizes)[:3]
 
     # The guard itself can fail: a float32 prefill-sized matmul does convert the weights.
     prefill = jax.ShapeDtypeStruct((1, 64), jnp.int32)
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 64, jnp.bfloat16))
     hlo = jax.jit(step).lower(params, prefill, prefill, cache).compile().as_text()
-    assert _f32_weight_copies(hlo, sizes)
+    assert _float_weight_copies(hlo, sizes)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU scheduling")
