@@ -245,9 +245,10 @@ def _build(args: argparse.Namespace):
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     if args.model:
+        from qwen_jax.quantize import quantize_option
         from qwen_jax.weights import load_checkpoint
 
-        cfg, params = load_checkpoint(args.model, dtype, quantize=_quantize(args))
+        cfg, params = load_checkpoint(args.model, dtype, quantize=quantize_option(args.quantize))
         return cfg, params, args.model
     from qwen_jax.config import PRESETS
     from qwen_jax.model import init_params
@@ -256,11 +257,6 @@ def _build(args: argparse.Namespace):
         raise SystemExit(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     cfg = PRESETS[args.preset]
     return cfg, init_params(cfg, jax.random.PRNGKey(0), dtype), None
-
-
-def _quantize(args: argparse.Namespace) -> str | None:
-    q = getattr(args, "quantize", "none")
-    return None if q == "none" else q
 
 
 def _fmt(x: float | None, unit: str = "") -> str:
@@ -310,8 +306,10 @@ def run_bench(args: argparse.Namespace) -> int:
                            "bandwidth_gbs": args.bandwidth_gbs, "time": time.time()}
     import jax
 
+    from qwen_jax.quantize import quantize_option, quantize_params
+
     rec["machine"]["jax"] = jax.__version__
-    rec["quantize"] = _quantize(args)
+    rec["quantize"] = quantize_option(args.quantize)
     reference = not args.no_reference
     if reference:
         try:
@@ -327,8 +325,6 @@ def run_bench(args: argparse.Namespace) -> int:
             # Random weights: transformers gets the same ones, unquantized, in --dtype.
             model_dir = str(save_checkpoint(params, cfg, tmp))
         if rec["quantize"] and not args.model:
-            from qwen_jax.quantize import quantize_params
-
             params = quantize_params(params)
         rec["qwen_jax"] = j = bench_jax(params, cfg, lengths, args.decode_tokens, args.batch,
                                          args.steps_per_call)

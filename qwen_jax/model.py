@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import QwenConfig
-from qwen_jax.quantize import CPU_MATVEC_MAX_IN, Int8Weight
+from qwen_jax.quantize import Int8Weight, column_blocks
 from qwen_jax.rope import rope_cos_sin, rotate
 
 # Masked attention scores: a large finite value (not -inf) so a query with no visible key gives
@@ -174,7 +174,7 @@ def _linear(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
         return _int8_linear(x, w, matvecs)
     if x.dtype == jnp.bfloat16 and matvecs:
         n_in = w.shape[1]
-        size = -(-n_in // -(-n_in // CPU_MATVEC_MAX_IN))
+        _, size = column_blocks(n_in)
         blocks = [w[:, c:c + size] for c in range(0, n_in, size)]
         y = _cpu_matvecs(x.reshape(rows, n_in), blocks, lambda wb: wb)
         return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
@@ -182,6 +182,7 @@ def _linear(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
 
 
 def _int8_linear(x: jax.Array, w: Int8Weight, matvecs: bool) -> jax.Array:
+    """x @ dequantize(w).T, scaled after the product."""
     blocks, _, size = w.q.shape
     lead, n_in = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, n_in)

@@ -46,12 +46,22 @@ class Int8Weight:
 CPU_MATVEC_MAX_IN = 3584
 
 
+def column_blocks(n_in: int, block: int = CPU_MATVEC_MAX_IN) -> tuple[int, int]:
+    """(count, width): the fewest equal-width blocks of at most `block` columns covering n_in."""
+    count = -(-n_in // block)
+    return count, -(-n_in // count)
+
+
+def quantize_option(value: str | None) -> str | None:
+    """The `--quantize` command-line value as `load_checkpoint` takes it ("none" -> None)."""
+    return None if value in (None, "none") else value
+
+
 @partial(jax.jit, static_argnames="block")
 def quantize_int8(w: jax.Array, block: int = CPU_MATVEC_MAX_IN) -> Int8Weight:
     """Symmetric per-row int8: |dequantize(quantize_int8(w)) - w| <= scale / 2 elementwise."""
     out, n_in = w.shape
-    blocks = -(-n_in // block)
-    size = -(-n_in // blocks)
+    blocks, size = column_blocks(n_in, block)
     w32 = w.astype(jnp.float32)
     scale = jnp.max(jnp.abs(w32), axis=1) / 127.0
     safe = jnp.where(scale > 0, scale, 1.0)  # an all-zero row stays zero
@@ -70,8 +80,8 @@ def dequantize(w: Int8Weight, n_in: int, dtype: jnp.dtype = jnp.float32) -> jax.
 def quantize_params(params: Params) -> Params:
     """Params with every linear weight (and the embedding / lm_head) as an Int8Weight.
 
-    One weight at a time, so a caller that drops the original params needs little more memory
-    than the quantized model plus one weight."""
+    The original params stay alive while this runs (both models in memory at the peak);
+    `load_checkpoint(..., quantize="int8")` quantizes each tensor as it loads instead."""
     layers = [
         replace(layer, **{name: quantize_int8(getattr(layer, name))
                           for name in QUANTIZED_LAYER_WEIGHTS})

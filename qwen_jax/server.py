@@ -37,6 +37,7 @@ from qwen_jax import protocol, responses
 from qwen_jax.chat_template import ChatTemplateError, render_chat
 from qwen_jax.constrained import ConstraintError, build_ll_tokenizer, grammar_for, make_constraints
 from qwen_jax.engine import GenerationRequest, QueueFullError, TokenEvent
+from qwen_jax.quantize import is_quantized, quantize_option
 from qwen_jax.stop_strings import StopStringMatcher
 from qwen_jax.tool_calls import StreamingToolCallParser, parse_tool_calls
 
@@ -596,7 +597,7 @@ def _load(args: Any):
     from qwen_jax.weights import load_checkpoint
 
     model = resolve_model(args.model)
-    quantize = None if getattr(args, "quantize", "none") == "none" else args.quantize
+    quantize = quantize_option(getattr(args, "quantize", None))
     if quantize and args.dtype == "auto":
         args.dtype = "bfloat16"  # the weights are int8 either way; bf16 halves the KV cache
     args.dtype = choose_dtype(args.dtype, load_config(model.path))
@@ -644,7 +645,7 @@ def serve(args: Any) -> int:
     kv = kv_cache_bytes(cfg, max_len, args.max_num_seqs, itemsize)
     print(f"max_model_len {max_len} x {args.max_num_seqs} sequences: KV cache "
           f"{kv / 2**30:.2f} GiB ({args.dtype})"
-          + (", int8 weights" if getattr(args, "quantize", "none") == "int8" else ""), flush=True)
+          + (", int8 weights" if is_quantized(params) else ""), flush=True)
     enable_compilation_cache()
     steps = getattr(args, "steps_per_call", None)
     steps = default_steps_per_call() if steps is None else steps
