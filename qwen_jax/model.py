@@ -158,25 +158,38 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-# XLA's CPU backend has no bfloat16 matrix multiply: a bf16 dot first converts the whole weight
-# to float32, which makes decode (one row per sequence) 10-30x slower than reading the weight once.
-# Its matrix-vector emitter does read bf16 (and int8) directly, for `x @ W.T` with at most
-# CPU_MATVEC_MAX_IN = 3584 columns (found by inspecting the compiled HLO of jax 0.10; regression
-# tests check the decode programs). Up to this many rows run as separate matrix-vector products:
-_CPU_MATVEC_MAX_ROWS = 8
+# XLA's CPU backend (jax 0.10) has three ways to compute a bf16 `x @ W.T` (found by inspecting
+# the compiled HLO; tests/test_decode_paths.py checks the programs and the numerics):
+# - its matrix-vector emitter reads bf16 (and int8) directly, one row at a time, for rows of at
+#   most CPU_MATVEC_MAX_IN = 3584 columns: the fastest way to read a weight for a few rows;
+# - with a float32 result (preferred_element_type) and 2+ rows it calls YNNPACK's bf16 matrix
+#   multiply: faster than products from 5 rows (gate_proj x 24 layers, 8 rows: 35 vs 54 ms) and
+#   than the third way up to 64 rows (prefill of 16/32/64 tokens: 0.21/0.31/0.52 s vs
+#   0.29/0.38/0.55 s at the 0.5B shape);
+# - with a bf16 result it converts the whole weight to float32 and runs a float32 matmul: 10-30x
+#   too slow for decode, but the fastest for long prefills (128 tokens: 0.78 s vs 1.02 s).
+# All three accumulate in float32 and round once, like torch's bf16 linear.
+_CPU_MATVEC_MAX_ROWS = 4
+_CPU_BF16_DOT_MAX_ROWS = 64
+_CPU_INT8_MATVEC_MAX_ROWS = 8  # int8 weights with bf16 activations have no YNNPACK path
 
 
 def _linear(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
     """x @ w.T with w in (out, in) layout (int8 weights: times their row scales)."""
     rows = math.prod(x.shape[:-1])
-    matvecs = rows <= _CPU_MATVEC_MAX_ROWS and jax.default_backend() == "cpu"
+    cpu = jax.default_backend() == "cpu"
     if isinstance(w, Int8Weight):
-        return _int8_linear(x, w, matvecs)
-    if x.dtype == jnp.bfloat16 and matvecs:
-        n_in = w.shape[1]
-        _, size = column_blocks(n_in)
-        blocks = [w[:, c:c + size] for c in range(0, n_in, size)]
-        y = _cpu_matvecs(x.reshape(rows, n_in), blocks, lambda wb: wb)
+        return _int8_linear(x, w, cpu and rows <= _CPU_INT8_MATVEC_MAX_ROWS)
+    if x.dtype == jnp.bfloat16 and cpu:
+        if rows <= _CPU_MATVEC_MAX_ROWS:
+            n_in = w.shape[1]
+            _, size = column_blocks(n_in)
+            blocks = [w[:, c:c + size] for c in range(0, n_in, size)]
+            y = _cpu_matvecs(x.reshape(rows, n_in), blocks, lambda wb: wb)
+        elif rows <= _CPU_BF16_DOT_MAX_ROWS:
+            y = jnp.einsum("...d,fd->...f", x, w, preferred_element_type=jnp.float32)
+        else:
+            return jnp.einsum("...d,fd->...f", x, w)
         return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
     return jnp.einsum("...d,fd->...f", x, w)
 

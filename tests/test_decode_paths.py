@@ -1,6 +1,7 @@
 """The decode-specific code paths of model.py: cache rows mapped to slots, and the CPU bf16
-matrix-vector path (numerics, and a check of the compiled program that it really avoids
-converting whole weights to float32, which cost 10-30x in decode speed)."""
+paths (matrix-vector products, YNNPACK's bf16 matmul, convert-then-float32-matmul): their
+numerics, and checks of the compiled programs that decode really avoids converting whole weights
+to float32, which cost 10-30x in decode speed)."""
 
 from __future__ import annotations
 
@@ -57,11 +58,12 @@ def test_cache_rows_equal_the_default_row_layout(params):
 
 
 @settings(max_examples=12, deadline=None)
-@given(rows=st.integers(1, 10), n_in=st.sampled_from([64, 3584, 3585, 4864]),
-       seed=st.integers(0, 2**16))
+@given(rows=st.sampled_from([1, 2, 3, 4, 5, 8, 9, 16, 64, 65, 80]),
+       n_in=st.sampled_from([64, 3584, 3585, 4864]), seed=st.integers(0, 2**16))
 def test_bf16_linear_matches_float32_reference(rows, n_in, seed):
-    """The CPU bf16 path (per-row matrix-vector products, contraction split in chunks above
-    3584) computes x @ W.T like a float32 matmul of the same bf16 inputs, to bf16 rounding."""
+    """Each CPU bf16 path (per-row matrix-vector products with the contraction split in chunks
+    above 3584, YNNPACK's bf16 matmul, convert-then-matmul; chosen by the row count) computes
+    x @ W.T like a float32 matmul of the same bf16 inputs, to bf16 rounding."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((1, rows, n_in)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((96, n_in)) * 0.05, jnp.bfloat16)
@@ -87,7 +89,7 @@ def _float_weight_copies(hlo: str, weight_sizes: set[int]) -> list[str]:
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 def test_cpu_decode_step_reads_weights_without_float_copies(weights):
-    """A regression guard: the compiled batch-1 and batch-4 decode steps at Qwen2.5-0.5B layer
+    """A regression guard: the compiled batch-1, -4 and -8 decode steps at Qwen2.5-0.5B layer
     shapes (two layers), with bf16 or int8 weights, must not materialise a float copy of any
     weight matrix (or, for int8, of one of its column blocks)."""
     cfg = QwenConfig(vocab_size=4096, hidden_size=896, intermediate_size=4864,
@@ -103,15 +105,15 @@ def test_cpu_decode_step_reads_weights_without_float_copies(weights):
         return forward(params, cfg, tokens, positions, cache, kv_len=64,
                        logits_at=jnp.zeros(tokens.shape[:1], jnp.int32))
 
-    for batch in (1, 4):
+    for batch in (1, 4, 8):
         cache = jax.eval_shape(lambda b=batch: init_cache(cfg, b, 64, jnp.bfloat16))
         ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
         hlo = jax.jit(step).lower(params, ids, ids, cache).compile().as_text()
         assert not _float_weight_copies(hlo, sizes), _float_weight_copies(hlo, sizes)[:3]
 
-    # The guard itself can fail: a float32 prefill-sized matmul does convert the weights.
-    prefill = jax.ShapeDtypeStruct((1, 64), jnp.int32)
-    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 64, jnp.bfloat16))
+    # The guard itself can fail: a long prefill's matmul does convert the weights.
+    prefill = jax.ShapeDtypeStruct((1, 128), jnp.int32)
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 128, jnp.bfloat16))
     hlo = jax.jit(step).lower(params, prefill, prefill, cache).compile().as_text()
     assert _float_weight_copies(hlo, sizes)
 
@@ -123,11 +125,12 @@ def test_cpu_bf16_prefill_converts_weights_one_layer_at_a_time():
     cfg = QwenConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024,
                      num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
-    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 64, jnp.bfloat16))
-    ids = jax.ShapeDtypeStruct((1, 64), jnp.int32)
+    # 128 tokens: up to 64 rows take YNNPACK's bf16 matmul, which converts nothing.
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 128, jnp.bfloat16))
+    ids = jax.ShapeDtypeStruct((1, 128), jnp.int32)
 
     def prefill(params, tokens, cache):
-        return forward(params, cfg, tokens, jnp.arange(64)[None], cache,
+        return forward(params, cfg, tokens, jnp.arange(128)[None], cache,
                        logits_at=jnp.zeros((1,), jnp.int32))
 
     mem = jax.jit(prefill).lower(params, ids, cache).compile().memory_analysis()
