@@ -161,8 +161,10 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
         prompt_len = min(lengths)
         prompts = [[int(x) for x in rng.integers(0, cfg.vocab_size, prompt_len)]
                    for _ in range(batch)]
-        out["decode_b1_tok_s"] = _decode_rate(engine, prompts[:1], decode_tokens)
-        out[f"decode_b{batch}_tok_s"] = _decode_rate(engine, prompts, decode_tokens)
+        for b in sorted({1, batch}):
+            rates = [_decode_rate(engine, prompts[:b], decode_tokens) for _ in range(REPEATS)]
+            out[f"decode_b{b}_tok_s"] = statistics.median(rates)
+            out[f"decode_b{b}_runs_tok_s"] = rates
         out["peak_rss_bytes"] = peak_rss_bytes()
         out["compiles_after_warmup"] = engine.stats.compiles_after_warmup
     finally:
@@ -213,8 +215,10 @@ def bench_transformers(model_dir: str, dtype: str, lengths: list[int], decode_to
                 past, tok = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
             return b * (decode_tokens - 1) / (time.perf_counter() - t)
 
-        out["decode_b1_tok_s"] = decode(1)
-        out[f"decode_b{batch}_tok_s"] = decode(batch)
+        for b in sorted({1, batch}):
+            rates = [decode(b) for _ in range(REPEATS)]
+            out[f"decode_b{b}_tok_s"] = statistics.median(rates)
+            out[f"decode_b{b}_runs_tok_s"] = rates
     out["peak_rss_bytes"] = peak_rss_bytes()
     return out
 

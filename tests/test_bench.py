@@ -1,0 +1,30 @@
+"""`qwen-jax bench` end to end on the demo shape: both sides measured, the JSON record complete."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+
+def test_bench_measures_qwen_jax_and_transformers_on_the_demo(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "qwen_jax.cli", "bench", "--preset", "demo",
+         "--prompt-lengths", "16", "--decode-tokens", "4", "--batch", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "compiles after warm-up: 0" in res.stdout
+    rec = json.loads(out.read_text())
+    assert "error" not in rec["transformers"], rec["transformers"]["error"]
+    for side in (rec["qwen_jax"], rec["transformers"]):
+        for b in (1, 2):
+            runs = side[f"decode_b{b}_runs_tok_s"]
+            assert len(runs) == 3 and all(r > 0 for r in runs)
+            assert side[f"decode_b{b}_tok_s"] == statistics.median(runs)
+        assert side["prefill"]["16"]["tokens_per_s"] > 0 and side["peak_rss_bytes"] > 0
+    j = rec["qwen_jax"]
+    assert j["compiles_after_warmup"] == 0
+    assert rec["batch_speedup"] == j["decode_b2_tok_s"] / j["decode_b1_tok_s"]
+    assert rec["memory_ratio"] == j["peak_rss_bytes"] / (j["weight_bytes"] + j["kv_cache_bytes"])
