@@ -1,7 +1,7 @@
 """The decode-specific code paths of model.py: cache rows mapped to slots, and the CPU bf16
 paths (matrix-vector products, YNNPACK's bf16 matmul, convert-then-float32-matmul): their
 numerics, and checks of the compiled programs that decode really avoids converting whole weights
-to float32, which cost 10-30x in decode speed)."""
+to float32, which cost 10-30x in decode speed."""
 
 from __future__ import annotations
 
@@ -57,9 +57,10 @@ def test_cache_rows_equal_the_default_row_layout(params):
     assert np.all(got[:, 1] == 7.0) and np.all(got[:, 3] == 7.0)
 
 
-@settings(max_examples=12, deadline=None)
-@given(rows=st.sampled_from([1, 2, 3, 4, 5, 8, 9, 16, 64, 65, 80]),
-       n_in=st.sampled_from([64, 3584, 3585, 4864]), seed=st.integers(0, 2**16))
+# Each path at both ends of its row range (model._CPU_MATVEC_MAX_ROWS, _CPU_BF16_DOT_MAX_ROWS).
+@pytest.mark.parametrize("rows", [1, 4, 5, 64, 65])
+@settings(max_examples=4, deadline=None)
+@given(n_in=st.sampled_from([64, 3584, 3585, 4864]), seed=st.integers(0, 2**16))
 def test_bf16_linear_matches_float32_reference(rows, n_in, seed):
     """Each CPU bf16 path (per-row matrix-vector products with the contraction split in chunks
     above 3584, YNNPACK's bf16 matmul, convert-then-matmul; chosen by the row count) computes
