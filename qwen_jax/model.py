@@ -180,16 +180,14 @@ def _linear(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
     cpu = jax.default_backend() == "cpu"
     if isinstance(w, Int8Weight):
         return _int8_linear(x, w, cpu and rows <= _CPU_INT8_MATVEC_MAX_ROWS)
-    if x.dtype == jnp.bfloat16 and cpu:
+    if x.dtype == jnp.bfloat16 and cpu and rows <= _CPU_BF16_DOT_MAX_ROWS:
         if rows <= _CPU_MATVEC_MAX_ROWS:
             n_in = w.shape[1]
             _, size = column_blocks(n_in)
             blocks = [w[:, c:c + size] for c in range(0, n_in, size)]
             y = _cpu_matvecs(x.reshape(rows, n_in), blocks, lambda wb: wb)
-        elif rows <= _CPU_BF16_DOT_MAX_ROWS:
-            y = jnp.einsum("...d,fd->...f", x, w, preferred_element_type=jnp.float32)
         else:
-            return jnp.einsum("...d,fd->...f", x, w)
+            y = jnp.einsum("...d,fd->...f", x, w, preferred_element_type=jnp.float32)
         return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
     return jnp.einsum("...d,fd->...f", x, w)
 
@@ -211,8 +209,8 @@ def _int8_linear(x: jax.Array, w: Int8Weight, matvecs: bool) -> jax.Array:
         xb = x.reshape(1, blocks, 1, size).astype(jnp.float32)
         y = jnp.sum(xb * w.q.astype(jnp.float32)[None], axis=(1, 3))
     else:
-        # On the CPU in float32: it has no bf16 matrix-matrix dot (it would convert int8 -> bf16
-        # -> f32); elsewhere in the activation dtype.
+        # On the CPU in float32: the weight is converted either way, and a bf16 dot of many rows
+        # would convert it a second time (bf16 -> f32); elsewhere in the activation dtype.
         dt = jnp.float32 if jax.default_backend() == "cpu" else x.dtype
         y = jnp.einsum("rbc,bfc->rf", x.reshape(-1, blocks, size).astype(dt), w.q.astype(dt),
                        preferred_element_type=jnp.float32)
