@@ -31,6 +31,7 @@ import numpy as np
 from qwen_jax import model
 from qwen_jax.config import PRESETS
 from qwen_jax.engine import Engine, GenerationRequest, pow2_bucket, wait_idle
+from qwen_jax.layout import block_wide_weights
 from qwen_jax.quantize import quantize_params
 from qwen_jax.sampler import SamplingParams
 
@@ -173,8 +174,8 @@ def main() -> None:
     rec["copy_bandwidth_Bps"] = bw = copy_bandwidth((4 << 30) if dev.platform == "gpu"
                                                     else (256 << 20))
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
-    if args.quantize == "int8":
-        params = quantize_params(params)
+    # Laid out as load_checkpoint would (wide bf16 weights as column blocks on the CPU).
+    params = quantize_params(params) if args.quantize == "int8" else block_wide_weights(params)
     jax.block_until_ready(params)
     rec["quantize"] = args.quantize
     rec["weight_bytes"] = wb = sum(x.nbytes for x in jax.tree.leaves(params))

@@ -304,6 +304,7 @@ def run_bench(args: argparse.Namespace) -> int:
                            "bandwidth_gbs": args.bandwidth_gbs, "time": time.time()}
     import jax
 
+    from qwen_jax.layout import block_wide_weights
     from qwen_jax.quantize import quantize_option, quantize_params
 
     rec["machine"]["jax"] = jax.__version__
@@ -322,8 +323,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
             # Random weights: transformers gets the same ones, unquantized, in --dtype.
             model_dir = str(save_checkpoint(params, cfg, tmp))
-        if rec["quantize"] and not args.model:
-            params = quantize_params(params)
+        if not args.model:  # random weights: laid out as load_checkpoint lays out a checkpoint
+            params = quantize_params(params) if rec["quantize"] else block_wide_weights(params)
         rec["qwen_jax"] = j = bench_jax(params, cfg, lengths, args.decode_tokens, args.batch,
                                          args.steps_per_call)
         del params  # the child needs the memory more than we do

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import QwenConfig
-from qwen_jax.quantize import Int8Weight, column_blocks
+from qwen_jax.layout import BlockedWeight, column_blocks
+from qwen_jax.quantize import Int8Weight
 from qwen_jax.rope import rope_cos_sin, rotate
 
 # Masked attention scores: a large finite value (not -inf) so a query with no visible key gives
@@ -161,7 +162,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 # XLA's CPU backend (jax 0.10) has three ways to compute a bf16 `x @ W.T` (found by inspecting
 # the compiled HLO; tests/test_decode_paths.py checks the programs and the numerics):
 # - its matrix-vector emitter reads bf16 (and int8) directly, one row at a time, for rows of at
-#   most CPU_MATVEC_MAX_IN = 3584 columns: the fastest way to read a weight for a few rows;
+#   most CPU_MATVEC_MAX_IN = 3584 columns: the fastest way to read a weight for a few rows
+#   (wider bf16 weights are stored as column blocks on the CPU, layout.py);
 # - with a float32 result (preferred_element_type) and 2+ rows it calls YNNPACK's bf16 matrix
 #   multiply: faster than products from 5 rows (gate_proj x 24 layers, 8 rows: 35 vs 54 ms) and
 #   than the third way up to 64 rows (prefill of 16/32/64 tokens: 0.21/0.31/0.52 s vs
@@ -174,14 +176,17 @@ _CPU_BF16_DOT_MAX_ROWS = 64
 _CPU_INT8_MATVEC_MAX_ROWS = 8  # int8 weights with bf16 activations have no YNNPACK path
 
 
-def _linear(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
+def _linear(x: jax.Array, w: jax.Array | BlockedWeight | Int8Weight) -> jax.Array:
     """x @ w.T with w in (out, in) layout (int8 weights: times their row scales)."""
     rows = math.prod(x.shape[:-1])
     cpu = jax.default_backend() == "cpu"
     if isinstance(w, Int8Weight):
         return _int8_linear(x, w, cpu and rows <= _CPU_INT8_MATVEC_MAX_ROWS)
+    if isinstance(w, BlockedWeight):
+        return _blocked_linear(x, w, cpu)
     if x.dtype == jnp.bfloat16 and cpu and rows <= _CPU_BF16_DOT_MAX_ROWS:
         if rows <= _CPU_MATVEC_MAX_ROWS:
+            # Column slices when a row is too wide (params not laid out by layout.py): slower.
             n_in = w.shape[1]
             _, size = column_blocks(n_in)
             blocks = [w[:, c:c + size] for c in range(0, n_in, size)]
@@ -190,6 +195,27 @@ def _linear(x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
             y = jnp.einsum("...d,fd->...f", x, w, preferred_element_type=jnp.float32)
         return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
     return jnp.einsum("...d,fd->...f", x, w)
+
+
+def _blocked_linear(x: jax.Array, w: BlockedWeight, cpu: bool) -> jax.Array:
+    """x @ w.T for a weight stored as column blocks (layout.py): one product per block, the
+    partial sums added in float32, by the same three CPU paths as a plain bf16 weight."""
+    count, width = len(w.blocks), w.blocks[0].shape[1]
+    lead, n_in, dtype = x.shape[:-1], x.shape[-1], x.dtype
+    x = x.reshape(-1, n_in)
+    rows = x.shape[0]
+    if count * width > n_in:  # the last block is zero-padded
+        x = jnp.pad(x, ((0, 0), (0, count * width - n_in)))
+    blocks = w.blocks
+    if cpu and rows <= _CPU_MATVEC_MAX_ROWS:
+        y = _cpu_matvecs(x, blocks, lambda wb: wb)
+    else:
+        if cpu and rows > _CPU_BF16_DOT_MAX_ROWS:  # long prefills: XLA's float32 matmul
+            x, blocks = x.astype(jnp.float32), [wb.astype(jnp.float32) for wb in blocks]
+        parts = [jnp.einsum("rc,fc->rf", x[:, i * width:(i + 1) * width], wb,
+                            preferred_element_type=jnp.float32) for i, wb in enumerate(blocks)]
+        y = sum(parts[1:], parts[0])
+    return y.astype(dtype).reshape(*lead, -1)
 
 
 def _int8_linear(x: jax.Array, w: Int8Weight, matvecs: bool) -> jax.Array:

@@ -9,10 +9,9 @@ after the matrix product, where it costs one multiply per output instead of one 
 The tied embedding is quantized too: its row scales serve both the token lookup and the lm_head.
 
 Layout: the input dimension is cut into blocks of at most `block` columns, stored one after the
-other (`q[blocks, out, block_in]`, zero-padded). XLA's CPU matrix-vector emitter reads a weight at
-full speed only while a row has at most 3584 columns; a contiguous block per product ran the
-0.5B shape's down_proj (in = 4864) in 6.2 ms per token instead of 11.3 ms for column slices of one
-matrix (24 layers, this machine). Elsewhere the blocks cost nothing: one row is a
+other (`q[blocks, out, block_in]`, zero-padded), for XLA's CPU matrix-vector emitter (layout.py:
+a contiguous block per product ran the 0.5B shape's int8 down_proj in 6.2 ms per token instead
+of 11.3 ms for column slices of one matrix). Elsewhere the blocks cost nothing: one row is a
 multiply-reduce over them, more rows an einsum.
 """
 
@@ -25,11 +24,12 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from qwen_jax.layout import CPU_MATVEC_MAX_IN, LINEAR_LAYER_WEIGHTS, column_blocks, plain
+
 if TYPE_CHECKING:  # model.py imports this module for Int8Weight
     from qwen_jax.model import Params
 
-QUANTIZED_LAYER_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                           "down_proj")
+QUANTIZED_LAYER_WEIGHTS = LINEAR_LAYER_WEIGHTS
 
 
 @jax.tree_util.register_dataclass
@@ -40,16 +40,6 @@ class Int8Weight:
 
     q: jax.Array  # int8 [blocks, out, block_in]; columns past `in` are zero
     scale: jax.Array  # float32 [out]
-
-
-# The widest row XLA's CPU matrix-vector emitter reads directly (model.py explains it).
-CPU_MATVEC_MAX_IN = 3584
-
-
-def column_blocks(n_in: int, block: int = CPU_MATVEC_MAX_IN) -> tuple[int, int]:
-    """(count, width): the fewest equal-width blocks of at most `block` columns covering n_in."""
-    count = -(-n_in // block)
-    return count, -(-n_in // count)
 
 
 def quantize_option(value: str | None) -> str | None:
@@ -83,7 +73,7 @@ def quantize_params(params: Params) -> Params:
     The original params stay alive while this runs (both models in memory at the peak);
     `load_checkpoint(..., quantize="int8")` quantizes each tensor as it loads instead."""
     layers = [
-        replace(layer, **{name: quantize_int8(getattr(layer, name))
+        replace(layer, **{name: quantize_int8(plain(getattr(layer, name)))
                           for name in QUANTIZED_LAYER_WEIGHTS})
         for layer in params.layers
     ]
@@ -91,7 +81,7 @@ def quantize_params(params: Params) -> Params:
         params,
         embed=quantize_int8(params.embed),
         layers=layers,
-        lm_head=None if params.lm_head is None else quantize_int8(params.lm_head),
+        lm_head=None if params.lm_head is None else quantize_int8(plain(params.lm_head)),
     )
 
 

@@ -14,8 +14,9 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from qwen_jax.config import QwenConfig
+from qwen_jax.layout import BlockedWeight
 from qwen_jax.model import KVCache, LayerParams, Params
-from qwen_jax.quantize import QUANTIZED_LAYER_WEIGHTS, Int8Weight
+from qwen_jax.quantize import Int8Weight
 
 # Fused projection outputs (heads * head_dim) are named by their head axis: splitting them over
 # devices by whole heads keeps every head's head_dim on one device.
@@ -58,19 +59,24 @@ def param_logical_axes(cfg: QwenConfig) -> Params:
     return _param_axes(cfg.num_hidden_layers, tied=cfg.tie_word_embeddings)
 
 
-def _param_axes(num_layers: int, tied: bool, quantized: bool = False) -> Params:
-    def weight(axes: tuple[str, str]):
-        # An int8 weight's column blocks are a separate leading axis, never split.
-        return Int8Weight(q=("blocks", *axes), scale=axes[:1]) if quantized else axes
-
-    layer = {name: weight(axes) if name in QUANTIZED_LAYER_WEIGHTS else axes
-             for name, axes in _LAYER_AXES.items()}
+def _param_axes(num_layers: int, tied: bool) -> Params:
+    layer = LayerParams(**_LAYER_AXES)
     return Params(
-        embed=weight(("vocab", "embed")),
-        layers=[LayerParams(**layer) for _ in range(num_layers)],
+        embed=("vocab", "embed"),
+        layers=[layer for _ in range(num_layers)],
         final_norm=("embed",),
-        lm_head=None if tied else weight(("vocab", "embed")),
+        lm_head=None if tied else ("vocab", "embed"),
     )
+
+
+def _axes_like(axes: tuple[str, ...], w):
+    """A weight's logical axes in the shape of its pytree: column blocks (int8 weights, and wide
+    bf16 weights on the CPU) are never split across devices."""
+    if isinstance(w, Int8Weight):
+        return Int8Weight(q=("blocks", *axes), scale=axes[:1])
+    if isinstance(w, BlockedWeight):
+        return BlockedWeight(blocks=[axes] * len(w.blocks), n_in=w.n_in)
+    return axes
 
 
 def cache_logical_axes() -> KVCache:
@@ -106,8 +112,8 @@ def shard_params(
     params: Params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES
 ) -> Params:
     """Place every weight on `mesh` following `rules` (logical name -> mesh axis name or None)."""
-    axes = _param_axes(len(params.layers), tied=params.lm_head is None,
-                       quantized=isinstance(params.embed, Int8Weight))
+    axes = jax.tree.map(_axes_like, _param_axes(len(params.layers), tied=params.lm_head is None),
+                        params, is_leaf=_is_axes)
     return _shard(params, axes, mesh, rules)
 
 

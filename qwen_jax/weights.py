@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from qwen_jax.config import ConfigError, QwenConfig, load_config
+from qwen_jax.layout import LINEAR_LAYER_WEIGHTS, maybe_blocks, plain
 from qwen_jax.model import LayerParams, Params, layer_shapes
 from qwen_jax.quantize import QUANTIZED_LAYER_WEIGHTS, is_quantized, quantize_int8
 
@@ -121,7 +122,8 @@ def load_checkpoint(
     """Load a local Hugging Face Qwen2 snapshot directory into (config, params) of `dtype`.
 
     `quantize="int8"` stores the projection matrices and the embedding / lm_head as int8 with
-    per-row scales (quantize.py), each quantized as it reaches the device."""
+    per-row scales (quantize.py), each quantized as it reaches the device. Otherwise, on the CPU,
+    bf16 projection matrices wider than 3584 columns are stored as column blocks (layout.py)."""
     if quantize not in (None, "int8"):
         raise CheckpointError(f"unknown quantization {quantize!r} (supported: int8)")
     model_dir = Path(model_dir)
@@ -169,10 +171,13 @@ def load_checkpoint(
     bar.finish()
 
     quantized = (*QUANTIZED_LAYER_WEIGHTS, "embed", "lm_head") if quantize else ()
+    linear = (*LINEAR_LAYER_WEIGHTS, "lm_head")
 
     def to_device(leaf: str, layer: int | None = None):
         arr = jnp.asarray(host.pop((leaf, layer)), dtype=dtype)  # pop: free each host copy
-        return quantize_int8(arr) if leaf in quantized else arr
+        if leaf in quantized:
+            return quantize_int8(arr)
+        return maybe_blocks(arr) if leaf in linear else arr
 
     layers = [LayerParams(**{leaf: to_device(leaf, i) for leaf in _HF_LAYER_NAMES})
               for i in range(cfg.num_hidden_layers)]
@@ -187,7 +192,7 @@ def load_checkpoint(
 
 def _host_tensor(params: Params, leaf: str, layer: int | None) -> np.ndarray:
     arr = getattr(params, leaf) if layer is None else getattr(params.layers[layer], leaf)
-    return np.asarray(arr)
+    return np.asarray(plain(arr))
 
 
 def save_checkpoint(

@@ -1,0 +1,180 @@
+"""Column-block storage of wide bf16 weights on the CPU (layout.py): the round trip to the Hugging
+Face layout, the products, what the loaders store, and the compiled decode step reading the blocks
+without copies."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+
+from qwen_jax import layout, model
+from qwen_jax.config import QwenConfig
+from qwen_jax.layout import (
+    CPU_MATVEC_MAX_IN,
+    BlockedWeight,
+    block_wide_weights,
+    from_blocks,
+    plain_layout,
+    to_blocks,
+    wants_blocks,
+)
+from qwen_jax.model import forward, init_cache, init_params
+from qwen_jax.quantize import quantize_params
+from qwen_jax.sharding import make_mesh, shard_params
+from qwen_jax.weights import load_checkpoint, save_checkpoint
+
+ON_CPU = jax.default_backend() == "cpu"
+# One layer whose down_proj (in = 3600) is too wide for the CPU's matrix-vector emitter.
+WIDE = QwenConfig(vocab_size=256, hidden_size=64, intermediate_size=3600, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(out=st.integers(1, 9), n_in=st.integers(1, 3 * CPU_MATVEC_MAX_IN + 5),
+       block=st.sampled_from([7, 64, CPU_MATVEC_MAX_IN]), seed=st.integers(0, 2**16))
+def test_blocks_round_trip(out, n_in, block, seed):
+    """Blocks are at most `block` wide, as few as possible, zero past n_in, and give back w."""
+    w = jnp.asarray(np.random.default_rng(seed).standard_normal((out, n_in)), jnp.bfloat16)
+    b = to_blocks(w, block)
+    count, width = len(b.blocks), b.blocks[0].shape[1]
+    assert {a.shape for a in b.blocks} == {(out, width)}
+    assert width <= block and count == math.ceil(n_in / block)
+    assert b.n_in == n_in and count * width >= n_in
+    flat = np.concatenate([np.asarray(a.astype(jnp.float32)) for a in b.blocks], axis=1)
+    assert np.all(flat[:, n_in:] == 0)
+    np.testing.assert_array_equal(np.asarray(from_blocks(b)), np.asarray(w))
+
+
+def test_which_weights_are_blocked():
+    wide = jnp.zeros((8, CPU_MATVEC_MAX_IN + 1), jnp.bfloat16)
+    assert wants_blocks(wide, "cpu")
+    assert not wants_blocks(wide, "gpu")  # other backends read any width
+    assert not wants_blocks(wide.astype(jnp.float32), "cpu")  # float32 rows read at full speed
+    assert not wants_blocks(jnp.zeros((8, CPU_MATVEC_MAX_IN), jnp.bfloat16), "cpu")
+    params = init_params(WIDE, jax.random.PRNGKey(0), jnp.bfloat16)
+    blocked = block_wide_weights(params)
+    for layer in blocked.layers:
+        assert isinstance(layer.down_proj, BlockedWeight) == ON_CPU
+        assert not isinstance(layer.gate_proj, BlockedWeight)  # in = 64
+    assert isinstance(blocked.embed, jax.Array)  # token lookups read rows: never blocked
+    again = plain_layout(blocked)
+    assert jax.tree.structure(again) == jax.tree.structure(params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again),
+                                                    jax.tree.leaves(params)))
+
+
+@pytest.mark.parametrize("rows", [1, model._CPU_MATVEC_MAX_ROWS, model._CPU_MATVEC_MAX_ROWS + 1,
+                                  model._CPU_BF16_DOT_MAX_ROWS, model._CPU_BF16_DOT_MAX_ROWS + 1])
+@settings(max_examples=3, deadline=None)
+@given(n_in=st.sampled_from([3585, 4864, 7300]), seed=st.integers(0, 2**16))
+def test_blocked_linear_matches_float32_reference(rows, n_in, seed):
+    """x @ W.T with W as column blocks, by each row-count path, equals a float32 matmul of the
+    same bf16 inputs to bf16 rounding, and the plain weight's result to float32 rounding."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((1, rows, n_in)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((80, n_in)) * 0.05, jnp.bfloat16)
+    linear = jax.jit(model._linear)
+    got = np.asarray(linear(x, to_blocks(w)).astype(jnp.float32))
+    want = np.asarray(x.astype(jnp.float32)) @ np.asarray(w.astype(jnp.float32)).T
+    assert got.shape == (1, rows, 80)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() / scale < 2 ** -7
+    same = np.asarray(linear(x, w).astype(jnp.float32))
+    assert np.abs(got - same).max() / scale < 2 ** -7
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory):
+    params = init_params(WIDE, jax.random.PRNGKey(3), jnp.bfloat16)
+    return save_checkpoint(params, WIDE, tmp_path_factory.mktemp("wide")), params
+
+
+def test_load_stores_wide_bf16_weights_as_blocks_and_saves_them_plain(wide_checkpoint, tmp_path):
+    path, original = wide_checkpoint
+    cfg, params = load_checkpoint(path, jnp.bfloat16, progress=False)
+    assert cfg == WIDE
+    assert isinstance(params.layers[0].down_proj, BlockedWeight) == ON_CPU
+    _, f32 = load_checkpoint(path, jnp.float32, progress=False)
+    assert not any(isinstance(x, BlockedWeight) for x in f32.layers[0].__dict__.values())
+    np.testing.assert_array_equal(np.asarray(layout.plain(params.layers[1].down_proj)),
+                                  np.asarray(original.layers[1].down_proj))
+    # Saving writes the Hugging Face layout back: the same file contents.
+    again = load_file(save_checkpoint(params, cfg, tmp_path) / "model.safetensors")
+    first = load_file(path / "model.safetensors")
+    assert again.keys() == first.keys()
+    assert all(np.array_equal(again[k], first[k]) for k in first)
+    # int8 quantization of blocked params equals that of the plain ones.
+    qa, qb = quantize_params(params), quantize_params(original)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(qa), jax.tree.leaves(qb)))
+
+
+def test_forward_with_blocks_equals_plain_layout(wide_checkpoint):
+    """Prefill then decode steps (1 and 3 rows) give the logits of the plain layout."""
+    _, params = wide_checkpoint
+    blocked = block_wide_weights(params)
+    rng = np.random.default_rng(0)
+    f = jax.jit(forward, static_argnums=1, static_argnames=("kv_len",))
+    for batch in (1, 3):
+        tokens = rng.integers(0, WIDE.vocab_size, (batch, 7)).astype(np.int32)
+        pos = np.broadcast_to(np.arange(7, dtype=np.int32), tokens.shape)
+        outs = []
+        for p in (params, blocked):
+            cache = init_cache(WIDE, batch, 16, jnp.bfloat16)
+            first, cache = f(p, WIDE, tokens[:, :6], pos[:, :6], cache, kv_len=16)
+            second, _ = f(p, WIDE, tokens[:, 6:], pos[:, 6:], cache, kv_len=16)
+            outs.append((np.asarray(first), np.asarray(second)))
+        for a, b in zip(*outs):
+            np.testing.assert_allclose(b, a, rtol=0, atol=2e-2 * np.abs(a).max())
+
+
+def test_sharding_keeps_blocks_whole(wide_checkpoint):
+    _, params = wide_checkpoint
+    blocked = block_wide_weights(params)
+    sharded = shard_params(blocked, make_mesh(1))
+    assert jax.tree.structure(sharded) == jax.tree.structure(blocked)
+
+
+def _weight_copies(hlo: str, sizes: set[int]) -> list[str]:
+    """Top-level (materialised) bf16/f32 arrays of the compiled entry computation whose size is
+    one of `sizes`, parameters excluded."""
+    bad = []
+    for line in hlo[hlo.index("\nENTRY"):].splitlines():
+        m = re.match(r"\s*(?:ROOT )?%\S+ = (?:f32|bf16)\[([\d,]+)\]", line)
+        if (m and "parameter(" not in line
+                and math.prod(int(d) for d in m.group(1).split(",")) in sizes):
+            bad.append(line.strip()[:160])
+    return bad
+
+
+@pytest.mark.skipif(not ON_CPU, reason="checks XLA's CPU code generation")
+def test_cpu_decode_reads_blocks_without_copying_them():
+    """At the 0.5B layer shapes, the compiled 1- and 4-row decode steps materialise no copy of a
+    column block of down_proj; with the plain layout the 4-row step copies each column slice
+    (so the check can fail)."""
+    cfg = QwenConfig(vocab_size=1024, hidden_size=896, intermediate_size=4864,
+                     num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
+    blocked = jax.eval_shape(block_wide_weights, params)
+    blocks = [a.shape for a in blocked.layers[0].down_proj.blocks]
+    assert blocks == [(896, 2432)] * 2
+    sizes = {896 * 2432}
+
+    def step(params, tokens, positions, cache):
+        return forward(params, cfg, tokens, positions, cache, kv_len=64,
+                       logits_at=jnp.zeros(tokens.shape[:1], jnp.int32))
+
+    def copies(p, rows):
+        cache = jax.eval_shape(lambda: init_cache(cfg, rows, 64, jnp.bfloat16))
+        ids = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
+        return _weight_copies(jax.jit(step).lower(p, ids, ids, cache).compile().as_text(), sizes)
+
+    assert copies(blocked, 1) == [] and copies(blocked, 4) == []
+    assert copies(params, 4)
