@@ -3,7 +3,8 @@
 Numerics follow transformers' `modeling_qwen2.py`: RMSNorm statistics in float32 with the normalised
 value cast back to the activation dtype before the weight multiply, rotary angles in float32,
 softmax in float32. Weights keep the Hugging Face `(out_features, in_features)` layout and are
-applied as `x @ W.T`, so loading a checkpoint is a plain copy.
+applied as `x @ W.T`, so loading a checkpoint is a plain copy (on the CPU, a bf16 weight wider
+than 3584 columns is stored as column blocks instead: layout.py).
 
 The layers are a Python list and `forward` loops over them, like `nn.ModuleList`: XLA sees each
 layer's weights as separate arrays. (A `lax.scan` over stacked weights compiles faster on paper,
