@@ -4,6 +4,7 @@ without copies."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -178,3 +179,28 @@ def test_cpu_decode_reads_blocks_without_copying_them():
 
     assert copies(blocked, 1) == [] and copies(blocked, 4) == []
     assert copies(params, 4)
+
+
+def test_engine_serves_blocked_weights(wide_checkpoint):
+    """The serving engine on loaded (blocked) bf16 weights: two concurrent greedy requests give
+    the tokens of the same engine on the plain layout."""
+    from qwen_jax.engine import Engine, GenerationRequest
+    from qwen_jax.sampler import SamplingParams
+
+    path, _ = wide_checkpoint
+    _, params = load_checkpoint(path, jnp.bfloat16, progress=False)
+    params = dataclasses.replace(params, lm_head=params.lm_head * 10)  # well-separated argmaxes
+    assert any(isinstance(x, BlockedWeight) for x in jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, BlockedWeight))) == ON_CPU
+    prompts = [(5, 17, 99, 3), (200, 42, 7, 1, 8, 9)]
+    outs = []
+    for p in (params, plain_layout(params)):
+        engine = Engine(p, WIDE, max_slots=2, max_len=32)
+        try:
+            handles = [engine.submit(GenerationRequest(q, SamplingParams(temperature=0.0), 6))
+                       for q in prompts]
+            outs.append([[e.token for e in h.events(timeout=120) if e.token is not None]
+                         for h in handles])
+        finally:
+            engine.close()
+    assert outs[0] == outs[1] and all(len(t) == 6 for t in outs[0])
