@@ -39,6 +39,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_bytes() -> int:
+    """This process's current resident set size (VmRSS); 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs); False if unsupported."""
     try:
@@ -288,7 +299,9 @@ def _table(rec: dict[str, Any]) -> str:
                  f"batch {batch} / batch 1 = {rec['batch_speedup']:.2f}x")
     lines.append(f"peak RSS while serving {j['peak_rss_bytes'] / 2**30:.2f} GiB = "
                  f"{rec['memory_ratio']:.2f}x weights ({j['weight_bytes'] / 2**30:.2f} GiB) + "
-                 f"KV cache ({j['kv_cache_bytes'] / 2**30:.2f} GiB)")
+                 f"KV cache ({j['kv_cache_bytes'] / 2**30:.2f} GiB); without the "
+                 f"{rec['rss_before_weights_bytes'] / 2**30:.2f} GiB the process held before any "
+                 f"weights: {rec['memory_ratio_beyond_runtime']:.2f}x")
     if "error" in r:
         lines.append(f"transformers failed: {r['error'][-300:]}")
     return "\n".join(lines)
@@ -316,6 +329,9 @@ def run_bench(args: argparse.Namespace) -> int:
         except ImportError:
             rec["transformers"] = {"error": "transformers is not installed"}
             reference = False
+    # What the process holds before any weight (Python, JAX, numpy and their libraries): a cost
+    # that does not grow with the model, part of the peak below.
+    rec["rss_before_weights_bytes"] = rss_bytes()
     cfg, params, model_dir = _build(args)
     with tempfile.TemporaryDirectory() as tmp:
         if reference and model_dir is None:
@@ -334,6 +350,8 @@ def run_bench(args: argparse.Namespace) -> int:
     rec["bandwidth_fraction_b1"] = j["decode_b1_tok_s"] / rec["bandwidth_bound_tok_s"]
     rec["batch_speedup"] = j[f"decode_b{args.batch}_tok_s"] / j["decode_b1_tok_s"]
     rec["memory_ratio"] = j["peak_rss_bytes"] / (j["weight_bytes"] + j["kv_cache_bytes"])
+    rec["memory_ratio_beyond_runtime"] = (j["peak_rss_bytes"] - rec["rss_before_weights_bytes"]) / (
+        j["weight_bytes"] + j["kv_cache_bytes"])
     rec["machine"]["loadavg_after"] = _loadavg()
     print(_table(rec))
     if args.json:

@@ -28,3 +28,9 @@ def test_bench_measures_qwen_jax_and_transformers_on_the_demo(tmp_path):
     assert j["compiles_after_warmup"] == 0
     assert rec["batch_speedup"] == j["decode_b2_tok_s"] / j["decode_b1_tok_s"]
     assert rec["memory_ratio"] == j["peak_rss_bytes"] / (j["weight_bytes"] + j["kv_cache_bytes"])
+    # The runtime held before any weight is part of the peak, and the second ratio leaves it out.
+    before = rec["rss_before_weights_bytes"]
+    assert 0 < before < j["peak_rss_bytes"]
+    assert rec["memory_ratio_beyond_runtime"] == (j["peak_rss_bytes"] - before) / (
+        j["weight_bytes"] + j["kv_cache_bytes"])
+    assert "before any weights" in res.stdout
