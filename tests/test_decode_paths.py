@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from qwen_jax import model
 from qwen_jax.config import QwenConfig
+from qwen_jax.layout import block_wide_weights
 from qwen_jax.model import forward, init_cache, init_params
 from qwen_jax.quantize import quantize_params
 
@@ -118,6 +119,33 @@ def test_cpu_decode_step_reads_weights_without_float_copies(weights):
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 128, jnp.bfloat16))
     hlo = jax.jit(step).lower(params, prefill, prefill, cache).compile().as_text()
     assert _float_weight_copies(hlo, sizes)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
+def test_cpu_decode_reads_blocks_without_copying_them():
+    """At the 0.5B layer shapes, the compiled 1- and 4-row decode steps materialise no copy of a
+    column block of down_proj; with the plain layout the 4-row step copies each column slice
+    (so the check can fail)."""
+    cfg = QwenConfig(vocab_size=1024, hidden_size=896, intermediate_size=4864,
+                     num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
+    blocked = jax.eval_shape(block_wide_weights, params)
+    blocks = [a.shape for a in blocked.layers[0].down_proj.blocks]
+    assert blocks == [(896, 2432)] * 2
+    sizes = {896 * 2432}
+
+    def step(params, tokens, positions, cache):
+        return forward(params, cfg, tokens, positions, cache, kv_len=64,
+                       logits_at=jnp.zeros(tokens.shape[:1], jnp.int32))
+
+    def copies(p, rows):
+        cache = jax.eval_shape(lambda: init_cache(cfg, rows, 64, jnp.bfloat16))
+        ids = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
+        hlo = jax.jit(step).lower(p, ids, ids, cache).compile().as_text()
+        return _float_weight_copies(hlo, sizes)
+
+    assert copies(blocked, 1) == [] and copies(blocked, 4) == []
+    assert copies(params, 4)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU scheduling")
