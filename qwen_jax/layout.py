@@ -4,8 +4,9 @@ XLA's CPU matrix-vector emitter reads a weight row at full speed only while it h
 `CPU_MATVEC_MAX_IN` = 3584 columns, so model.py multiplies a wider weight (the MLP's down_proj:
 4864 columns at the Qwen2.5-0.5B shape, 18944 at 7B) one block of columns at a time. Column
 slices of one matrix are strided, and XLA reads them slower (one row) or copies each slice before
-its product (2-4 rows); a weight stored as contiguous blocks `[out, width]` avoids both:
-the 0.5B bf16 decode step went from 69 to 55 ms (median of 55 alternating calls, this machine).
+its product (2-4 rows); a weight stored as contiguous blocks `[out, width]` avoids both: the
+0.5B bf16 model step went from 62 to 51 ms at 1 row and from 198 to 168 ms at 4 (medians of 35
+calls alternating between the two layouts, this machine; benchmarks/README.md).
 The int8 weights of quantize.py use the same blocks.
 
 Only bfloat16 weights on the CPU are stored this way (`block_wide_weights`, applied by the

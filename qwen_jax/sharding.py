@@ -70,8 +70,8 @@ def _param_axes(num_layers: int, tied: bool) -> Params:
 
 
 def _axes_like(axes: tuple[str, ...], w):
-    """A weight's logical axes in the shape of its pytree: column blocks (int8 weights, and wide
-    bf16 weights on the CPU) are never split across devices."""
+    """A weight's logical axes in the shape of its pytree: an int8 weight's leading column-block
+    axis is never split; each block of a BlockedWeight takes the whole weight's axes."""
     if isinstance(w, Int8Weight):
         return Int8Weight(q=("blocks", *axes), scale=axes[:1])
     if isinstance(w, BlockedWeight):
