@@ -136,7 +136,8 @@ def test_forward_with_blocks_equals_plain_layout(wide_checkpoint):
             np.testing.assert_allclose(b, a, rtol=0, atol=2e-2 * np.abs(a).max())
 
 
-def test_sharding_keeps_blocks_whole(wide_checkpoint):
+def test_shard_params_takes_blocked_weights(wide_checkpoint):
+    """shard_params maps each block to the whole weight's axes (a tree mismatch raised before)."""
     _, params = wide_checkpoint
     blocked = block_wide_weights(params)
     sharded = shard_params(blocked, make_mesh(1))
