@@ -26,6 +26,7 @@ from qwen_jax.engine import (
     QueueFullError,
     backend_compile_count,
     pow2_bucket,
+    wait_idle,
 )
 from qwen_jax.generate import greedy_generate
 from qwen_jax.model import forward, init_params
@@ -45,11 +46,15 @@ def params():
     return dataclasses.replace(p, lm_head=p.lm_head * 10.0)
 
 
-@pytest.fixture(scope="module")
-def engine(params):
-    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, queue_size=8)
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "lookahead"])
+def engine(params, request):
+    """The shared engine, with and without lookahead (the next decode call dispatched before
+    the previous one's tokens are streamed: the default on accelerators, off on the CPU)."""
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, queue_size=8,
+                 lookahead=request.param)
     yield eng
     eng.close()
+    assert (eng.stats.lookahead_calls > 0) == request.param  # the path under test ran
 
 
 def run(engine: Engine, **kw) -> dict[int, list]:
@@ -268,7 +273,8 @@ def test_constraint_mask_is_respected(engine):
 
 
 def test_multi_step_decode_matches_single_step(params, engine):
-    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, steps_per_call=4)
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, steps_per_call=4,
+                 lookahead=engine.lookahead)
     try:
         for sampling in (SAMPLED, GREEDY):
             # One kv_len bucket (max_len 64): one extra compile per row bucket.
@@ -284,6 +290,44 @@ def test_multi_step_decode_matches_single_step(params, engine):
         assert eng.stats.decode_steps > eng.stats.decode_calls  # it did batch steps
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_lookahead_streams_what_the_plain_loop_streams(params, steps_per_call):
+    """Calls dispatched ahead are dropped for rows that end meanwhile (stop token, length,
+    cancel) and never reach a row admitted after them: every stream equals the plain loop's."""
+    def scenario(eng: Engine) -> list:
+        ref = tokens(run(eng, prompt=[2, 7], sampling=SAMPLED, max_tokens=30)[0])
+        stop = ref[max(i for i in range(12) if ref[i] not in ref[:i])]
+        hs = [eng.submit(request(prompt=[2, 7], sampling=SAMPLED, max_tokens=30,
+                                 stop_token_ids=(stop,))),
+              eng.submit(request(prompt=[5, 1, 5], sampling=SAMPLED, max_tokens=23, n=2)),
+              eng.submit(request(prompt=[9], max_tokens=9))]
+        out = [ref] + [{c: [(e.token, e.finish_reason) for e in evs]
+                        for c, evs in collect(h).items()} for h in hs]
+        wait_idle(eng)
+        # Tokens of dropped calls are neither streamed nor counted.
+        assert eng.stats.tokens == len(ref) + sum(
+            t is not None for o in out[1:] for evs in o.values() for t, _ in evs)
+        a = eng.submit(request(prompt=[3, 3], max_tokens=40, n=4))
+        next(a.events(timeout=TIMEOUT))
+        a.cancel()
+        out.append(sorted(e.finish_reason for e in a.events(timeout=TIMEOUT)
+                          if e.finish_reason)[-1:])
+        out.append(tokens(run(eng, prompt=[4, 4, 4], sampling=SAMPLED, max_tokens=20)[0]))
+        return out
+
+    results = {}
+    for lookahead in (False, True):
+        eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250,
+                     steps_per_call=steps_per_call, lookahead=lookahead)
+        try:
+            results[lookahead] = scenario(eng)
+            assert (eng.stats.lookahead_calls > 0) == lookahead
+        finally:
+            eng.close()
+    assert results[True] == results[False]
+    assert results[False][-2] == ["cancelled"]
 
 
 def test_decode_runs_only_the_busy_rows(params):
