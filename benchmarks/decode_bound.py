@@ -94,12 +94,12 @@ def raw_decode(params, cfg, context: int, steps: int) -> dict:
             "kv_len": kv_len, "kv_bytes_read": kv_read}
 
 
-def engine_decode(params, cfg, context: int, steps: int, batch: int, steps_per_call: int
-                  ) -> dict:
+def engine_decode(params, cfg, context: int, steps: int, batch: int, steps_per_call: int,
+                  lookahead: bool | None = None) -> dict:
     """Tokens/s through the serving engine: `batch` greedy requests of `steps` tokens each."""
     max_len = pow2_bucket(context + steps + steps_per_call + 1, 16, 1 << 20)
     eng = Engine(params, cfg, max_slots=batch, max_len=max_len, queue_size=batch,
-                 steps_per_call=steps_per_call)
+                 steps_per_call=steps_per_call, lookahead=lookahead)
     rng = np.random.default_rng(0)
     t = time.perf_counter()
     eng.warmup(prompt_lengths=[context], kv_lens=range(context, max_len + 1), rows=[batch])
@@ -118,7 +118,8 @@ def engine_decode(params, cfg, context: int, steps: int, batch: int, steps_per_c
                 list(h.events())
             dt = time.perf_counter() - t0
             out = {"tok_s": (eng.stats.tokens - n0) / dt, "batch": batch,
-                   "steps_per_call": steps_per_call, "compile_s": compile_s,
+                   "steps_per_call": steps_per_call, "lookahead": eng.lookahead,
+                   "compile_s": compile_s,
                    "compiles_after_warmup": eng.stats.compiles_after_warmup}
         wait_idle(eng)
     finally:
@@ -184,6 +185,12 @@ def main() -> None:
     rec.update(raw=raw, bound_tok_s=bound)
     rec["engine_b1"] = engine_decode(params, cfg, args.context, args.steps, 1, 1)
     rec["engine_b1_multi"] = engine_decode(params, cfg, args.context, args.steps, 1, 8)
+    # The same without lookahead where it is the default (the host streams between calls).
+    if rec["engine_b1"]["lookahead"]:
+        rec["engine_b1_plain"] = engine_decode(params, cfg, args.context, args.steps, 1, 1,
+                                               lookahead=False)
+        rec["engine_b1_multi_plain"] = engine_decode(params, cfg, args.context, args.steps, 1,
+                                                     8, lookahead=False)
     rec[f"engine_b{args.batch}"] = engine_decode(params, cfg, args.context, args.steps,
                                                  args.batch, 8)
     del params
@@ -199,6 +206,10 @@ def main() -> None:
             (f"model step, {args.steps} per call (scan)", raw["scan_tok_s"]),
             ("engine, batch 1", rec["engine_b1"]["tok_s"]),
             ("engine, batch 1, 8 steps per call", rec["engine_b1_multi"]["tok_s"])]
+    if "engine_b1_plain" in rec:
+        rows += [("engine, batch 1, no lookahead", rec["engine_b1_plain"]["tok_s"]),
+                 ("engine, batch 1, 8 per call, no lookahead",
+                  rec["engine_b1_multi_plain"]["tok_s"])]
     if args.reference:
         rows.append(("transformers generate, batch 1", rec["transformers"]["tok_s"]))
     for name, v in rows:
