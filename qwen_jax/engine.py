@@ -285,11 +285,11 @@ class Engine:
         `_step`). Default: on an accelerator with several steps per call, where the host's work
         between calls otherwise leaves the device idle (H100, 7B shapes, batch 1, 8 steps per
         call: 147 -> 170 tok/s in two runs, no change in a third); not with one step per call,
-        where it measured 1-10% slower there (a profile shows the dispatching thread held inside
-        each call for about as long as it runs, waiting in the sampler's `lax.cond`s, whose
-        predicates the GPU runtime reads on the host), nor on the CPU, where the host's work
-        between calls is under 0.1 ms and a call that a stop token makes useless costs a whole
-        step of both cores."""
+        where it measured 1-10% slower there (a profile of the 8-step program shows the
+        dispatching thread held inside the call for most of each step, waiting in a `lax.cond`
+        of the sampler, whose predicate the GPU runtime reads on the host), nor on the CPU,
+        where the host's work between calls is under 0.1 ms and a call that a stop token makes
+        useless costs a whole step of both cores."""
         if max_slots < 1 or max_len < 2 or queue_size < 0 or steps_per_call < 1:
             raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
         if row_buckets is None:
@@ -641,7 +641,7 @@ class Engine:
             if self._waiting:
                 return None
         k = call.k
-        after = [(r, r.generated + k, r.position + k) for i, r in call.rows]
+        after = [(r, r.generated + k, r.position + k) for _, r in call.rows]
         if any(self._slots[i] is not r or g >= r.handle.request.max_tokens
                for (i, r), (_, g, _) in zip(call.rows, after)):
             return None

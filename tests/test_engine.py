@@ -49,7 +49,7 @@ def params():
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "lookahead"])
 def engine(params, request):
     """The shared engine, with and without lookahead (the next decode call dispatched before
-    the previous one's tokens are streamed: the default on accelerators, off on the CPU)."""
+    the previous one's tokens are streamed; see test_lookahead_default for when it is on)."""
     eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, queue_size=8,
                  lookahead=request.param)
     yield eng
@@ -328,6 +328,17 @@ def test_lookahead_streams_what_the_plain_loop_streams(params, steps_per_call):
             eng.close()
     assert results[True] == results[False]
     assert results[False][-2] == ["cancelled"]
+
+
+@pytest.mark.parametrize("backend, steps, expected", [
+    ("cpu", 1, False), ("cpu", 8, False), ("gpu", 1, False), ("gpu", 8, True), ("tpu", 4, True)])
+def test_lookahead_default(params, monkeypatch, backend, steps, expected):
+    """On by default only on an accelerator with several steps per call (where it measured
+    faster); an explicit setting wins."""
+    monkeypatch.setattr("qwen_jax.engine.jax.default_backend", lambda: backend)
+    kw = dict(max_slots=2, max_len=64, row_buckets=[1], steps_per_call=steps, start=False)
+    assert Engine(params, CFG, **kw).lookahead is expected
+    assert Engine(params, CFG, lookahead=not expected, **kw).lookahead is (not expected)
 
 
 def test_decode_runs_only_the_busy_rows(params):
