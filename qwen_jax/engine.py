@@ -288,8 +288,8 @@ class Engine:
         where it measured 1-10% slower there (a profile of the 8-step program shows the
         dispatching thread held inside the call for most of each step, waiting in a `lax.cond`
         of the sampler, whose predicate the GPU runtime reads on the host), nor on the CPU,
-        where the host's work between calls is under 0.1 ms and a call that a stop token makes
-        useless costs a whole step of both cores."""
+        where it made no measurable difference at the 0.5B shape (bf16, 5 alternating pairs)
+        and a call that a stop token makes useless costs a whole step of both cores."""
         if max_slots < 1 or max_len < 2 or queue_size < 0 or steps_per_call < 1:
             raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
         if row_buckets is None:
