@@ -167,9 +167,7 @@ class _Call:
     slots: np.ndarray
     positions: np.ndarray
     steps: np.ndarray
-    allowed: jax.Array
     k: int
-    constrained: bool
 
 
 _SHARED_PROGRAMS: dict[tuple, Any] = {}
@@ -629,12 +627,12 @@ class Engine:
         k = 1 if constrained else self._steps_for(
             [(rows[i], rows[i].generated, rows[i].position) for i in active])
         return self._dispatch([(i, rows[i]) for i in active], slots, tokens, positions, steps,
-                              allowed, k, constrained=bool(constrained))
+                              allowed, k)
 
     def _launch_next(self, call: _Call) -> _Call | None:
         """Dispatch the call that will follow `call` if nothing can change it: every busy row
         is in `call`, none is constrained or ends by length inside it, and no request waits."""
-        if call.constrained or [i for i, _ in call.rows] != [
+        if any(r.constraint is not None for _, r in call.rows) or [i for i, _ in call.rows] != [
                 i for i, r in enumerate(self._slots) if r is not None]:
             return None
         with self._cond:
@@ -651,18 +649,17 @@ class Engine:
         steps[:n] += k
         self.stats.lookahead_calls += 1
         return self._dispatch(call.rows, call.slots, call.outs.tokens[-1], positions, steps,
-                              call.allowed, self._steps_for(after), constrained=False)
+                              self._all_allowed(len(call.slots)), self._steps_for(after))
 
     def _dispatch(self, rows: list[tuple[int, _Row]], slots: np.ndarray, tokens: Any,
-                  positions: np.ndarray, steps: np.ndarray, allowed: jax.Array, k: int, *,
-                  constrained: bool) -> _Call:
+                  positions: np.ndarray, steps: np.ndarray, allowed: jax.Array, k: int) -> _Call:
         kv_len = self._kv_bucket(int(positions.max()) + k)
         outs, self.cache, self.pstate = self._program("decode", kv_len, k, len(slots))(
             self.params, self.cache, self.pstate, self.sbatch, slots, tokens, positions, steps,
             allowed)
         self.stats.decode_calls += 1
         self.stats.decode_steps += k
-        return _Call(outs, rows, slots, positions, steps, allowed, k, constrained)
+        return _Call(outs, rows, slots, positions, steps, k)
 
     def _all_allowed(self, rows: int) -> jax.Array:
         if rows not in self._all_true:
