@@ -122,7 +122,6 @@ def _decode_rate(engine, prompts: list[list[int]], max_tokens: int) -> float:
 def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
               steps_per_call: int) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
 
     from qwen_jax.engine import Engine, GenerationRequest, pow2_bucket
     from qwen_jax.sampler import SamplingParams
@@ -137,7 +136,9 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
         t = time.perf_counter()
         # Every cache length decode can reach; warmup maps them to its kv_len buckets.
         reach = range(1, max(lengths) + decode_tokens + steps_per_call + 1)
-        engine.warmup(prompt_lengths=lengths, kv_lens=reach, rows=[1, batch])
+        # Prompts of L tokens (time to first token) prefill L-1; the prefill alone does L.
+        engine.warmup(prompt_lengths=[*lengths, *(n + 1 for n in lengths)], kv_lens=reach,
+                      rows=[1, batch])
         out["compile_s"] = time.perf_counter() - t
         out["compiles"] = engine.stats.compiles
         weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
@@ -146,16 +147,16 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
         out["rss_after_load_bytes"] = peak_rss_bytes()
         out["peak_rss_reset"] = reset_peak_rss()
 
-        # Prefill alone: the engine's prefill program on exactly L tokens.
+        # Prefill alone: the engine's prefill programs on exactly L tokens (in chunks of
+        # engine.prefill_chunk).
         out["prefill"] = {}
+        out["prefill_chunk"] = engine.prefill_chunk
         for n in lengths:
-            prog = engine._program("prefill", pow2_bucket(n, 16, max_len))
-            tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, pow2_bucket(n, 16, max_len)),
-                                              dtype=np.int32))
+            ids = rng.integers(0, cfg.vocab_size, n, dtype=np.int32)
             times = []
             for _ in range(REPEATS):
                 t = time.perf_counter()
-                engine.cache = prog(engine.params, engine.cache, tokens, np.int32(0))
+                engine._prefill_tokens(ids, 0)
                 jax.block_until_ready(engine.cache)
                 times.append(time.perf_counter() - t)
             s = statistics.median(times)

@@ -47,6 +47,8 @@ MIN_BUCKET = 16
 # Decode attends to a power-of-two prefix of the cache of at least this length: below it the
 # attention is cheap next to reading the weights, and each bucket is another compiled program.
 DECODE_MIN_KV = 256
+# Prompt tokens per prefill call: long prompts are prefilled in chunks of this many tokens.
+PREFILL_CHUNK = 512
 TOP_LOGPROBS_MAX = 20
 
 
@@ -144,6 +146,17 @@ class _Row:
     position: int  # where next_token's key/value goes
     generated: int = 0  # tokens sampled so far (the sampler's step counter)
     constraint: Constraint | None = None
+    ready: bool = True  # False while its prompt is being prefilled (not yet in decode calls)
+
+
+@dataclass
+class _Prefill:
+    """A request whose prompt is being prefilled, one chunk per engine iteration."""
+    handle: RequestHandle
+    rows: list[tuple[int, _Row]]  # (slot, row) per choice; the prompt goes into the first slot
+    head: np.ndarray  # the prompt minus its last token
+    plan: list[tuple[int, int, int]]  # (start, bucket, kv_len) per call, see _prefill_plan
+    done: int = 0  # calls run so far
 
 
 @dataclass
@@ -153,7 +166,8 @@ class _Stats:
     decode_calls: int = 0
     decode_steps: int = 0
     lookahead_calls: int = 0  # decode calls dispatched before the previous call's tokens streamed
-    prefills: int = 0
+    prefills: int = 0  # prompts prefilled
+    prefill_calls: int = 0  # prefill chunks run
     tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -204,6 +218,31 @@ def pow2_bucket(n: int, lo: int, hi: int) -> int:
     return min(b, hi)
 
 
+def all_buckets(max_len: int) -> list[int]:
+    """Every power-of-two bucket from MIN_BUCKET up, capped at (and ending with) max_len."""
+    out, b = [], MIN_BUCKET
+    while True:
+        out.append(min(b, max_len))
+        if b >= max_len:
+            return out
+        b *= 2
+
+
+def prefill_plan(n: int, chunk: int, max_len: int) -> list[tuple[int, int, int]]:
+    """(start, length bucket, kv_len) of each prefill call for n prompt tokens.
+
+    At most `chunk` tokens per call, so the attention scores of a long prompt never exist all
+    at once (a single 8192-token call at the 0.5B shape needed 10.6 GiB of temporaries). The
+    remainder goes first, padded to its bucket and attending to itself; then full chunks, each
+    attending to the power-of-two cache prefix that its last position needs. The first call's
+    padding is overwritten by the next chunk, and the calls' programs are the same for every
+    prompt length: one per length bucket up to `chunk`, then one per kv_len bucket."""
+    first = n - chunk * ((n - 1) // chunk)  # in [1, chunk]
+    b = pow2_bucket(first, MIN_BUCKET, max_len)
+    return [(0, b, b)] + [(s, chunk, pow2_bucket(s + chunk, chunk, max_len))
+                          for s in range(first, n, chunk)]
+
+
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     """Use JAX's persistent compilation cache so a restarted server does not compile again.
 
@@ -222,11 +261,12 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
 # The device functions (pure; jitted per engine so their compile caches can be counted).
 
 
-def _prefill(params, cache: KVCache, tokens, slot, *, cfg: QwenConfig) -> KVCache:
-    """Prefill tokens[1, T] (right-padded) into cache row `slot`."""
-    t = tokens.shape[1]
-    positions = jnp.arange(t, dtype=jnp.int32)[None]
-    _, cache = forward(params, cfg, tokens, positions, cache, kv_len=t,
+def _prefill(params, cache: KVCache, tokens, slot, start, *, cfg: QwenConfig,
+             kv_len: int) -> KVCache:
+    """Prefill tokens[1, T] (right-padded) at positions start.. into cache row `slot`; they
+    attend to the first kv_len cache entries (the row's earlier chunks and themselves)."""
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    _, cache = forward(params, cfg, tokens, positions, cache, kv_len=kv_len,
                        logits_at=jnp.zeros((1,), jnp.int32), cache_rows=slot[None])
     return cache
 
@@ -255,7 +295,9 @@ def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allo
                                 kv_len=kv_len, logits_at=zeros, cache_rows=slots)
         out = S.sample(logits, sb, ps, steps, allowed, vocab_limit=vocab_limit)
         ps = S.update_penalty_state(ps, out.tokens)
-        return (cache, ps, out.tokens, positions + 1, steps + 1), out
+        # A padding row (position -1) stays out of the cache for all the call's steps.
+        positions = jnp.where(positions < 0, positions, positions + 1)
+        return (cache, ps, out.tokens, positions, steps + 1), out
 
     carry = (cache, ps, tokens, positions, steps)
     (cache, ps, *_), outs = jax.lax.scan(step, carry, None, length=num_steps)
@@ -271,7 +313,8 @@ class Engine:
 
     def __init__(self, params: Any, cfg: QwenConfig, *, max_slots: int = 8, max_len: int = 2048,
                  vocab_limit: int | None = None, queue_size: int = 64,
-                 steps_per_call: int = 1, cache_dtype: Any = None,
+                 steps_per_call: int = 1, prefill_chunk: int = PREFILL_CHUNK,
+                 cache_dtype: Any = None,
                  row_buckets: Sequence[int] | None = None, lookahead: bool | None = None,
                  start: bool = True) -> None:
         """`row_buckets`: the decode batch sizes compiled (busy rows are padded up to the next
@@ -290,6 +333,8 @@ class Engine:
         and a call that a stop token makes useless costs a whole step of both cores."""
         if max_slots < 1 or max_len < 2 or queue_size < 0 or steps_per_call < 1:
             raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
+        if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"prefill_chunk must be a power of two >= {MIN_BUCKET}")
         if row_buckets is None:
             pow2 = [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots]
             row_buckets = pow2 if jax.default_backend() == "cpu" else [1]
@@ -300,6 +345,7 @@ class Engine:
         self.max_slots, self.max_len, self.queue_size = max_slots, max_len, queue_size
         self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
         self.steps_per_call = steps_per_call
+        self.prefill_chunk = prefill_chunk
         if lookahead is None:
             lookahead = jax.default_backend() != "cpu" and steps_per_call > 1
         self.lookahead = lookahead
@@ -314,7 +360,8 @@ class Engine:
         # Compiled programs, one per static signature, built explicitly (AOT) so that warm-up
         # compiles without running (no 8k-token prefill at start-up) and compiles are counted.
         self._jit = {
-            "prefill": jax.jit(partial(_prefill, cfg=cfg), donate_argnums=(1,)),
+            "prefill": jax.jit(partial(_prefill, cfg=cfg), static_argnames=("kv_len",),
+                               donate_argnums=(1,)),
             "copy": jax.jit(_copy_row, donate_argnums=(0,)),
             "decode": jax.jit(partial(_decode, cfg=cfg, vocab_limit=self.vocab_limit),
                               static_argnames=("kv_len", "num_steps"), donate_argnums=(1, 2)),
@@ -323,6 +370,7 @@ class Engine:
         self.stats = _Stats()
         self._warm = False
         self._slots: list[_Row | None] = [None] * max_slots
+        self._prefills: list[_Prefill] = []  # admitted requests still prefilling, oldest first
         self._dirty: set[int] = set()  # freed rows whose sampling params are stale
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._cond = threading.Condition()
@@ -353,14 +401,15 @@ class Engine:
         """Compile prefill for the buckets of `prompt_lengths` (default: every bucket) and decode
         for the kv_len buckets of the cache lengths `kv_lens` and the row buckets of `rows` busy
         rows (defaults: all); afterwards any compile is logged as a warning."""
-        buckets = sorted({self._prefill_bucket(max(1, n - 1)) for n in prompt_lengths} if
-                         prompt_lengths is not None else self._all_buckets())
+        heads = ([max(1, n - 1) for n in prompt_lengths] if prompt_lengths is not None
+                 else self._all_buckets())
+        prefills = sorted({(b, kv) for n in heads for _, b, kv in self._prefill_plan(n)})
         kvs = sorted({self._kv_bucket(n) for n in kv_lens} if kv_lens is not None
                      else self._all_kv_buckets())
         t0 = time.perf_counter()
         with self._device_lock:
-            for b in buckets:
-                self._program("prefill", b)
+            for b, kv in prefills:
+                self._program("prefill", b, kv)
             self._program("copy")
             for kv in kvs:
                 for k in sorted({1, self.steps_per_call}):
@@ -409,13 +458,11 @@ class Engine:
     def _prefill_bucket(self, n: int) -> int:
         return pow2_bucket(n, MIN_BUCKET, self.max_len)
 
+    def _prefill_plan(self, n: int) -> list[tuple[int, int, int]]:
+        return prefill_plan(n, self.prefill_chunk, self.max_len)
+
     def _all_buckets(self) -> list[int]:
-        out, b = [], MIN_BUCKET
-        while True:
-            out.append(min(b, self.max_len))
-            if b >= self.max_len:
-                return out
-            b *= 2
+        return all_buckets(self.max_len)
 
     def _kv_bucket(self, n: int) -> int:
         return pow2_bucket(n, DECODE_MIN_KV, self.max_len)
@@ -439,7 +486,8 @@ class Engine:
             return prog
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
         if kind == "prefill":
-            args = (self.params, self.cache, jax.ShapeDtypeStruct((1, key[0]), jnp.int32), i32)
+            args = (self.params, self.cache, jax.ShapeDtypeStruct((1, key[0]), jnp.int32), i32,
+                    i32)
         elif kind == "copy":
             args = (self.cache, i32, i32)
         else:
@@ -452,7 +500,8 @@ class Engine:
         prog = _SHARED_PROGRAMS.get(shared_key)
         if prog is None:
             t0 = time.perf_counter()
-            static = dict(kv_len=key[0], num_steps=key[1]) if kind == "decode" else {}
+            static = (dict(kv_len=key[0], num_steps=key[1]) if kind == "decode" else
+                      dict(kv_len=key[1]) if kind == "prefill" else {})
             prog = _SHARED_PROGRAMS[shared_key] = self._jit[kind].lower(*specs, **static).compile()
             self.stats.compiles += 1
             self.stats.extra["compile_s"] = self.stats.extra.get("compile_s", 0.0) + (
@@ -480,8 +529,11 @@ class Engine:
                         break
                 self._handle_cancels()
                 self._admit()
-                if any(self._slots):
-                    with self._device_lock:
+                with self._device_lock:
+                    # One chunk of each prompt being prefilled, then one decode call for the
+                    # rows already generating: a long prompt delays other streams by a chunk.
+                    self._advance_prefills()
+                    if any(r is not None and r.ready for r in self._slots):
                         self._step()
         except Exception as e:  # a bug or a device failure: fail every request, refuse new ones
             log.exception("engine thread died")
@@ -499,8 +551,10 @@ class Engine:
                                        reason))
 
     def _handle_cancels(self) -> None:
+        # A row still prefilling keeps its slot until the prefill ends (the prompt is written to
+        # its request's first slot): _advance_prefills handles those.
         for i, row in enumerate(self._slots):
-            if row is not None and row.choice in row.handle.cancel_requested:
+            if row is not None and row.ready and row.choice in row.handle.cancel_requested:
                 self._finish(i, None, "cancelled")
         with self._cond:
             keep = collections.deque()
@@ -513,7 +567,8 @@ class Engine:
             self._waiting = keep
 
     def _admit(self) -> None:
-        """Move waiting requests (FIFO) into free slots while all their choices fit."""
+        """Move waiting requests (FIFO) into free slots while all their choices fit; their
+        prompts are then prefilled by _advance_prefills."""
         while True:
             with self._cond:
                 free = [i for i, r in enumerate(self._slots) if r is None]
@@ -521,38 +576,78 @@ class Engine:
                     return
                 handle = self._waiting.popleft()
                 r = handle.request
-                slots = free[: r.n]
+                rows = []
                 # Reserve the slots now so submit() sees them as taken.
-                for c, i in enumerate(slots):
+                for c, i in enumerate(free[: r.n]):
                     self._slots[i] = _Row(handle, c, int(r.prompt_ids[-1]), len(r.prompt_ids) - 1,
-                                          constraint=r.constraints[c] if r.constraints else None)
+                                          constraint=r.constraints[c] if r.constraints else None,
+                                          ready=False)
+                    rows.append((i, self._slots[i]))
+            # The last prompt token goes through the decode step, which samples the first token.
+            head = np.asarray(r.prompt_ids[:-1], np.int32)
+            plan = self._prefill_plan(len(head)) if len(head) else []
+            self._prefills.append(_Prefill(handle, rows, head, plan))
+
+    def _advance_prefills(self) -> None:
+        """Run the next prefill chunk of every admitted request; a request whose prompt is
+        done gets its other choices' cache rows and its sampling rows, and joins decode."""
+        for p in list(self._prefills):
+            if any(self._slots[i] is not row for i, row in p.rows):  # ended (engine failure)
+                self._prefills.remove(p)
+                continue
+            if len(p.handle.cancel_requested) == len(p.rows):  # no need to finish the prompt
+                self._prefills.remove(p)
+                for i, _ in p.rows:
+                    self._finish(i, None, "cancelled")
+                continue
             try:
-                with self._device_lock:
-                    self._prefill_into(r, slots)
+                if p.done < len(p.plan):
+                    self._prefill_call(p.head, p.rows[0][0], p.plan, p.done)
+                    p.done += 1
+                if p.done == len(p.plan):
+                    self._prefills.remove(p)
+                    self._join(p)
             except Exception as e:  # e.g. invalid sampling params reaching the sampler
                 log.exception("prefill failed")
-                for i in slots:
+                if p in self._prefills:
+                    self._prefills.remove(p)
+                for i, _ in p.rows:
                     self._finish(i, None, "error", f"{type(e).__name__}: {e}")
-            for c, i in enumerate(slots):
-                if c in handle.cancel_requested:
-                    self._finish(i, None, "cancelled")
 
-    def _prefill_into(self, r: GenerationRequest, slots: list[int]) -> None:
-        ids = np.asarray(r.prompt_ids, np.int32)
+    def _join(self, p: _Prefill) -> None:
+        """The prompt of `p` is in its first slot: copy it to the other choices' slots, set
+        their sampling and penalty rows, and let them decode."""
+        r = p.handle.request
         seed = S.resolve_seed(r.sampling)  # one seed for all choices; they differ by choice
-        head = ids[:-1]  # the last prompt token goes through the decode step
-        if len(head):
-            b = self._prefill_bucket(len(head))
-            tokens = np.zeros((1, b), np.int32)
-            tokens[0, : len(head)] = head
-            self.cache = self._program("prefill", b)(self.params, self.cache, tokens,
-                                                     np.int32(slots[0]))
+        ids = np.asarray(r.prompt_ids, np.int32)
+        first = p.rows[0][0]
+        if len(p.head):
             self.stats.prefills += 1
-        for c, i in enumerate(slots):
-            if c and len(head):
-                self.cache = self._program("copy")(self.cache, np.int32(slots[0]), np.int32(i))
+        for c, (i, _) in enumerate(p.rows):
+            if c and len(p.head):
+                self.cache = self._program("copy")(self.cache, np.int32(first), np.int32(i))
             self.sbatch = S.set_row(self.sbatch, i, r.sampling, self.vocab_limit, c, seed=seed)
             self.pstate = S.set_penalty_row(self.pstate, i, ids)
+        for c, (i, row) in enumerate(p.rows):
+            row.ready = True
+            if c in p.handle.cancel_requested:
+                self._finish(i, None, "cancelled")
+
+    def _prefill_tokens(self, ids: np.ndarray, slot: int) -> None:
+        """Write the keys and values of ids (positions 0..) into cache row `slot`."""
+        plan = self._prefill_plan(len(ids))
+        for call in range(len(plan)):
+            self._prefill_call(ids, slot, plan, call)
+
+    def _prefill_call(self, ids: np.ndarray, slot: int, plan: list[tuple[int, int, int]],
+                      call: int) -> None:
+        start, b, kv = plan[call]
+        end = plan[call + 1][0] if call + 1 < len(plan) else len(ids)
+        tokens = np.zeros((1, b), np.int32)
+        tokens[0, : end - start] = ids[start:end]
+        self.cache = self._program("prefill", b, kv)(self.params, self.cache, tokens,
+                                                     np.int32(slot), np.int32(start))
+        self.stats.prefill_calls += 1
 
     def _step(self) -> None:
         """Run one decode call and stream its tokens. With lookahead, the call after it is
@@ -580,7 +675,7 @@ class Engine:
     def _launch(self) -> _Call | None:
         """Plan a decode call from the rows' host state and dispatch it."""
         rows = self._slots
-        active = [i for i, r in enumerate(rows) if r is not None]
+        active = [i for i, r in enumerate(rows) if r is not None and r.ready]
 
         # Host-side grammar masks (by slot), only when some row is constrained.
         masks: dict[int, np.ndarray] = {}
@@ -603,11 +698,13 @@ class Engine:
             if not active:
                 return None
 
-        # The busy rows first, padded to a row bucket with free slots (position -1: the model
-        # writes and attends nothing for them, and their idle sampling params are greedy).
+        # The busy rows first, padded to a row bucket with other slots, free ones first
+        # (position -1: the model writes and attends nothing for them; a free row's sampling
+        # params are greedy, and a row still prefilling gets its own when it joins).
         R = self._row_bucket(len(active))
-        free = [i for i, r in enumerate(rows) if r is None]
-        slots = np.asarray(active + free[: R - len(active)], np.int32)
+        others = sorted(set(range(self.max_slots)) - set(active),
+                        key=lambda i: rows[i] is not None)
+        slots = np.asarray(active + others[: R - len(active)], np.int32)
         tokens = np.zeros(R, np.int32)
         positions = np.full(R, -1, np.int32)
         steps = np.zeros(R, np.int32)
@@ -718,9 +815,10 @@ class Engine:
         self._wake()
 
     def _reset_free_rows(self) -> None:
-        """Give freed rows greedy params again, so an idle row never forces the sampled path."""
+        """Give freed rows greedy params again, so an idle row never forces the sampled path
+        (a row still prefilling is padding too until it joins with its own params)."""
         for i in sorted(self._dirty):
-            if self._slots[i] is None:
+            if self._slots[i] is None or not self._slots[i].ready:
                 self.sbatch = S.set_row(self.sbatch, i, S.IDLE_PARAMS, seed=0)
         self._dirty.clear()
 

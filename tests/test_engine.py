@@ -24,8 +24,10 @@ from qwen_jax.engine import (
     Engine,
     GenerationRequest,
     QueueFullError,
+    all_buckets,
     backend_compile_count,
     pow2_bucket,
+    prefill_plan,
     wait_idle,
 )
 from qwen_jax.generate import greedy_generate
@@ -80,7 +82,7 @@ def tokens(events) -> list[int]:
 
 @jax.jit
 def _last_logits(params, ids, length):
-    """Cache-free causal forward of ids[1, 64] (right-padded); logits at index length - 1."""
+    """Cache-free causal forward of ids[1, L] (right-padded); logits at index length - 1."""
     logits, _ = forward(params, CFG, ids, jnp.arange(ids.shape[1])[None])
     return logits[0, length - 1]
 
@@ -89,7 +91,7 @@ def argmax_continuation(params, prompt, n) -> list[int]:
     """Greedy by recomputing the whole sequence with the cache-free forward each step."""
     ids = list(prompt)
     for _ in range(n):
-        padded = np.zeros((1, 64), np.int32)
+        padded = np.zeros((1, pow2_bucket(len(ids), 64, 1 << 20)), np.int32)
         padded[0, : len(ids)] = ids
         ids.append(int(jnp.argmax(_last_logits(params, padded, len(ids))[:250])))
     return ids[len(prompt):]
@@ -165,17 +167,20 @@ def test_n_choices_differ_and_are_reproducible(engine):
                                                       max_tokens=6)[0])
 
 
-def test_no_recompile_in_steady_state(params):
-    # Same shapes as the shared engine: its programs are reused (and count as not compiled here).
-    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, queue_size=4)
+@pytest.mark.parametrize("chunk", [512, 16])
+def test_no_recompile_in_steady_state(params, chunk):
+    # Chunk 512: the shared engine's shapes, whose programs are reused (and count as not
+    # compiled here); 16: prompts over 17 tokens are prefilled in several calls.
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, queue_size=4,
+                 prefill_chunk=chunk)
     try:
         eng.warmup()
         run(eng, prompt=[1, 2], max_tokens=2)  # the sampler's small row-update helpers
         run(eng, prompt=[1, 2], sampling=SAMPLED, max_tokens=2)
         before = backend_compile_count()
         compiles = eng.stats.compiles
-        for n in range(3, 15):  # prompt lengths 3..14: prefill bucket 16; kv_len 64 (max_len)
-            run(eng, prompt=list(range(1, n + 1)), max_tokens=4 + n,
+        for n in [*range(3, 15), 17, 18, 33, 40]:  # prefill buckets 16-64, chunked or not
+            run(eng, prompt=list(range(1, n + 1)), max_tokens=min(4 + n, 64 - n),
                 sampling=SAMPLED if n % 2 else GREEDY)
         assert backend_compile_count() == before
         assert eng.stats.compiles == compiles and eng.stats.compiles_after_warmup == 0
@@ -406,3 +411,164 @@ def test_release_freed_memory_returns_heap_pages_to_the_os():
     assert release_freed_memory()
     assert before - rss_mb() > 100, (before, rss_mb())
     del sentinel
+
+
+# ---------------------------------------------------------------- chunked prefill
+
+@settings(max_examples=200, deadline=None)
+@given(max_len=st.integers(2, 600), chunk=st.sampled_from([16, 32, 64, 128]), data=st.data())
+def test_prefill_plan_covers_the_prompt_in_chunks(max_len, chunk, data):
+    n = data.draw(st.integers(1, max_len - 1))
+    plan = prefill_plan(n, chunk, max_len)
+    ends = [s for s, _, _ in plan[1:]] + [n]
+    assert plan[0][0] == 0
+    for (start, b, kv), end in zip(plan, ends):
+        assert 0 < end - start <= b <= min(chunk, max_len)  # no call holds more than a chunk
+        assert end <= kv <= max_len  # every position it writes or reads is attended
+        assert b == pow2_bucket(end - start, 16, max_len) or b == chunk
+        assert kv == pow2_bucket(kv, 16, max_len)  # a power of two or max_len
+        assert start == 0 or b == chunk and start + b == end  # only the first call is padded
+    assert plan[0][2] == plan[0][1]  # the first call attends to itself
+    # One program per length bucket up to the chunk, then one per kv_len bucket.
+    keys = {(b, kv) for m in range(1, max_len) for _, b, kv in prefill_plan(m, chunk, max_len)}
+    assert len(keys) <= 2 * max_len.bit_length()
+    # Warm-up plans one prompt per bucket; that covers every prompt length's programs.
+    assert keys <= {(b, kv) for m in all_buckets(max_len)
+                    for _, b, kv in prefill_plan(m, chunk, max_len)}
+
+
+def test_chunked_prefill_matches_one_call(engine, params):
+    """Prompts prefilled 16 tokens at a time give the tokens of the cache-free forward and of
+    the shared engine (one prefill call), also for n=2 choices sampled from a shared prefill."""
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, prefill_chunk=16)
+    try:
+        for n in (16, 17, 33, 50):
+            prompt = [(7 * i + 3) % 250 for i in range(n)]
+            calls = eng.stats.prefill_calls
+            got = tokens(run(eng, prompt=prompt, max_tokens=8)[0])
+            assert eng.stats.prefill_calls - calls == len(eng._prefill_plan(n - 1)) == -(
+                -(n - 1) // 16)
+            assert got == argmax_continuation(params, prompt, 8)
+            assert got == tokens(run(engine, prompt=prompt, max_tokens=8)[0])
+        prompt = list(range(40, 85))
+        sampled = dataclasses.replace(SAMPLED, seed=5)
+        a = run(eng, prompt=prompt, sampling=sampled, max_tokens=6, n=2)
+        b = run(engine, prompt=prompt, sampling=sampled, max_tokens=6, n=2)
+        assert [tokens(a[c]) for c in range(2)] == [tokens(b[c]) for c in range(2)]
+    finally:
+        eng.close()
+
+
+def test_long_prefill_interleaves_with_decode(params, monkeypatch):
+    """While a long prompt is prefilled chunk by chunk, a stream already generating gets a
+    token between chunks instead of waiting for the whole prompt."""
+    from qwen_jax.engine import RequestHandle
+
+    order: list = []
+    emit = RequestHandle._emit
+
+    def logged(self, ev):
+        order.append((self, ev.token))
+        emit(self, ev)
+
+    monkeypatch.setattr(RequestHandle, "_emit", logged)
+    eng = Engine(params, CFG, max_slots=2, max_len=128, vocab_limit=250, prefill_chunk=16,
+                 lookahead=False)
+    try:
+        a = eng.submit(request(prompt=[1, 2, 3], max_tokens=60))
+        stream = a.events(timeout=TIMEOUT)
+        next(stream)
+        order.append("submitted")
+        b = eng.submit(request(prompt=list(range(5, 105)), max_tokens=3))
+        chunks = len(eng._prefill_plan(99))
+        b_events = collect(b)[0]
+        rest = list(stream)
+        assert len(tokens(b_events)) == 3 and len(rest) == 59
+        since = order[order.index("submitted") + 1:]
+        first_b = next(j for j, (h, _) in enumerate(since) if h is b)
+        # One decode call of `a` per chunk of `b` (the last one decodes both).
+        assert sum(h is a for h, _ in since[:first_b]) >= chunks - 1 >= 6
+    finally:
+        eng.close()
+
+
+def test_cancel_during_prefill(params):
+    """A request cancelled while its prompt is prefilled stops before its next chunk and frees
+    its slots; one cancelled choice of two ends alone, the other is served."""
+    eng = Engine(params, CFG, max_slots=2, max_len=128, vocab_limit=250, prefill_chunk=16)
+    try:
+        run(eng, prompt=[1, 2], max_tokens=1)  # the engine thread is up and idle
+        long_prompt = list(range(5, 105))
+
+        def admitted_then(cancel, n):
+            with eng._device_lock:  # the engine admits but cannot prefill until released
+                h = eng.submit(request(prompt=long_prompt, max_tokens=4, n=n))
+                wait_until(lambda: eng.snapshot()["waiting"] == 0)
+                cancel(h)
+            return h
+
+        calls = eng.stats.prefill_calls
+        h = admitted_then(lambda h: h.cancel(), 2)
+        evs = collect(h)
+        assert [e.finish_reason for c in (0, 1) for e in evs[c]] == ["cancelled"] * 2
+        assert eng.stats.prefill_calls == calls  # no chunk ran for it
+        wait_idle(eng)
+
+        h = admitted_then(lambda h: h.cancel(1), 2)
+        evs = collect(h)
+        assert [e.finish_reason for e in evs[1]] == ["cancelled"]
+        assert tokens(evs[0]) == argmax_continuation(params, long_prompt, 4)
+        assert eng.stats.prefill_calls - calls == len(eng._prefill_plan(99))
+        wait_idle(eng)
+        assert eng.snapshot()["active"] == 0
+    finally:
+        eng.close()
+
+
+def wait_until(cond, timeout: float = TIMEOUT) -> None:
+    import time
+
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.001)
+
+
+def test_chunked_prefill_bounds_attention_memory():
+    """At the 0.5B model's attention shape (14 query heads, 2 kv heads), a 4095-token prompt
+    prefilled in chunks of 512 needs a fraction of the temporaries of one 4096-token call,
+    whose [heads, T, T] float32 scores alone are 0.9 GiB."""
+    cfg = QwenConfig(vocab_size=256, hidden_size=896, intermediate_size=256, num_hidden_layers=1,
+                     num_attention_heads=14, num_key_value_heads=2)
+    p = init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+
+    def peak_temp(chunk: int) -> int:
+        eng = Engine(p, cfg, max_slots=1, max_len=4096, prefill_chunk=chunk, start=False)
+        keys = {(b, kv) for _, b, kv in eng._prefill_plan(4095)}
+        return max(eng._program("prefill", *k).memory_analysis().temp_size_in_bytes
+                   for k in keys)
+
+    chunked, whole = peak_temp(512), peak_temp(4096)
+    scores = 14 * 512 * 4096 * 4  # one chunk's float32 scores over the whole cache
+    assert chunked <= 4 * scores, (chunked, scores)
+    assert whole >= 4 * chunked, (whole, chunked)
+
+
+def test_decode_padding_leaves_a_prefilling_row_alone(params):
+    """A decode call of several steps pads its rows with other slots, here one whose prompt is
+    still being prefilled: the padding must not write into that row's cache."""
+    eng = Engine(params, CFG, max_slots=4, max_len=128, vocab_limit=250, prefill_chunk=16,
+                 steps_per_call=4, row_buckets=[4])
+    try:
+        a = eng.submit(request(prompt=[1, 2, 3], max_tokens=80))
+        stream = a.events(timeout=TIMEOUT)
+        next(stream)
+        prompt = list(range(5, 25))  # prefilled as 3 tokens (padded to 16), then 16
+        got = run(eng, prompt=prompt, max_tokens=4, logprobs=True)[0]
+        assert eng.stats.decode_steps > eng.stats.decode_calls  # multi-step calls ran
+        list(stream)
+        alone = run(eng, prompt=prompt, max_tokens=4, logprobs=True)[0]
+        assert tokens(got) == tokens(alone) == argmax_continuation(params, prompt, 4)
+        assert [e.logprob for e in got] == pytest.approx([e.logprob for e in alone], abs=1e-5)
+    finally:
+        eng.close()
