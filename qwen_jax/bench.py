@@ -120,7 +120,7 @@ def _decode_rate(engine, prompts: list[list[int]], max_tokens: int) -> float:
 
 
 def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
-              steps_per_call: int) -> dict[str, Any]:
+              steps_per_call: int, prefill_chunk: int | None = None) -> dict[str, Any]:
     import jax
 
     from qwen_jax.engine import Engine, GenerationRequest, pow2_bucket
@@ -131,7 +131,8 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
     out: dict[str, Any] = {"max_len": max_len, "steps_per_call": steps_per_call}
 
     engine = Engine(params, cfg, max_slots=batch, max_len=max_len, queue_size=batch,
-                    steps_per_call=steps_per_call)
+                    steps_per_call=steps_per_call,
+                    **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}))
     try:
         t = time.perf_counter()
         # Every cache length decode can reach; warmup maps them to its kv_len buckets.
@@ -348,7 +349,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if not args.model:  # random weights: laid out as load_checkpoint lays out a checkpoint
             params = quantize_params(params) if rec["quantize"] else block_wide_weights(params)
         rec["qwen_jax"] = j = bench_jax(params, cfg, lengths, args.decode_tokens, args.batch,
-                                         args.steps_per_call)
+                                         args.steps_per_call,
+                                         getattr(args, "prefill_chunk", None))
         del params  # the child needs the memory more than we do
         if reference:
             rec["transformers"] = _run_reference(model_dir, args, lengths)

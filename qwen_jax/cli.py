@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode steps per device call (default: 8 on an accelerator, where it saves host "
         "round trips, 1 on the CPU); grammar-constrained rows always take one step per call",
     )
+    serve.add_argument(
+        "--prefill-chunk", type=int, default=None,
+        help="prompt tokens per prefill call, a power of two >= 16 (default 512): longer "
+        "prompts are prefilled in chunks, with decode steps for other requests in between",
+    )
 
     bench = sub.add_parser("bench", help="measure prefill, time to first token and decode speed")
     bench.add_argument("--model", default=None, help="checkpoint dir (default: random weights)")
@@ -58,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory read bandwidth for the decode bound (measured: 33 GB/s)")
     bench.add_argument("--steps-per-call", type=int, default=1,
                        help="decode steps per compiled call in the engine")
+    bench.add_argument("--prefill-chunk", type=int, default=None,
+                       help="prompt tokens per prefill call in the engine (default 512)")
 
     gen = sub.add_parser("generate", help="render one chat message and generate a reply")
     gen.add_argument("prompt")

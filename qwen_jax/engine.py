@@ -5,17 +5,20 @@ rows ("slots"), prefills their prompt, and from then on every decode step advanc
 at once, each with its own position, sampling parameters, penalty counts, grammar mask and PRNG
 stream. A row that finishes (EOS, max_tokens, cancel, error) frees its slot immediately.
 
-How a request enters the batch: the prompt minus its last token, padded to a power-of-two length
-bucket, is prefilled into the request's first slot and copied to its other slots (one per
-choice, so n choices share one prefill); the last prompt token is then fed by the ordinary decode
-step, which samples the first new token. Prefill and decode therefore share one sampling path.
+How a request enters the batch: the prompt minus its last token is prefilled into the request's
+first slot and copied to its other slots (one per choice, so n choices share one prefill); the
+last prompt token is then fed by the ordinary decode step, which samples the first new token.
+Prefill and decode therefore share one sampling path. A long prompt is prefilled in chunks of
+`prefill_chunk` tokens, one chunk per engine iteration with a decode call for the other rows in
+between, so its attention scores never exist all at once and the other streams keep going.
 A decode step runs only the busy rows (padded with free slots to a row bucket), gathered from
 and scattered back to their slots inside the compiled program. With lookahead (by default on an
 accelerator with several steps per call) the next decode call is dispatched, from the last tokens
 still on the device, before the host streams the previous call's tokens.
 
-Everything on device has static shapes: prefill is compiled once per prompt bucket, decode once
-per (power-of-two `kv_len` bucket >= DECODE_MIN_KV, steps-per-call, row bucket), so nothing
+Everything on device has static shapes: prefill is compiled once per power-of-two length bucket
+up to the chunk and once per `kv_len` bucket of the chunks after it, decode once per
+(power-of-two `kv_len` bucket >= DECODE_MIN_KV, steps-per-call, row bucket), so nothing
 recompiles in steady state.
 """
 

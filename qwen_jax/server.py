@@ -622,12 +622,21 @@ def _load_or_report(args: Any):
 
 def serve(args: Any) -> int:
     """`qwen-jax serve`: load, build the engine, run the threaded WSGI server until Ctrl-C."""
-    from qwen_jax.engine import Engine, enable_compilation_cache
+    from qwen_jax.engine import MIN_BUCKET, PREFILL_CHUNK, Engine, enable_compilation_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing is not news
     api_key = args.api_key or os.environ.get("QWEN_JAX_API_KEY") or None
+    # Flags that need no model are checked before loading one (which can take minutes).
+    steps = getattr(args, "steps_per_call", None)
+    steps = default_steps_per_call() if steps is None else steps
+    if steps < 1:
+        return _fail("--steps-per-call must be at least 1")
+    chunk = getattr(args, "prefill_chunk", None)
+    chunk = PREFILL_CHUNK if chunk is None else chunk
+    if chunk < MIN_BUCKET or chunk & (chunk - 1):
+        return _fail(f"--prefill-chunk must be a power of two >= {MIN_BUCKET}, got {chunk}")
     loaded = _load_or_report(args)
     if loaded is None:
         return 2
@@ -647,13 +656,9 @@ def serve(args: Any) -> int:
           f"{kv / 2**30:.2f} GiB ({args.dtype})"
           + (", int8 weights" if is_quantized(params) else ""), flush=True)
     enable_compilation_cache()
-    steps = getattr(args, "steps_per_call", None)
-    steps = default_steps_per_call() if steps is None else steps
-    if steps < 1:
-        return _fail("--steps-per-call must be at least 1")
     engine = Engine(params, cfg, max_slots=args.max_num_seqs, max_len=max_len,
                     vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,
-                    steps_per_call=steps)
+                    steps_per_call=steps, prefill_chunk=chunk)
     t = time.perf_counter()
     if not getattr(args, "no_warmup", False):
         engine.warmup()

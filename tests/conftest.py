@@ -166,8 +166,10 @@ def live_server(served_checkpoint, tmp_path_factory):
     """One `qwen-jax serve` subprocess for the whole session (float32, tiny, API key on)."""
     log_path = tmp_path_factory.mktemp("server-log") / "server.log"
     proc, url = start_server(
+        # Prompts over 64 tokens (tools, long histories) are prefilled in several chunks.
         ["--model", str(served_checkpoint), "--dtype", "float32", "--max-model-len", "1024",
-         "--max-num-seqs", "4", "--max-queue", "2", "--api-key", LIVE_API_KEY],
+         "--max-num-seqs", "4", "--max-queue", "2", "--api-key", LIVE_API_KEY,
+         "--prefill-chunk", "64"],
         log_path,
     )
     server = LiveServer(proc, url, LIVE_API_KEY, served_checkpoint.name, log_path)

@@ -281,22 +281,44 @@ def test_concurrent_requests_do_not_mix(client, live_server):
     assert results == alone
 
 
-def test_greedy_matches_transformers(client, live_server, served_checkpoint, qwen_tokenizer):
+LONG_HISTORY = [
+    {"role": "user", "content": "Name three rivers in Europe and say where each one starts."},
+    {"role": "assistant", "content": "The Danube starts in the Black Forest in Germany, the "
+     "Rhine in the Swiss Alps, and the Loire in the Massif Central in France."},
+    {"role": "user", "content": "Which of them is the longest, and which seas do they reach? "
+     "Answer in one sentence for each river, then count to five."},
+]
+
+
+@pytest.mark.parametrize("msgs", [[{"role": "user", "content": "Count to five."}], LONG_HISTORY],
+                         ids=["short", "chunked"])
+def test_greedy_matches_transformers(client, live_server, served_checkpoint, qwen_tokenizer,
+                                     msgs):
     torch = pytest.importorskip("torch")
     from transformers import Qwen2ForCausalLM
 
-    msgs = [{"role": "user", "content": "Count to five."}]
     # Prompt rendered by our render_chat (its byte-equality with the official template is
     # tested in test_chat_template.py).
     ids = qwen_tokenizer.encode(render_chat(msgs))
+    # The live server prefills 64 tokens per call: the long history takes two (the prompt
+    # minus its last token is prefilled).
+    assert (len(ids) - 1 > 64) == (msgs is LONG_HISTORY)
     model = Qwen2ForCausalLM.from_pretrained(served_checkpoint, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                             eos_token_id=list(qwen_tokenizer.eos_token_ids), pad_token_id=0)
-    new = [t for t in out[0, len(ids):].tolist() if t not in qwen_tokenizer.eos_token_ids]
+                             eos_token_id=list(qwen_tokenizer.eos_token_ids), pad_token_id=0,
+                             return_dict_in_generate=True, output_logits=True)
+    seq = out.sequences[0, len(ids):].tolist()
+    new = [t for t in seq if t not in qwen_tokenizer.eos_token_ids]
     expected = qwen_tokenizer.decode(new, skip_special_tokens=True)
-    r = chat(client, live_server, messages=msgs, max_tokens=12, temperature=0)
+    r = chat(client, live_server, messages=msgs, max_tokens=12, temperature=0, logprobs=True)
     assert r.choices[0].message.content == expected
+    # The tokens of a random model barely depend on the context; their logprobs do. The server
+    # normalises over the tokenizer's ids (the embedding has padding rows beyond them).
+    ref = [float(torch.log_softmax(step[0, : qwen_tokenizer.vocab_size], -1)[t])
+           for step, t in zip(out.logits, seq)]
+    got = [c.logprob for c in r.choices[0].logprobs.content]
+    assert got == pytest.approx(ref[: len(got)], abs=1e-4)
 
 
 # --------------------------------------------------------------------------- errors (http.client)

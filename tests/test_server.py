@@ -334,6 +334,24 @@ def test_serve_missing_model_exits_cleanly(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--prefill-chunk", "100", "--prefill-chunk must be a power of two >= 16, got 100"),
+    ("--prefill-chunk", "8", "--prefill-chunk must be a power of two >= 16, got 8"),
+    ("--steps-per-call", "0", "--steps-per-call must be at least 1"),
+])
+def test_serve_rejects_bad_engine_flags_before_loading(tmp_path, flag, value, message):
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+    p = subprocess.run(
+        [sys.executable, "-m", "qwen_jax.cli", "serve", "--model", "Qwen/Qwen2.5-7B-Instruct",
+         flag, value],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent, timeout=120,
+    )
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert "huggingface-cli download" not in p.stderr  # failed before looking for the model
+    assert "Traceback" not in p.stderr
+
+
 def test_choose_dtype_auto_prefers_float32_on_cpu_only_when_it_fits():
     from qwen_jax.config import PRESETS
     from qwen_jax.model import param_count
