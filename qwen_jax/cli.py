@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--prefill-chunk", type=int, default=None,
-        help="prompt tokens per prefill call, a power of two >= 16 (default 512): longer "
-        "prompts are prefilled in chunks, with decode steps for other requests in between",
+        help="prompt tokens per prefill call, a power of two >= 16 (default: 512 on the CPU, "
+        "2048 on an accelerator): longer prompts are prefilled in chunks, with decode steps "
+        "for other requests in between",
     )
 
     bench = sub.add_parser("bench", help="measure prefill, time to first token and decode speed")
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps-per-call", type=int, default=1,
                        help="decode steps per compiled call in the engine")
     bench.add_argument("--prefill-chunk", type=int, default=None,
-                       help="prompt tokens per prefill call in the engine (default 512)")
+                       help="prompt tokens per prefill call in the engine (default: the "
+                       "engine's, 512 on the CPU)")
 
     gen = sub.add_parser("generate", help="render one chat message and generate a reply")
     gen.add_argument("prompt")

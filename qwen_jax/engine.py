@@ -50,8 +50,6 @@ MIN_BUCKET = 16
 # Decode attends to a power-of-two prefix of the cache of at least this length: below it the
 # attention is cheap next to reading the weights, and each bucket is another compiled program.
 DECODE_MIN_KV = 256
-# Prompt tokens per prefill call: long prompts are prefilled in chunks of this many tokens.
-PREFILL_CHUNK = 512
 TOP_LOGPROBS_MAX = 20
 
 
@@ -221,6 +219,14 @@ def pow2_bucket(n: int, lo: int, hi: int) -> int:
     return min(b, hi)
 
 
+def default_prefill_chunk(backend: str | None = None) -> int:
+    """Prompt tokens per prefill call. On the CPU 512: the fastest of 256-2048 for a 2048-token
+    prompt at the 0.5B shape (bf16: 92 tok/s, against 81 in one call). On an accelerator 2048:
+    each call also reads all the weights once (7B: about 5 ms on an H100, next to about 11 ms of
+    matrix products for 512 tokens), so larger chunks waste less."""
+    return 512 if (backend or jax.default_backend()) == "cpu" else 2048
+
+
 def all_buckets(max_len: int) -> list[int]:
     """Every power-of-two bucket from MIN_BUCKET up, capped at (and ending with) max_len."""
     out, b = [], MIN_BUCKET
@@ -316,7 +322,7 @@ class Engine:
 
     def __init__(self, params: Any, cfg: QwenConfig, *, max_slots: int = 8, max_len: int = 2048,
                  vocab_limit: int | None = None, queue_size: int = 64,
-                 steps_per_call: int = 1, prefill_chunk: int = PREFILL_CHUNK,
+                 steps_per_call: int = 1, prefill_chunk: int | None = None,
                  cache_dtype: Any = None,
                  row_buckets: Sequence[int] | None = None, lookahead: bool | None = None,
                  start: bool = True) -> None:
@@ -324,6 +330,8 @@ class Engine:
         one). Default: every power of two below max_slots on the CPU, where a step costs about
         as much per row as a batch-1 step; 1 and max_slots on an accelerator, where a decode
         step costs about the same for any batch (it reads the weights once).
+
+        `prefill_chunk`: prompt tokens per prefill call (default: `default_prefill_chunk()`).
 
         `lookahead`: dispatch each decode call before streaming the previous one's tokens (see
         `_step`). Default: on an accelerator with several steps per call, where the host's work
@@ -336,6 +344,8 @@ class Engine:
         and a call that a stop token makes useless costs a whole step of both cores."""
         if max_slots < 1 or max_len < 2 or queue_size < 0 or steps_per_call < 1:
             raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
+        if prefill_chunk is None:
+            prefill_chunk = default_prefill_chunk()
         if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk must be a power of two >= {MIN_BUCKET}")
         if row_buckets is None:
@@ -457,9 +467,6 @@ class Engine:
             raise ValueError(f"need one constraint per choice ({r.n}), got {len(r.constraints)}")
         if not 0 <= r.top_logprobs <= TOP_LOGPROBS_MAX:
             raise ValueError(f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}]")
-
-    def _prefill_bucket(self, n: int) -> int:
-        return pow2_bucket(n, MIN_BUCKET, self.max_len)
 
     def _prefill_plan(self, n: int) -> list[tuple[int, int, int]]:
         return prefill_plan(n, self.prefill_chunk, self.max_len)

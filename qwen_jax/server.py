@@ -622,7 +622,12 @@ def _load_or_report(args: Any):
 
 def serve(args: Any) -> int:
     """`qwen-jax serve`: load, build the engine, run the threaded WSGI server until Ctrl-C."""
-    from qwen_jax.engine import MIN_BUCKET, PREFILL_CHUNK, Engine, enable_compilation_cache
+    from qwen_jax.engine import (
+        MIN_BUCKET,
+        Engine,
+        default_prefill_chunk,
+        enable_compilation_cache,
+    )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -634,7 +639,7 @@ def serve(args: Any) -> int:
     if steps < 1:
         return _fail("--steps-per-call must be at least 1")
     chunk = getattr(args, "prefill_chunk", None)
-    chunk = PREFILL_CHUNK if chunk is None else chunk
+    chunk = default_prefill_chunk() if chunk is None else chunk
     if chunk < MIN_BUCKET or chunk & (chunk - 1):
         return _fail(f"--prefill-chunk must be a power of two >= {MIN_BUCKET}, got {chunk}")
     loaded = _load_or_report(args)

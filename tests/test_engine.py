@@ -26,6 +26,7 @@ from qwen_jax.engine import (
     QueueFullError,
     all_buckets,
     backend_compile_count,
+    default_prefill_chunk,
     pow2_bucket,
     prefill_plan,
     wait_idle,
@@ -435,6 +436,15 @@ def test_prefill_plan_covers_the_prompt_in_chunks(max_len, chunk, data):
     # Warm-up plans one prompt per bucket; that covers every prompt length's programs.
     assert keys <= {(b, kv) for m in all_buckets(max_len)
                     for _, b, kv in prefill_plan(m, chunk, max_len)}
+
+
+def test_default_prefill_chunk_by_backend(params):
+    assert default_prefill_chunk("cpu") == 512
+    assert default_prefill_chunk("gpu") == default_prefill_chunk("tpu") == 2048
+    eng = Engine(params, CFG, max_slots=1, max_len=64, start=False)
+    assert eng.prefill_chunk == default_prefill_chunk(jax.default_backend())
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(params, CFG, max_slots=1, max_len=64, prefill_chunk=48, start=False)
 
 
 def test_chunked_prefill_matches_one_call(engine, params):
