@@ -469,6 +469,31 @@ def test_chunked_prefill_matches_one_call(engine, params):
         eng.close()
 
 
+@pytest.fixture(scope="module")
+def chunk16_engine(params):
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, prefill_chunk=16)
+    yield eng
+    eng.close()
+
+
+@settings(max_examples=5, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=3), seed=st.integers(0, 99))
+def test_concurrent_chunked_prefills_match_one_call_alone(engine, chunk16_engine, lengths,
+                                                           seed):
+    """Several prompts prefilled 16 tokens at a time, concurrently and interleaved with each
+    other's decode steps, give the tokens each gives alone with one prefill call."""
+    sampling = dataclasses.replace(SAMPLED, seed=seed)
+    prompts = [[(seed + 11 * i + 5 * j) % 250 for j in range(n)] for i, n in enumerate(lengths)]
+    handles = [chunk16_engine.submit(request(prompt=p, sampling=sampling,
+                                             max_tokens=min(6, 64 - len(p))))
+               for p in prompts]
+    together = [tokens(collect(h)[0]) for h in handles]
+    alone = [tokens(run(engine, prompt=p, sampling=sampling, max_tokens=min(6, 64 - len(p)))[0])
+             for p in prompts]
+    assert together == alone
+
+
 def test_long_prefill_interleaves_with_decode(params, monkeypatch):
     """While a long prompt is prefilled chunk by chunk, a stream already generating gets a
     token between chunks instead of waiting for the whole prompt."""
