@@ -318,6 +318,10 @@ def run_bench(args: argparse.Namespace) -> int:
     lengths = _parse_lengths(args.prompt_lengths)
     if args.decode_tokens < 2 or args.batch < 1:
         raise SystemExit("--decode-tokens must be >= 2 and --batch >= 1")
+    chunk = getattr(args, "prefill_chunk", None)
+    if getattr(args, "steps_per_call", 1) < 1 or chunk is not None and (
+            chunk < 16 or chunk & (chunk - 1)):
+        raise SystemExit("--steps-per-call must be >= 1 and --prefill-chunk a power of two >= 16")
     rec: dict[str, Any] = {"machine": machine(), "preset": None if args.model else args.preset,
                            "model": args.model, "dtype": args.dtype, "prompt_lengths": lengths,
                            "decode_tokens": args.decode_tokens, "batch": args.batch,

@@ -12,7 +12,8 @@ def test_bench_measures_qwen_jax_and_transformers_on_the_demo(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run(
         [sys.executable, "-m", "qwen_jax.cli", "bench", "--preset", "demo",
-         "--prompt-lengths", "16", "--decode-tokens", "4", "--batch", "2", "--json", str(out)],
+         "--prompt-lengths", "16,40", "--prefill-chunk", "16", "--decode-tokens", "4",
+         "--batch", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "compiles after warm-up: 0" in res.stdout
@@ -24,7 +25,9 @@ def test_bench_measures_qwen_jax_and_transformers_on_the_demo(tmp_path):
             assert len(runs) == 3 and all(r > 0 for r in runs)
             assert side[f"decode_b{b}_tok_s"] == statistics.median(runs)
         assert side["prefill"]["16"]["tokens_per_s"] > 0 and side["peak_rss_bytes"] > 0
+        assert side["prefill"]["40"]["tokens_per_s"] > 0
     j = rec["qwen_jax"]
+    assert j["prefill_chunk"] == 16  # 40 tokens: three prefill calls, all warmed up
     assert j["compiles_after_warmup"] == 0
     assert rec["batch_speedup"] == j["decode_b2_tok_s"] / j["decode_b1_tok_s"]
     assert rec["memory_ratio"] == j["peak_rss_bytes"] / (j["weight_bytes"] + j["kv_cache_bytes"])
@@ -34,3 +37,12 @@ def test_bench_measures_qwen_jax_and_transformers_on_the_demo(tmp_path):
     assert rec["memory_ratio_beyond_runtime"] == (j["peak_rss_bytes"] - before) / (
         j["weight_bytes"] + j["kv_cache_bytes"])
     assert "before any weights" in res.stdout
+
+
+def test_bench_rejects_a_bad_prefill_chunk():
+    res = subprocess.run(
+        [sys.executable, "-m", "qwen_jax.cli", "bench", "--preset", "demo", "--no-reference",
+         "--prefill-chunk", "24"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "--prefill-chunk a power of two >= 16" in res.stderr
+    assert "Traceback" not in res.stderr
