@@ -317,13 +317,12 @@ def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allo
     positions[R], sample, repeat. Running only the busy rows matters on a CPU, where a step costs
     about as much per row as a batch-1 step."""
     rows = partial(jax.tree_util.tree_map, lambda a: a[slots])
-    sb, ps = rows(sbatch), rows(pstate)
-    zeros = jnp.zeros(tokens.shape, jnp.int32)
+    sb, ps = rows(sbatch), rows(pstate)  # gathered once, scattered back after the last step
 
     def step(carry, _):
         cache, ps, tokens, positions, steps = carry
-        logits, cache = forward(params, cfg, tokens[:, None], positions[:, None], cache,
-                                kv_len=kv_len, logits_at=zeros, cache_rows=slots)
+        logits, cache = _forward_rows(params, cache, slots, tokens, positions, cfg=cfg,
+                                      kv_len=kv_len)
         out = S.sample(logits, sb, ps, steps, allowed, vocab_limit=vocab_limit)
         ps = S.update_penalty_state(ps, out.tokens)
         # A padding row (position -1) stays out of the cache for all the call's steps.
