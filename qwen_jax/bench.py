@@ -131,8 +131,7 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
     out: dict[str, Any] = {"max_len": max_len, "steps_per_call": steps_per_call}
 
     engine = Engine(params, cfg, max_slots=batch, max_len=max_len, queue_size=batch,
-                    steps_per_call=steps_per_call,
-                    **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}))
+                    steps_per_call=steps_per_call, prefill_chunk=prefill_chunk)
     try:
         t = time.perf_counter()
         # Every cache length decode can reach; warmup maps them to its kv_len buckets.
@@ -318,10 +317,15 @@ def run_bench(args: argparse.Namespace) -> int:
     lengths = _parse_lengths(args.prompt_lengths)
     if args.decode_tokens < 2 or args.batch < 1:
         raise SystemExit("--decode-tokens must be >= 2 and --batch >= 1")
-    chunk = getattr(args, "prefill_chunk", None)
-    if getattr(args, "steps_per_call", 1) < 1 or chunk is not None and (
-            chunk < 16 or chunk & (chunk - 1)):
-        raise SystemExit("--steps-per-call must be >= 1 and --prefill-chunk a power of two >= 16")
+    if getattr(args, "steps_per_call", 1) < 1:
+        raise SystemExit("--steps-per-call must be >= 1")
+    if getattr(args, "prefill_chunk", None) is not None:
+        from qwen_jax.engine import check_prefill_chunk
+
+        try:
+            check_prefill_chunk(args.prefill_chunk)
+        except ValueError as e:
+            raise SystemExit(f"--{e}".replace("_", "-", 1)) from None
     rec: dict[str, Any] = {"machine": machine(), "preset": None if args.model else args.preset,
                            "model": args.model, "dtype": args.dtype, "prompt_lengths": lengths,
                            "decode_tokens": args.decode_tokens, "batch": args.batch,

@@ -157,8 +157,7 @@ class _Prefill:
     handle: RequestHandle
     rows: list[tuple[int, _Row]]  # (slot, row) per choice; the prompt goes into the first slot
     head: np.ndarray  # the prompt minus its last token
-    plan: list[tuple[int, int, int]]  # (start, bucket, kv_len) per call, see _prefill_plan
-    done: int = 0  # calls run so far
+    done: int = 0  # prefill calls run so far
 
 
 @dataclass
@@ -230,6 +229,13 @@ def default_prefill_chunk(backend: str | None = None) -> int:
     return 512 if (backend or jax.default_backend()) == "cpu" else 2048
 
 
+def check_prefill_chunk(chunk: int) -> int:
+    """`chunk` if it is a valid prefill chunk (a power of two >= MIN_BUCKET), else ValueError."""
+    if chunk < MIN_BUCKET or chunk & (chunk - 1):
+        raise ValueError(f"prefill_chunk must be a power of two >= {MIN_BUCKET}, got {chunk}")
+    return chunk
+
+
 def all_buckets(max_len: int) -> list[int]:
     """Every power-of-two bucket from MIN_BUCKET up, capped at (and ending with) max_len."""
     out, b = [], MIN_BUCKET
@@ -292,6 +298,14 @@ def _copy_row(cache: KVCache, src, dst) -> KVCache:
     return jax.tree_util.tree_map(cp, cache)
 
 
+def _gather_rows(tree: Any, slots) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[slots], tree)
+
+
+def _scatter_rows(tree: Any, part: Any, slots) -> Any:
+    return jax.tree_util.tree_map(lambda full, p: full.at[slots].set(p), tree, part)
+
+
 def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: QwenConfig,
                   kv_len: int):
     """One decode step's model half: logits[R, V] of tokens[R] at positions[R] in the R cache
@@ -303,12 +317,11 @@ def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: Qwen
 def _sample_rows(logits, pstate, sbatch, slots, steps, allowed, *, vocab_limit: int):
     """One decode step's sampling half, for the rows `slots`: outputs shaped as _decode's for
     one step, and the penalty state with the sampled tokens counted."""
-    rows = partial(jax.tree_util.tree_map, lambda a: a[slots])
-    ps = rows(pstate)
-    out = S.sample(logits, rows(sbatch), ps, steps, allowed, vocab_limit=vocab_limit)
+    ps = _gather_rows(pstate, slots)
+    out = S.sample(logits, _gather_rows(sbatch, slots), ps, steps, allowed,
+                   vocab_limit=vocab_limit)
     ps = S.update_penalty_state(ps, out.tokens)
-    pstate = jax.tree_util.tree_map(lambda full, part: full.at[slots].set(part), pstate, ps)
-    return jax.tree_util.tree_map(lambda x: x[None], out), pstate
+    return jax.tree_util.tree_map(lambda x: x[None], out), _scatter_rows(pstate, ps, slots)
 
 
 def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allowed, *,
@@ -316,8 +329,8 @@ def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allo
     """`num_steps` decode steps for the R cache rows `slots` (distinct): feed tokens[R] at
     positions[R], sample, repeat. Running only the busy rows matters on a CPU, where a step costs
     about as much per row as a batch-1 step."""
-    rows = partial(jax.tree_util.tree_map, lambda a: a[slots])
-    sb, ps = rows(sbatch), rows(pstate)  # gathered once, scattered back after the last step
+    # Gathered once, scattered back after the last step.
+    sb, ps = _gather_rows(sbatch, slots), _gather_rows(pstate, slots)
 
     def step(carry, _):
         cache, ps, tokens, positions, steps = carry
@@ -331,8 +344,7 @@ def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allo
 
     carry = (cache, ps, tokens, positions, steps)
     (cache, ps, *_), outs = jax.lax.scan(step, carry, None, length=num_steps)
-    pstate = jax.tree_util.tree_map(lambda full, part: full.at[slots].set(part), pstate, ps)
-    return outs, cache, pstate
+    return outs, cache, _scatter_rows(pstate, ps, slots)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +379,7 @@ class Engine:
             raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
         if prefill_chunk is None:
             prefill_chunk = default_prefill_chunk()
-        if prefill_chunk < MIN_BUCKET or prefill_chunk & (prefill_chunk - 1):
-            raise ValueError(f"prefill_chunk must be a power of two >= {MIN_BUCKET}")
+        check_prefill_chunk(prefill_chunk)
         if row_buckets is None:
             pow2 = [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots]
             row_buckets = pow2 if jax.default_backend() == "cpu" else [1]
@@ -635,9 +646,7 @@ class Engine:
                                           ready=False)
                     rows.append((i, self._slots[i]))
             # The last prompt token goes through the decode step, which samples the first token.
-            head = np.asarray(r.prompt_ids[:-1], np.int32)
-            plan = self._prefill_plan(len(head)) if len(head) else []
-            self._prefills.append(_Prefill(handle, rows, head, plan))
+            self._prefills.append(_Prefill(handle, rows, np.asarray(r.prompt_ids[:-1], np.int32)))
 
     def _advance_prefills(self) -> None:
         """Run the next prefill chunk of every admitted request; a request whose prompt is
@@ -652,10 +661,11 @@ class Engine:
                     self._finish(i, None, "cancelled")
                 continue
             try:
-                if p.done < len(p.plan):
-                    self._prefill_call(p.head, p.rows[0][0], p.plan, p.done)
+                plan = self._prefill_plan(len(p.head)) if len(p.head) else []
+                if p.done < len(plan):
+                    self._prefill_call(p.head, p.rows[0][0], plan, p.done)
                     p.done += 1
-                if p.done == len(p.plan):
+                if p.done == len(plan):
                     self._prefills.remove(p)
                     self._join(p)
             except Exception as e:  # e.g. invalid sampling params reaching the sampler

@@ -623,8 +623,8 @@ def _load_or_report(args: Any):
 def serve(args: Any) -> int:
     """`qwen-jax serve`: load, build the engine, run the threaded WSGI server until Ctrl-C."""
     from qwen_jax.engine import (
-        MIN_BUCKET,
         Engine,
+        check_prefill_chunk,
         default_prefill_chunk,
         enable_compilation_cache,
     )
@@ -639,9 +639,10 @@ def serve(args: Any) -> int:
     if steps < 1:
         return _fail("--steps-per-call must be at least 1")
     chunk = getattr(args, "prefill_chunk", None)
-    chunk = default_prefill_chunk() if chunk is None else chunk
-    if chunk < MIN_BUCKET or chunk & (chunk - 1):
-        return _fail(f"--prefill-chunk must be a power of two >= {MIN_BUCKET}, got {chunk}")
+    try:
+        chunk = check_prefill_chunk(default_prefill_chunk() if chunk is None else chunk)
+    except ValueError as e:
+        return _fail(f"--{e}".replace("_", "-", 1))
     loaded = _load_or_report(args)
     if loaded is None:
         return 2

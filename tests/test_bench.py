@@ -44,5 +44,5 @@ def test_bench_rejects_a_bad_prefill_chunk():
         [sys.executable, "-m", "qwen_jax.cli", "bench", "--preset", "demo", "--no-reference",
          "--prefill-chunk", "24"], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
-    assert "--prefill-chunk a power of two >= 16" in res.stderr
+    assert "--prefill-chunk must be a power of two >= 16, got 24" in res.stderr
     assert "Traceback" not in res.stderr
