@@ -472,12 +472,61 @@ def _response_format(value: object) -> dict | None:
     return {"type": "json_schema", "json_schema": out}
 
 
+# JSON nests no deeper than this in a request. Tool parameter schemas are the deep part and real
+# ones stay far below it; deeper bodies would run Python's recursion limit out in the JSON
+# encoder, the chat template or the grammar compiler (a 500 instead of an answer).
+MAX_JSON_DEPTH = 128
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _path_text(path: str) -> str:
+    """A field path fit for an error message: lone surrogates written as \\udXXX escapes."""
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_json_values(body: object) -> None:
+    """Reject what JSON can carry but a prompt cannot: nesting deeper than MAX_JSON_DEPTH, and a
+    string or key holding a lone UTF-16 surrogate (`"\\ud800"` is valid JSON but not Unicode
+    text, and no tokenizer takes it; a surrogate pair decodes to one character and passes)."""
+    stack: list[tuple[object, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            field = _path_text(re.split(r"[.\[]", path, maxsplit=1)[0])  # the top-level field
+            raise invalid_request(
+                f"'{field}' nests JSON deeper than {MAX_JSON_DEPTH} levels.", field
+            )
+        if isinstance(value, str):
+            found = _LONE_SURROGATE.search(value)
+            if found:
+                code = f"\\u{ord(found.group()):04x}"
+                raise invalid_request(
+                    f"'{_path_text(path)}' contains a lone UTF-16 surrogate ({code}), which is "
+                    "not valid Unicode text.",
+                    _path_text(path),
+                )
+        elif isinstance(value, dict):
+            items = [(f"{path}.{k}" if path else k, v) for k, v in value.items()]
+            for sub, _ in items:
+                if _LONE_SURROGATE.search(sub):
+                    raise invalid_request(
+                        f"The key '{_path_text(sub)}' contains a lone UTF-16 surrogate, which "
+                        "is not valid Unicode text.",
+                        _path_text(sub),
+                    )
+            stack.extend((v, sub, depth + 1) for sub, v in reversed(items))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in reversed(list(
+                enumerate(value))))
+
+
 def validate_chat_request(
     body: object, *, served_model_name: str, vocab_limit: int | None = None
 ) -> ChatRequest:
     """Check a decoded request body and fill in defaults; raise APIError on the first problem."""
     if not isinstance(body, dict):
         raise invalid_request(f"The request body must be a JSON object, got {_type_name(body)}.")
+    check_json_values(body)
     model = body.get("model")
     if model is None:
         raise missing_parameter("model")

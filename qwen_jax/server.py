@@ -298,6 +298,8 @@ class App:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise protocol.malformed_json(str(e)) from None
+        except RecursionError:  # [[[[... deeper than the parser's stack
+            raise protocol.malformed_json("it nests too deeply") from None
 
     # -- chat completions --------------------------------------------------------------------
 

@@ -226,6 +226,11 @@ INVALID = [
     ("tool_choice", _set("tool_choice", {"type": "function", "function": {"name": "nope"}}), 400),
     ("response_format", _set("response_format", {"type": "xml"}), 400),
     ("response_format", _set("response_format", {"type": "json_schema", "json_schema": {}}), 400),
+    # JSON can carry these, a prompt cannot: a lone UTF-16 surrogate, and nesting without end.
+    ("messages", _set("messages", [{"role": "user", "content": "hi \ud800"}]), 400),
+    ("tools", _set("tools", [{"type": "function", "function": {
+        "name": "get_weather", "description": "\udc00"}}]), 400),
+    ("response_format", _set("response_format", json.loads("[" * 300 + "]" * 300)), 400),
     ("model", _without("model"), 400),
     ("model", _set("model", "no-such-model"), 404),
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -377,3 +379,97 @@ def test_valid_requests_round_trip(fields):
         assert r.stop == (fields["stop"],)
     # The canonical body validates back to the same request.
     assert validate_chat_request(r.to_body(), served_model_name=MODEL) == r
+
+
+# --------------------------------------------------------------- what JSON carries but text can't
+
+# A request with strings in many places: messages, a tool, stop, a schema (and their keys).
+RICH = {
+    **BASE,
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+    ],
+    "tools": [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+    "stop": ["END", "\n\n"],
+    "user": "someone",
+}
+
+
+def _string_paths(value, path=""):
+    """(path, container, key) of every string value and every dict key in a JSON value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else k
+            yield sub, value, ("key", k)
+            if isinstance(v, str):
+                yield sub, value, ("value", k)
+            else:
+                yield from _string_paths(v, sub)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if isinstance(v, str):
+                yield f"{path}[{i}]", value, ("value", i)
+            else:
+                yield from _string_paths(v, f"{path}[{i}]")
+
+
+def _depth(value) -> int:
+    children = value.values() if isinstance(value, dict) else value if isinstance(
+        value, list) else ()
+    return 1 + max(map(_depth, children), default=0) if isinstance(value, (dict, list)) else 0
+
+
+def test_rich_request_is_valid():
+    assert ok(**{k: v for k, v in RICH.items() if k not in BASE}).stop == ("END", "\n\n")
+
+
+@given(data=st.data(), surrogate=st.integers(0xD800, 0xDFFF).map(chr))
+def test_a_lone_surrogate_anywhere_is_a_400_naming_its_place(data, surrogate):
+    body = copy.deepcopy(RICH)
+    paths = list(_string_paths(body))
+    path, container, (kind, key) = data.draw(st.sampled_from(paths))
+    if kind == "value":
+        text = container[key]
+        at = data.draw(st.integers(0, len(text)))
+        container[key] = text[:at] + surrogate + text[at:]
+        expected = path
+    else:
+        container[key + surrogate] = container.pop(key)
+        expected = path + f"\\u{ord(surrogate):04x}"
+    e = err(body)
+    assert e.status == 400 and e.param == expected
+    # The error itself must be writable as UTF-8 JSON (the server sends it).
+    json.dumps(e.to_dict(), ensure_ascii=False).encode("utf-8")
+
+
+def test_surrogate_pairs_are_characters_not_errors():
+    pair = json.loads('"\\ud83d\\ude00"')  # JSON's escape of one character outside the BMP
+    body = {**BASE, "messages": [{"role": "user", "content": pair}]}
+    assert validate_chat_request(body, served_model_name=MODEL).messages[0]["content"] == "😀"
+
+
+@pytest.mark.parametrize("field", ["tools", "response_format", "messages"])
+def test_nesting_depth_limit(field):
+    def nested(levels):
+        s = {"type": "integer"}
+        for _ in range(levels):
+            s = {"type": "array", "items": s}
+        return s
+
+    def body(levels):
+        if field == "tools":
+            return {**BASE, "tools": [{"type": "function", "function": {
+                "name": "f", "parameters": nested(levels)}}]}
+        if field == "response_format":
+            return {**BASE, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": nested(levels)}}}
+        return {**BASE, "messages": [{"role": "user", "content": "hi", "extra": nested(levels)}]}
+
+    levels = next(n for n in range(200) if _depth(body(n)) > protocol.MAX_JSON_DEPTH)
+    assert _depth(body(levels - 1)) == protocol.MAX_JSON_DEPTH
+    validate_chat_request(body(levels - 1), served_model_name=MODEL)  # at the limit: accepted
+    e = err(body(levels))
+    assert e.status == 400 and e.param == field and str(protocol.MAX_JSON_DEPTH) in e.message

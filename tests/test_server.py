@@ -254,6 +254,30 @@ def test_errors_map_to_openai_objects(app, engine):
     assert status == 500 and "secret" not in e["message"]
 
 
+def test_text_json_can_carry_but_a_prompt_cannot_is_a_400(app, engine):
+    """Lone surrogates (valid JSON escapes, not Unicode) and very deep nesting once reached the
+    tokenizer or the JSON parser's recursion limit and came back as 500s."""
+    def err(raw: bytes):
+        status, _, body = call(app, raw=raw)
+        return status, json.loads(body)["error"]
+
+    # json.dumps writes a lone surrogate as the escape \ud800, as a client's encoder would.
+    for body, param in [
+        (req(messages=[{"role": "user", "content": "hi \ud800"}]), "messages[0].content"),
+        (req(stop=["\udfff"]), "stop[0]"),
+        (req(tools=[{"type": "function", "function": {"name": "f", "description": "\udc00"}}]),
+         "tools[0].function.description"),
+    ]:
+        status, e = err(json.dumps(body).encode())
+        assert (status, e["param"]) == (400, param) and "surrogate" in e["message"]
+    depth = 100_000
+    status, e = err(b'{"model": "fake-model", "x": ' + b"[" * depth + b"]" * depth + b"}")
+    assert status == 400 and e["code"] == "invalid_json"
+    status, e = err(json.dumps(req(response_format=json.loads("[" * 200 + "]" * 200))).encode())
+    assert (status, e["param"]) == (400, "response_format")
+    assert not engine.requests  # none of them reached the engine
+
+
 def test_engine_error_is_a_generic_500(app, engine):
     engine.error_at = 1
     status, _, raw = call(app, body=req())

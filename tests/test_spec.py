@@ -262,3 +262,9 @@ def test_seed_document_ranges_and_defaults_are_in_the_spec(shared_reference):
         expected = {"false": False, "true": True}.get(value)
         expected = float(value) if expected is None else expected
         assert REQUEST[name]["default"] == expected, name
+
+
+def test_bad_request_description_states_the_nesting_limit():
+    text = SPEC["components"]["responses"]["BadRequest"]["description"]
+    assert f"deeper than {protocol.MAX_JSON_DEPTH} levels" in text
+    assert "lone UTF-16 surrogate" in text
