@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import socketserver
 import sys
 import threading
@@ -493,6 +494,10 @@ class _LoggedStream:
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a stuck client never blocks shutdown
     allow_reuse_address = True
+    # socketserver's default listen backlog is 5: in a burst of 40 clients some connections were
+    # reset or timed out before the accept loop reached them. Queue them (the kernel caps this
+    # at net.core.somaxconn); past the engine's queue they get a 429, not a dead socket.
+    request_queue_size = socket.SOMAXCONN
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
@@ -21,7 +23,7 @@ from hypothesis import strategies as st
 
 from qwen_jax import hub
 from qwen_jax.engine import QueueFullError, TokenEvent
-from qwen_jax.server import kv_cache_bytes, make_app
+from qwen_jax.server import kv_cache_bytes, make_app, make_server
 
 MODEL = "fake-model"
 
@@ -293,6 +295,38 @@ def test_health_and_models_auth(app):
     assert call(app, method="GET", path="/v1/models", auth=False)[0] == 401
     assert call(app, method="GET", path=f"/v1/models/{MODEL}")[0] == 200
     assert call(app, method="GET", path="/v1/models/other")[0] == 404
+
+
+def test_a_burst_of_connections_waits_for_the_accept_loop(app):
+    """64 clients connect and send before the server accepts any: each is answered once it does.
+    (With socketserver's default backlog of 5, 58 of them timed out connecting.)"""
+    server = make_server(app, "127.0.0.1", 0)
+    port = server.server_address[1]
+    socks, errors = [], []
+
+    def connect():
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /health HTTP/1.0\r\nHost: test\r\n\r\n")
+            socks.append(s)
+        except OSError as e:
+            errors.append(e)
+
+    clients = [threading.Thread(target=connect) for _ in range(64)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        replies = [s.recv(64) for s in socks]
+    finally:
+        server.shutdown()
+        server.server_close()
+        for s in socks:
+            s.close()
+    assert not errors and len(replies) == 64
+    assert all(r.startswith(b"HTTP/1.0 200") for r in replies)
 
 
 def test_kv_cache_bytes_matches_init_cache():
