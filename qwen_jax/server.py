@@ -294,7 +294,18 @@ class App:
             raise protocol.invalid_request("Invalid Content-Length header") from None
         if length > self.max_body_bytes:  # checked before reading a byte of the body
             raise protocol.payload_too_large(self.max_body_bytes)
-        raw = environ["wsgi.input"].read(length) if length > 0 else b""
+        try:
+            raw = environ["wsgi.input"].read(length) if length > 0 else b""
+        except OSError:  # the socket timed out (SOCKET_TIMEOUT_S) or was reset mid-body
+            raise protocol.invalid_request(
+                f"The request body did not arrive in full ({length} bytes announced by "
+                "Content-Length)."
+            ) from None
+        if len(raw) < length:  # the client closed its side early
+            raise protocol.invalid_request(
+                f"The request body has {len(raw)} bytes, fewer than its Content-Length of "
+                f"{length}."
+            )
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -500,13 +511,22 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     request_queue_size = socket.SOMAXCONN
 
 
+# Seconds a connection may sit without sending or taking a byte: a client that announces a body
+# and never sends it, or stops reading a stream, frees its thread (and a stream's rows) after
+# this instead of holding them for ever. Generating a reply sends nothing for a while and does
+# not count: the clock runs only inside a socket read or write.
+SOCKET_TIMEOUT_S = 60.0
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # the app logs one line per request itself
 
 
-def make_server(app: Callable, host: str, port: int) -> ThreadingWSGIServer:
-    server = ThreadingWSGIServer((host, port), _QuietHandler)
+def make_server(app: Callable, host: str, port: int, *,
+                socket_timeout: float = SOCKET_TIMEOUT_S) -> ThreadingWSGIServer:
+    handler = type("Handler", (_QuietHandler,), {"timeout": socket_timeout})
+    server = ThreadingWSGIServer((host, port), handler)
     server.set_app(app)
     return server
 

@@ -329,6 +329,35 @@ def test_a_burst_of_connections_waits_for_the_accept_loop(app):
     assert all(r.startswith(b"HTTP/1.0 200") for r in replies)
 
 
+@pytest.mark.parametrize("half_close", [False, True])
+def test_a_body_that_never_arrives_is_a_400_not_a_stuck_thread(app, engine, half_close):
+    """A client announces 100 bytes and sends 9, then waits (the socket timeout ends the read)
+    or closes its side (the read comes back short). Either way: a 400, and the thread is free."""
+    import time
+
+    server = make_server(app, "127.0.0.1", 0, socket_timeout=0.5)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(server.server_address[:2], timeout=10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json"
+                      b"\r\nAuthorization: Bearer sekrit\r\nContent-Length: 100\r\n\r\n"
+                      b'{"model":')
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+            t0 = time.monotonic()
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+            waited = time.monotonic() - t0
+    finally:
+        server.shutdown()
+        server.server_close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400")
+    assert "Content-Length" in json.loads(body)["error"]["message"]
+    assert waited < 5 and not engine.requests
+
+
 def test_kv_cache_bytes_matches_init_cache():
     import jax.numpy as jnp
 
