@@ -518,9 +518,31 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
 SOCKET_TIMEOUT_S = 60.0
 
 
+class _ErrorLog:
+    """wsgiref's error stream, into the log: a client timing out (SOCKET_TIMEOUT_S) is one
+    warning line, anything else keeps its traceback."""
+
+    def __init__(self, timeout: float) -> None:
+        self._text, self._timeout = "", timeout
+
+    def write(self, text: str) -> None:
+        self._text += text
+
+    def flush(self) -> None:
+        text, self._text = self._text.strip(), ""
+        if text.splitlines() and text.splitlines()[-1].startswith("TimeoutError"):
+            log.warning("client stopped reading or sending for %g s: connection closed",
+                        self._timeout)
+        elif text:
+            log.error("%s", text)
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # the app logs one line per request itself
+
+    def get_stderr(self) -> _ErrorLog:
+        return _ErrorLog(self.timeout)
 
 
 def make_server(app: Callable, host: str, port: int, *,

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
@@ -333,8 +334,6 @@ def test_a_burst_of_connections_waits_for_the_accept_loop(app):
 def test_a_body_that_never_arrives_is_a_400_not_a_stuck_thread(app, engine, half_close):
     """A client announces 100 bytes and sends 9, then waits (the socket timeout ends the read)
     or closes its side (the read comes back short). Either way: a 400, and the thread is free."""
-    import time
-
     server = make_server(app, "127.0.0.1", 0, socket_timeout=0.5)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -356,6 +355,40 @@ def test_a_body_that_never_arrives_is_a_400_not_a_stuck_thread(app, engine, half
     assert head.startswith(b"HTTP/1.0 400")
     assert "Content-Length" in json.loads(body)["error"]["message"]
     assert waited < 5 and not engine.requests
+
+
+def test_a_client_that_stops_reading_a_stream_has_its_choice_cancelled(engine, qwen_tokenizer,
+                                                                       caplog):
+    """The stream's writes fill the socket buffers, the next write times out, and the server
+    cancels the choice instead of blocking on that client for ever."""
+    engine.texts = ["hello " * 60_000]  # far more than the socket buffers hold
+    app = make_app(engine, qwen_tokenizer, MODEL, 10**6)
+    server = make_server(app, "127.0.0.1", 0, socket_timeout=0.5)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    body = json.dumps(req(stream=True)).encode()
+    try:
+        with socket.create_connection(server.server_address[:2], timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json"
+                      b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            assert s.recv(64).startswith(b"HTTP/1.0 200")
+            deadline = time.monotonic() + 20
+            while not (engine.handles and engine.handles[0].cancelled):
+                assert time.monotonic() < deadline, "the stalled stream was never cancelled"
+                time.sleep(0.05)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert engine.handles[0].cancelled == [None]
+    # One warning line in the log (written just after the cancel), not wsgiref's traceback.
+    def logged():
+        return [r.getMessage() for r in caplog.records if r.name == "qwen_jax.server"]
+
+    deadline = time.monotonic() + 5
+    while not any("stopped reading or sending" in m for m in logged()):
+        assert time.monotonic() < deadline, logged()
+        time.sleep(0.05)
+    assert not any("Traceback" in m for m in logged())
 
 
 def test_kv_cache_bytes_matches_init_cache():
