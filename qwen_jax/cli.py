@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=QUANTIZE_HELP)
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--api-key", default=None, help="or env QWEN_JAX_API_KEY")
+    serve.add_argument(
+        "--allowed-origins", default="local",
+        help="web pages that may call the API from a browser (CORS), comma-separated: "
+        "'local' (default: localhost, 127.0.0.1, [::1], any port), origins such as "
+        "http://192.168.1.5:3000, or '*' for any (vLLM's default)",
+    )
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--max-num-seqs", type=int, default=8, help="rows in the running batch")
     serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")

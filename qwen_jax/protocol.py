@@ -106,6 +106,17 @@ def unauthorized(provided: bool) -> APIError:
     return APIError(401, message, "invalid_request_error", None, "invalid_api_key")
 
 
+def origin_not_allowed(origin: str) -> APIError:
+    return APIError(
+        403,
+        f"Web pages from {origin} may not call this server (a CORS preflight was refused). Start "
+        "it with --allowed-origins to allow them.",
+        "invalid_request_error",
+        None,
+        "origin_not_allowed",
+    )
+
+
 def path_not_found(method: str, path: str) -> APIError:
     return APIError(
         404, f"Invalid URL ({method} {path}).", "invalid_request_error", None, "unknown_url"

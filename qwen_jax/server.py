@@ -37,6 +37,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from qwen_jax import protocol, responses
 from qwen_jax.chat_template import ChatTemplateError, render_chat
 from qwen_jax.constrained import ConstraintError, build_ll_tokenizer, grammar_for, make_constraints
+from qwen_jax.cors import LOCAL, CorsPolicy, parse_origins
 from qwen_jax.engine import GenerationRequest, QueueFullError, TokenEvent
 from qwen_jax.quantize import is_quantized, quantize_option
 from qwen_jax.stop_strings import StopStringMatcher
@@ -194,6 +195,7 @@ class App:
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     ll_tokenizer: Any = None
+    cors: CorsPolicy = field(default_factory=CorsPolicy)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -224,6 +226,11 @@ class App:
         except Exception:  # a bug, not a client error: generic 500, details in the log
             log.error("internal error on %s %s\n%s", method, path, traceback.format_exc())
             status, headers, body = 500, [], _json_bytes(protocol.server_error().to_dict())
+        headers = headers + self.cors.response_headers(environ.get("HTTP_ORIGIN"))
+        if status == 204:  # no body, so no Content-Type or Content-Length either
+            start_response(_status_line(status), headers)
+            self._log(method, path, status, meta, t0)
+            return []
         if isinstance(body, bytes):
             start_response(
                 _status_line(status),
@@ -266,9 +273,11 @@ class App:
         allowed = routes.get(path, ("GET",) if model_path else None)
         if allowed is None:
             raise protocol.path_not_found(method, path)
+        if method == "OPTIONS":  # before the API key: browsers send none with a preflight
+            return self._options(environ, allowed)
         if method not in allowed:
-            meta["allow"] = ", ".join(allowed)
-            raise protocol.method_not_allowed(method, path, allowed)
+            meta["allow"] = ", ".join(allowed + ("OPTIONS",))
+            raise protocol.method_not_allowed(method, path, allowed + ("OPTIONS",))
         if path == "/health":
             stats = self.engine.snapshot() if hasattr(self.engine, "snapshot") else {}
             return 200, [], _json_bytes({"status": "ok", **stats})
@@ -283,6 +292,17 @@ class App:
                 responses.model_list(self.served_model_name, self.created)["data"][0]
             )
         return self._chat(self._read_json(environ), meta)
+
+    def _options(self, environ: Environ, allowed: tuple[str, ...]):
+        """A browser's CORS preflight (cors.py), or a plain OPTIONS: the methods the path takes."""
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is not None and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ:
+            headers = self.cors.preflight_headers(
+                origin, environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"))
+            if headers is None:
+                raise protocol.origin_not_allowed(origin)
+            return 204, headers, b""
+        return 204, [("Allow", ", ".join(allowed + ("OPTIONS",)))], b""
 
     def _read_json(self, environ: Environ) -> Any:
         ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
@@ -472,10 +492,11 @@ def make_app(
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
     ll_tokenizer: Any = None,
+    cors: CorsPolicy | None = None,
 ) -> App:
     """A WSGI callable serving /v1/chat/completions, /v1/models and /health."""
     return App(engine, tokenizer, served_model_name, max_model_len, api_key, max_body_bytes,
-               ll_tokenizer)
+               ll_tokenizer, cors or CorsPolicy())
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -692,6 +713,10 @@ def serve(args: Any) -> int:
         chunk = check_prefill_chunk(default_prefill_chunk() if chunk is None else chunk)
     except ValueError as e:
         return _fail(f"--{e}".replace("_", "-", 1))
+    try:
+        cors = parse_origins(getattr(args, "allowed_origins", None) or LOCAL)
+    except ValueError as e:
+        return _fail(str(e))
     loaded = _load_or_report(args)
     if loaded is None:
         return 2
@@ -719,7 +744,7 @@ def serve(args: Any) -> int:
         engine.warmup()
         print(f"compiled in {time.perf_counter() - t:.1f} s", flush=True)
     name = args.served_model_name or model.served_name
-    app = make_app(engine, tokenizer, name, max_len, api_key)
+    app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors)
     try:
         server = make_server(app, args.host, args.port)
     except OSError as e:
@@ -727,7 +752,8 @@ def serve(args: Any) -> int:
         return _fail(f"cannot listen on {args.host}:{args.port}: {e}")
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port}/v1  (auth: "
-          f"{'API key required' if api_key else 'none'})", flush=True)
+          f"{'API key required' if api_key else 'none'}; browser pages allowed from: "
+          f"{', '.join(cors.origins)})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

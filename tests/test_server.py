@@ -391,6 +391,65 @@ def test_a_client_that_stops_reading_a_stream_has_its_choice_cancelled(engine, q
     assert not any("Traceback" in m for m in logged())
 
 
+# ------------------------------------------------------------------------------------- CORS
+
+LOCAL_PAGE, OTHER_SITE = "http://localhost:3000", "https://evil.example"
+
+
+def preflight(app, origin, method="POST", headers="authorization, content-type"):
+    status, hdrs, raw = call(app, method="OPTIONS", auth=False, headers={
+        "HTTP_ORIGIN": origin, "HTTP_ACCESS_CONTROL_REQUEST_METHOD": method,
+        "HTTP_ACCESS_CONTROL_REQUEST_HEADERS": headers})
+    return status, hdrs, raw
+
+
+def test_cors_preflight_from_a_local_page_needs_no_key_and_allows_the_post(app, engine):
+    status, hdrs, raw = preflight(app, LOCAL_PAGE)
+    assert status == 204 and raw == b""
+    assert hdrs["Access-Control-Allow-Origin"] == LOCAL_PAGE and hdrs["Vary"] == "Origin"
+    assert "POST" in hdrs["Access-Control-Allow-Methods"]
+    assert hdrs["Access-Control-Allow-Headers"] == "authorization, content-type"
+    assert "Content-Length" not in hdrs and not engine.requests
+    # The request itself: JSON and streamed replies both name the origin.
+    status, hdrs, raw = call(app, body=req(), headers={"HTTP_ORIGIN": LOCAL_PAGE})
+    assert status == 200 and hdrs["Access-Control-Allow-Origin"] == LOCAL_PAGE
+    status, hdrs, raw = call(app, body=req(stream=True), headers={"HTTP_ORIGIN": LOCAL_PAGE})
+    assert status == 200 and hdrs["Access-Control-Allow-Origin"] == LOCAL_PAGE
+    assert sse(raw)[-1] == "[DONE]"
+    # Errors too, so the page can read what went wrong.
+    status, hdrs, _ = call(app, body=req(top_p=7), headers={"HTTP_ORIGIN": LOCAL_PAGE})
+    assert status == 400 and hdrs["Access-Control-Allow-Origin"] == LOCAL_PAGE
+
+
+def test_cors_other_sites_are_refused_by_default(app, engine):
+    status, hdrs, raw = preflight(app, OTHER_SITE)
+    assert status == 403 and json.loads(raw)["error"]["code"] == "origin_not_allowed"
+    assert "Access-Control-Allow-Origin" not in hdrs
+    status, hdrs, _ = call(app, method="GET", path="/v1/models",
+                           headers={"HTTP_ORIGIN": OTHER_SITE})
+    assert status == 200 and "Access-Control-Allow-Origin" not in hdrs  # the browser hides it
+
+
+def test_cors_any_origin_when_asked(engine, qwen_tokenizer):
+    from qwen_jax.cors import parse_origins
+
+    app = make_app(engine, qwen_tokenizer, MODEL, 512, cors=parse_origins("*"))
+    status, hdrs, _ = preflight(app, OTHER_SITE)
+    assert status == 204 and hdrs["Access-Control-Allow-Origin"] == "*" and "Vary" not in hdrs
+    app = make_app(engine, qwen_tokenizer, MODEL, 512,
+                   cors=parse_origins("https://chat.example.org"))
+    assert preflight(app, "https://chat.example.org")[0] == 204
+    assert preflight(app, LOCAL_PAGE)[0] == 403  # a list without 'local' is only that list
+
+
+def test_plain_options_lists_the_methods(app):
+    status, hdrs, _ = call(app, method="OPTIONS", auth=False)
+    assert status == 204 and hdrs["Allow"] == "POST, OPTIONS"
+    status, hdrs, _ = call(app, method="DELETE", path="/v1/models")
+    assert status == 405 and hdrs["Allow"] == "GET, OPTIONS"
+    assert call(app, method="OPTIONS", path="/v2/nothing", auth=False)[0] == 404
+
+
 def test_kv_cache_bytes_matches_init_cache():
     import jax.numpy as jnp
 
@@ -458,6 +517,8 @@ def test_serve_missing_model_exits_cleanly(tmp_path):
     ("--prefill-chunk", "100", "--prefill-chunk must be a power of two >= 16, got 100"),
     ("--prefill-chunk", "8", "--prefill-chunk must be a power of two >= 16, got 8"),
     ("--steps-per-call", "0", "--steps-per-call must be at least 1"),
+    ("--allowed-origins", "example.com", "'example.com' is not an origin"),
+    ("--allowed-origins", " , ", "--allowed-origins needs at least one origin"),
 ])
 def test_serve_rejects_bad_engine_flags_before_loading(tmp_path, flag, value, message):
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
