@@ -19,7 +19,7 @@ from dataclasses import dataclass
 LOCAL = "local"  # the list entry that stands for every origin on this machine
 ANY = "*"
 _LOCAL_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$")
-_ORIGIN = re.compile(r"^(https?://[^/\s:]+(:\d{1,5})?|null)$")
+_ORIGIN = re.compile(r"^(https?://(\[[0-9a-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?|null)$")
 _HEADER_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$")
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 PREFLIGHT_MAX_AGE_S = 600

@@ -45,6 +45,13 @@ def test_listed_origins_and_star(scheme, host, port):
     assert star.response_headers(origin) == [("Access-Control-Allow-Origin", "*")]
 
 
+def test_parse_origins_takes_ip_and_ipv6_origins():
+    policy = parse_origins("http://192.168.1.5:3000,http://[fe80::1]:8080,null")
+    assert all(policy.allows(o) for o in ("http://192.168.1.5:3000", "http://[fe80::1]:8080",
+                                          "null"))
+    assert not policy.allows("http://localhost:3000")
+
+
 def test_preflight_headers():
     extra = dict(CorsPolicy().preflight_headers("http://localhost:5173",
                                                 "Authorization, X-Stainless-Os"))
@@ -56,7 +63,8 @@ def test_preflight_headers():
     assert "Access-Control-Allow-Headers" not in bad
 
 
-@pytest.mark.parametrize("text", ["", " , ", "example.com", "ftp://x", "http://a/b", "http://a:1:2"])
+@pytest.mark.parametrize("text", ["", " , ", "example.com", "ftp://x", "http://a/b", "http://a:1:2",
+                                  "http://[::1", "http://a b"])
 def test_parse_origins_rejects_what_is_not_an_origin(text):
     with pytest.raises(ValueError, match="--allowed-origins"):
         parse_origins(text)
