@@ -7,6 +7,7 @@ exercised end to end in test_e2e_openai.py.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -298,34 +299,46 @@ def test_health_and_models_auth(app):
     assert call(app, method="GET", path="/v1/models/other")[0] == 404
 
 
+@contextlib.contextmanager
+def http_server(app, *, start: bool = True, **kw):
+    """The real threaded HTTP server on a free local port; yields it (start it yourself with
+    `start=False`)."""
+    server = make_server(app, "127.0.0.1", 0, **kw)
+    if start:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_burst_of_connections_waits_for_the_accept_loop(app):
     """64 clients connect and send before the server accepts any: each is answered once it does.
     (With socketserver's default backlog of 5, 58 of them timed out connecting.)"""
-    server = make_server(app, "127.0.0.1", 0)
-    port = server.server_address[1]
     socks, errors = [], []
 
-    def connect():
+    def connect(address):
         try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s = socket.create_connection(address, timeout=5)
             s.sendall(b"GET /health HTTP/1.0\r\nHost: test\r\n\r\n")
             socks.append(s)
         except OSError as e:
             errors.append(e)
 
-    clients = [threading.Thread(target=connect) for _ in range(64)]
-    for t in clients:
-        t.start()
-    for t in clients:
-        t.join()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        replies = [s.recv(64) for s in socks]
-    finally:
-        server.shutdown()
-        server.server_close()
-        for s in socks:
-            s.close()
+    with http_server(app, start=False) as server:
+        clients = [threading.Thread(target=connect, args=(server.server_address[:2],))
+                   for _ in range(64)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            replies = [s.recv(64) for s in socks]
+        finally:
+            for s in socks:
+                s.close()
     assert not errors and len(replies) == 64
     assert all(r.startswith(b"HTTP/1.0 200") for r in replies)
 
@@ -334,23 +347,18 @@ def test_a_burst_of_connections_waits_for_the_accept_loop(app):
 def test_a_body_that_never_arrives_is_a_400_not_a_stuck_thread(app, engine, half_close):
     """A client announces 100 bytes and sends 9, then waits (the socket timeout ends the read)
     or closes its side (the read comes back short). Either way: a 400, and the thread is free."""
-    server = make_server(app, "127.0.0.1", 0, socket_timeout=0.5)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with socket.create_connection(server.server_address[:2], timeout=10) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json"
-                      b"\r\nAuthorization: Bearer sekrit\r\nContent-Length: 100\r\n\r\n"
-                      b'{"model":')
-            if half_close:
-                s.shutdown(socket.SHUT_WR)
-            t0 = time.monotonic()
-            reply = b""
-            while chunk := s.recv(4096):
-                reply += chunk
-            waited = time.monotonic() - t0
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(app, socket_timeout=0.5) as server, socket.create_connection(
+            server.server_address[:2], timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json"
+                  b"\r\nAuthorization: Bearer sekrit\r\nContent-Length: 100\r\n\r\n"
+                  b'{"model":')
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        t0 = time.monotonic()
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        waited = time.monotonic() - t0
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 400")
     assert "Content-Length" in json.loads(body)["error"]["message"]
@@ -363,22 +371,17 @@ def test_a_client_that_stops_reading_a_stream_has_its_choice_cancelled(engine, q
     cancels the choice instead of blocking on that client for ever."""
     engine.texts = ["hello " * 60_000]  # far more than the socket buffers hold
     app = make_app(engine, qwen_tokenizer, MODEL, 10**6)
-    server = make_server(app, "127.0.0.1", 0, socket_timeout=0.5)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     body = json.dumps(req(stream=True)).encode()
-    try:
-        with socket.create_connection(server.server_address[:2], timeout=10) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json"
-                      b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            assert s.recv(64).startswith(b"HTTP/1.0 200")
-            deadline = time.monotonic() + 20
-            while not (engine.handles and engine.handles[0].cancelled):
-                assert time.monotonic() < deadline, "the stalled stream was never cancelled"
-                time.sleep(0.05)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(app, socket_timeout=0.5) as server, socket.create_connection(
+            server.server_address[:2], timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert s.recv(64).startswith(b"HTTP/1.0 200")
+        deadline = time.monotonic() + 20
+        while not (engine.handles and engine.handles[0].cancelled):
+            assert time.monotonic() < deadline, "the stalled stream was never cancelled"
+            time.sleep(0.05)
     assert engine.handles[0].cancelled == [None]
     # One warning line in the log (written just after the cancel), not wsgiref's traceback.
     def logged():
