@@ -77,6 +77,25 @@ def machine() -> dict[str, Any]:
             "loadavg": _loadavg()}
 
 
+def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """The device's memory read bandwidth in GB/s: a jitted sum over a float32 array of `nbytes`
+    (larger than the caches), median of `repeats` runs. The decode bound divides it by the bytes
+    a step reads."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        total(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    del x
+    return nbytes / statistics.median(times) / 1e9
+
+
 def _loadavg() -> list[float] | None:
     try:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
@@ -301,7 +320,8 @@ def _table(rec: dict[str, Any]) -> str:
     lines.append(f"compile (warm-up) {j['compile_s']:.1f} s, {j['compiles']} programs; "
                  f"compiles after warm-up: {j['compiles_after_warmup']}")
     lines.append(f"batch-1 decode = {rec['bandwidth_fraction_b1']:.0%} of the bandwidth bound "
-                 f"({rec['bandwidth_bound_tok_s']:.1f} tok/s at {rec['bandwidth_gbs']} GB/s); "
+                 f"({rec['bandwidth_bound_tok_s']:.1f} tok/s at {rec['bandwidth_gbs']:.1f} GB/s, "
+                 f"{'measured' if rec['bandwidth_measured'] else 'given'}); "
                  f"batch {batch} / batch 1 = {rec['batch_speedup']:.2f}x")
     lines.append(f"peak RSS while serving {j['peak_rss_bytes'] / 2**30:.2f} GiB = "
                  f"{rec['memory_ratio']:.2f}x weights ({j['weight_bytes'] / 2**30:.2f} GiB) + "
@@ -329,13 +349,20 @@ def run_bench(args: argparse.Namespace) -> int:
     rec: dict[str, Any] = {"machine": machine(), "preset": None if args.model else args.preset,
                            "model": args.model, "dtype": args.dtype, "prompt_lengths": lengths,
                            "decode_tokens": args.decode_tokens, "batch": args.batch,
-                           "bandwidth_gbs": args.bandwidth_gbs, "time": time.time()}
+                           "time": time.time()}
     import jax
 
+    from qwen_jax.cpu_matmul import cpu_plan
     from qwen_jax.layout import block_wide_weights
     from qwen_jax.quantize import quantize_option, quantize_params
 
     rec["machine"]["jax"] = jax.__version__
+    if jax.default_backend() == "cpu":
+        rec["machine"]["cpu_matmul_plan"] = cpu_plan().name
+    # Measured before any weights exist, so its buffer is gone before the memory figures.
+    rec["bandwidth_measured"] = args.bandwidth_gbs is None
+    rec["bandwidth_gbs"] = (read_bandwidth_gbs() if args.bandwidth_gbs is None
+                            else args.bandwidth_gbs)
     rec["quantize"] = quantize_option(args.quantize)
     reference = not args.no_reference
     if reference:
@@ -362,7 +389,7 @@ def run_bench(args: argparse.Namespace) -> int:
         del params  # the child needs the memory more than we do
         if reference:
             rec["transformers"] = _run_reference(model_dir, args, lengths)
-    rec["bandwidth_bound_tok_s"] = args.bandwidth_gbs * 1e9 / j["weight_bytes"]
+    rec["bandwidth_bound_tok_s"] = rec["bandwidth_gbs"] * 1e9 / j["weight_bytes"]
     rec["bandwidth_fraction_b1"] = j["decode_b1_tok_s"] / rec["bandwidth_bound_tok_s"]
     rec["batch_speedup"] = j[f"decode_b{args.batch}_tok_s"] / j["decode_b1_tok_s"]
     rec["memory_ratio"] = j["peak_rss_bytes"] / (j["weight_bytes"] + j["kv_cache_bytes"])

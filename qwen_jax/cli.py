@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--no-reference", action="store_true", help="skip transformers")
     bench.add_argument("--json", default=None, help="write the JSON record here")
-    bench.add_argument("--bandwidth-gbs", type=float, default=33.0,
-                       help="memory read bandwidth for the decode bound (measured: 33 GB/s)")
+    bench.add_argument("--bandwidth-gbs", type=float, default=None,
+                       help="memory read bandwidth for the decode bound (default: measured, "
+                       "a jitted sum over 1 GiB)")
     bench.add_argument("--steps-per-call", type=int, default=1,
                        help="decode steps per compiled call in the engine")
     bench.add_argument("--prefill-chunk", type=int, default=None,

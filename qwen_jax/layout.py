@@ -6,12 +6,14 @@ XLA's CPU matrix-vector emitter reads a weight row at full speed only while it h
 slices of one matrix are strided, and XLA reads them slower (one row) or copies each slice before
 its product (2-4 rows); a weight stored as contiguous blocks `[out, width]` avoids both: the
 0.5B bf16 model step went from 62 to 51 ms at 1 row and from 198 to 168 ms at 4 (medians of 35
-calls alternating between the two layouts, this machine; benchmarks/README.md).
+calls alternating between the two layouts on an AVX2 machine; benchmarks/README.md).
 The int8 weights of quantize.py use the same blocks.
 
-Only bfloat16 weights on the CPU are stored this way (`block_wide_weights`, applied by the
-loaders): XLA reads float32 rows of any width at full speed (there the blocks measured slower),
-and other backends need no blocks. Saving a checkpoint writes the plain layout back.
+Only bfloat16 weights on a CPU whose plan multiplies one row by the emitter are stored this way
+(`block_wide_weights`, applied by the loaders; the AVX2 plan of cpu_matmul.py): XLA reads
+float32 rows of any width at full speed (there the blocks measured slower), YNNPACK reads a
+plain weight faster than blocks (the AVX512-BF16 plan), and other backends need no blocks.
+Saving a checkpoint writes the plain layout back.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+
+from qwen_jax.cpu_matmul import cpu_plan
 
 if TYPE_CHECKING:  # model.py imports this module
     from qwen_jax.model import Params
@@ -67,8 +71,9 @@ def from_blocks(w: BlockedWeight) -> jax.Array:
 
 def wants_blocks(w: jax.Array, backend: str | None = None) -> bool:
     """Whether a linear weight is stored as column blocks: bf16, wider than the CPU's limit,
-    on the CPU backend."""
+    on the CPU backend with a plan that stores blocks (cpu_matmul.py)."""
     return (isinstance(w, jax.Array) and (backend or jax.default_backend()) == "cpu"
+            and cpu_plan().column_blocks
             and w.dtype == jnp.bfloat16 and w.ndim == 2 and w.shape[1] > CPU_MATVEC_MAX_IN)
 
 

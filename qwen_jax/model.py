@@ -3,8 +3,8 @@
 Numerics follow transformers' `modeling_qwen2.py`: RMSNorm statistics in float32 with the normalised
 value cast back to the activation dtype before the weight multiply, rotary angles in float32,
 softmax in float32. Weights keep the Hugging Face `(out_features, in_features)` layout and are
-applied as `x @ W.T`, so loading a checkpoint is a plain copy (on the CPU, a bf16 weight wider
-than 3584 columns is stored as column blocks instead: layout.py).
+applied as `x @ W.T`, so loading a checkpoint is a plain copy (on an AVX2-only CPU, a bf16 weight
+wider than 3584 columns is stored as column blocks instead: layout.py, cpu_matmul.py).
 
 The layers are a Python list and `forward` loops over them, like `nn.ModuleList`: XLA sees each
 layer's weights as separate arrays. (A `lax.scan` over stacked weights compiles faster on paper,
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import QwenConfig
+from qwen_jax.cpu_matmul import cpu_plan
 from qwen_jax.layout import BlockedWeight, column_blocks
 from qwen_jax.quantize import Int8Weight
 from qwen_jax.rope import rope_cos_sin, rotate
@@ -160,21 +161,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-# XLA's CPU backend (jax 0.10) has three ways to compute a bf16 `x @ W.T` (found by inspecting
-# the compiled HLO; tests/test_decode_paths.py checks the programs and the numerics):
-# - its matrix-vector emitter reads bf16 (and int8) directly, one row at a time, for rows of at
-#   most CPU_MATVEC_MAX_IN = 3584 columns: the fastest way to read a weight for a few rows
-#   (wider bf16 weights are stored as column blocks on the CPU, layout.py);
-# - with a float32 result (preferred_element_type) and 2+ rows it calls YNNPACK's bf16 matrix
-#   multiply: faster than products from 5 rows (gate_proj x 24 layers, 8 rows: 35 vs 54 ms) and
-#   than the third way up to 64 rows (prefill of 16/32/64 tokens: 0.21/0.31/0.52 s vs
-#   0.29/0.38/0.55 s at the 0.5B shape);
-# - with a bf16 result it converts the whole weight to float32 and runs a float32 matmul: 10-30x
-#   too slow for decode, but the fastest for long prefills (128 tokens: 0.78 s vs 1.02 s).
-# All three accumulate in float32 and round once, like torch's bf16 linear.
-_CPU_MATVEC_MAX_ROWS = 4
-_CPU_BF16_DOT_MAX_ROWS = 64
-_CPU_INT8_MATVEC_MAX_ROWS = 8  # int8 weights with bf16 activations have no YNNPACK path
+# On the CPU, which of XLA's matrix-multiply paths a bf16 product takes depends on its row count
+# and on the CPU's instruction set: cpu_matmul.py explains the paths and picks the plan.
+_CPU_INT8_MATVEC_MAX_ROWS = 8  # int8 weights: per-row matrix-vector products up to this many rows
 
 
 def _linear(x: jax.Array, w: jax.Array | BlockedWeight | Int8Weight) -> jax.Array:
@@ -182,48 +171,62 @@ def _linear(x: jax.Array, w: jax.Array | BlockedWeight | Int8Weight) -> jax.Arra
     rows = math.prod(x.shape[:-1])
     cpu = jax.default_backend() == "cpu"
     if isinstance(w, Int8Weight):
-        return _int8_linear(x, w, cpu and rows <= _CPU_INT8_MATVEC_MAX_ROWS)
+        return _int8_linear(x, w, cpu)
     if isinstance(w, BlockedWeight):
         return _blocked_linear(x, w, cpu)
-    if x.dtype == jnp.bfloat16 and cpu and rows <= _CPU_BF16_DOT_MAX_ROWS:
-        if rows <= _CPU_MATVEC_MAX_ROWS:
+    if x.dtype == jnp.bfloat16 and cpu:
+        plan = cpu_plan()
+        if rows <= plan.matvec_max_rows:
             # Column slices when a row is too wide (params not laid out by layout.py): slower.
             n_in = w.shape[1]
             _, size = column_blocks(n_in)
             blocks = [w[:, c:c + size] for c in range(0, n_in, size)]
             y = _cpu_matvecs(x.reshape(rows, n_in), blocks, lambda wb: wb)
-        else:
-            y = jnp.einsum("...d,fd->...f", x, w, preferred_element_type=jnp.float32)
+        elif plan.dot_max_rows is None or rows <= plan.dot_max_rows:
+            y = _cpu_bf16_dot(x.reshape(rows, -1), w, plan.dot_min_rows)
+        else:  # a bf16 result: XLA converts the weight and runs a float32 matmul
+            return jnp.einsum("...d,fd->...f", x, w)
         return y.reshape(*x.shape[:-1], -1).astype(x.dtype)
     return jnp.einsum("...d,fd->...f", x, w)
 
 
+def _cpu_bf16_dot(x: jax.Array, w: jax.Array, min_rows: int) -> jax.Array:
+    """x[R, in] @ w.T in float32 by YNNPACK's bf16 matmul (a float32 result sends it there),
+    x zero-padded to at least `min_rows` rows (fewer read the weight slower)."""
+    rows = x.shape[0]
+    if rows < min_rows:
+        x = jnp.pad(x, ((0, min_rows - rows), (0, 0)))
+    return jnp.einsum("rd,fd->rf", x, w, preferred_element_type=jnp.float32)[:rows]
+
+
 def _blocked_linear(x: jax.Array, w: BlockedWeight, cpu: bool) -> jax.Array:
     """x @ w.T for a weight stored as column blocks (layout.py): one product per block, the
-    partial sums added in float32, by the same three CPU paths as a plain bf16 weight."""
+    partial sums added in float32, by the same CPU paths as a plain bf16 weight."""
     count, width = len(w.blocks), w.blocks[0].shape[1]
     lead, n_in, dtype = x.shape[:-1], x.shape[-1], x.dtype
     x = x.reshape(-1, n_in)
     rows = x.shape[0]
     if count * width > n_in:  # the last block is zero-padded
         x = jnp.pad(x, ((0, 0), (0, count * width - n_in)))
-    blocks = w.blocks
-    if cpu and rows <= _CPU_MATVEC_MAX_ROWS:
+    blocks, plan = w.blocks, cpu_plan()
+    if cpu and rows <= plan.matvec_max_rows:
         y = _cpu_matvecs(x, blocks, lambda wb: wb)
     else:
-        if cpu and rows > _CPU_BF16_DOT_MAX_ROWS:  # long prefills: XLA's float32 matmul
+        if cpu and plan.dot_max_rows is not None and rows > plan.dot_max_rows:
+            # Long prefills: XLA's float32 matmul.
             x, blocks = x.astype(jnp.float32), [wb.astype(jnp.float32) for wb in blocks]
-        parts = [jnp.einsum("rc,fc->rf", x[:, i * width:(i + 1) * width], wb,
-                            preferred_element_type=jnp.float32) for i, wb in enumerate(blocks)]
+        parts = [_cpu_bf16_dot(x[:, i * width:(i + 1) * width], wb, plan.dot_min_rows)
+                 for i, wb in enumerate(blocks)]
         y = sum(parts[1:], parts[0])
     return y.astype(dtype).reshape(*lead, -1)
 
 
-def _int8_linear(x: jax.Array, w: Int8Weight, matvecs: bool) -> jax.Array:
+def _int8_linear(x: jax.Array, w: Int8Weight, cpu: bool) -> jax.Array:
     """x @ dequantize(w).T, scaled after the product."""
     blocks, _, size = w.q.shape
     lead, n_in = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, n_in)
+    matvecs = cpu and x.shape[0] <= _CPU_INT8_MATVEC_MAX_ROWS
     if blocks * size > n_in:  # the quantizer zero-padded the last block
         x = jnp.pad(x, ((0, 0), (0, blocks * size - n_in)))
     if matvecs:
@@ -236,9 +239,13 @@ def _int8_linear(x: jax.Array, w: Int8Weight, matvecs: bool) -> jax.Array:
         xb = x.reshape(1, blocks, 1, size).astype(jnp.float32)
         y = jnp.sum(xb * w.q.astype(jnp.float32)[None], axis=(1, 3))
     else:
-        # On the CPU in float32: the weight is converted either way, and a bf16 dot of many rows
-        # would convert it a second time (bf16 -> f32); elsewhere in the activation dtype.
-        dt = jnp.float32 if jax.default_backend() == "cpu" else x.dtype
+        # On the CPU the weight is converted either way: to bf16 where the plan has YNNPACK
+        # multiply bf16 activations by it, else to float32 (a bf16 dot of many rows would
+        # convert it a second time); elsewhere to the activation dtype.
+        dt = x.dtype
+        if cpu:
+            bf16 = x.dtype == jnp.bfloat16 and cpu_plan().int8_dot_bf16
+            dt = jnp.bfloat16 if bf16 else jnp.float32
         y = jnp.einsum("rbc,bfc->rf", x.reshape(-1, blocks, size).astype(dt), w.q.astype(dt),
                        preferred_element_type=jnp.float32)
     return (y * w.scale).astype(x.dtype).reshape(*lead, -1)

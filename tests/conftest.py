@@ -8,8 +8,24 @@ from pathlib import Path
 
 import pytest
 
+from qwen_jax.cpu_matmul import PLANS, CpuMatmulPlan
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+
+
+def path_rows(plan: CpuMatmulPlan) -> list[int]:
+    """Row counts at both ends of each of the plan's paths (emitter, padded and unpadded
+    YNNPACK, converting matmul)."""
+    top = plan.dot_max_rows or 130
+    rows = {1, plan.matvec_max_rows, plan.matvec_max_rows + 1, plan.dot_min_rows - 1,
+            plan.dot_min_rows, top, top + 1}
+    return sorted(r for r in rows if r >= 1)
+
+
+# (plan name, rows) pairs covering every bf16 product path of both CPU plans.
+PLAN_ROWS = [(name, rows) for name, plan in PLANS.items() for rows in path_rows(plan)]
+
 
 # Shapes of the small random checkpoints the tests compare against transformers.
 TINY_HF_CONFIG = dict(

@@ -37,6 +37,17 @@ def test_bench_measures_qwen_jax_and_transformers_on_the_demo(tmp_path):
     assert rec["memory_ratio_beyond_runtime"] == (j["peak_rss_bytes"] - before) / (
         j["weight_bytes"] + j["kv_cache_bytes"])
     assert "before any weights" in res.stdout
+    # The decode bound uses the bandwidth measured in the run (no figure was given).
+    assert rec["bandwidth_measured"] is True and 0.5 < rec["bandwidth_gbs"] < 50_000
+    assert rec["bandwidth_bound_tok_s"] == rec["bandwidth_gbs"] * 1e9 / j["weight_bytes"]
+    assert f"{rec['bandwidth_gbs']:.1f} GB/s, measured" in res.stdout
+    assert rec["machine"]["cpu_matmul_plan"] in ("avx2", "avx512-bf16")
+
+
+def test_read_bandwidth_is_measured():
+    from qwen_jax.bench import read_bandwidth_gbs
+
+    assert 0.5 < read_bandwidth_gbs(64 << 20, repeats=3) < 50_000
 
 
 def test_bench_rejects_a_bad_prefill_chunk():

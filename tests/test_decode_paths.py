@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PLAN_ROWS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen_jax import model
 from qwen_jax.config import QwenConfig
+from qwen_jax.cpu_matmul import AVX2, AVX512_BF16, PLANS, CpuMatmulPlan, use_plan
 from qwen_jax.layout import block_wide_weights
 from qwen_jax.model import forward, init_cache, init_params
 from qwen_jax.quantize import quantize_params
@@ -58,19 +60,19 @@ def test_cache_rows_equal_the_default_row_layout(params):
     assert np.all(got[:, 1] == 7.0) and np.all(got[:, 3] == 7.0)
 
 
-# Each path at both ends of its row range.
-@pytest.mark.parametrize("rows", [1, model._CPU_MATVEC_MAX_ROWS, model._CPU_MATVEC_MAX_ROWS + 1,
-                                  model._CPU_BF16_DOT_MAX_ROWS, model._CPU_BF16_DOT_MAX_ROWS + 1])
+@pytest.mark.parametrize("plan, rows", PLAN_ROWS)
 @settings(max_examples=4, deadline=None)
 @given(n_in=st.sampled_from([64, 3584, 3585, 4864]), seed=st.integers(0, 2**16))
-def test_bf16_linear_matches_float32_reference(rows, n_in, seed):
-    """Each CPU bf16 path (per-row matrix-vector products with the contraction split in chunks
-    above 3584, YNNPACK's bf16 matmul, convert-then-matmul; chosen by the row count) computes
-    x @ W.T like a float32 matmul of the same bf16 inputs, to bf16 rounding."""
+def test_bf16_linear_matches_float32_reference(plan, rows, n_in, seed):
+    """Each CPU bf16 path of each plan (per-row matrix-vector products with the contraction split
+    in chunks above 3584, YNNPACK's bf16 matmul with or without padded rows, convert-then-matmul;
+    chosen by the row count) computes x @ W.T like a float32 matmul of the same bf16 inputs, to
+    bf16 rounding."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((1, rows, n_in)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((96, n_in)) * 0.05, jnp.bfloat16)
-    got = np.asarray(jax.jit(model._linear)(x, w).astype(jnp.float32))
+    with use_plan(PLANS[plan]):
+        got = np.asarray(jax.jit(model._linear)(x, w).astype(jnp.float32))
     want = np.asarray(x.astype(jnp.float32)) @ np.asarray(w.astype(jnp.float32)).T
     assert got.shape == (1, rows, 96)
     scale = np.abs(want).max()
@@ -90,11 +92,18 @@ def _float_weight_copies(hlo: str, weight_sizes: set[int]) -> list[str]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
+@pytest.mark.parametrize("plan", sorted(PLANS))
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
-def test_cpu_decode_step_reads_weights_without_float_copies(weights):
-    """A regression guard: the compiled batch-1, -4 and -8 decode steps at Qwen2.5-0.5B layer
-    shapes (two layers), with bf16 or int8 weights, must not materialise a float copy of any
-    weight matrix (or, for int8, of one of its column blocks)."""
+def test_cpu_decode_step_reads_weights_without_float_copies(weights, plan):
+    """A regression guard: under either CPU plan, the compiled batch-1, -4 and -8 decode steps at
+    Qwen2.5-0.5B layer shapes (two layers), with bf16 or int8 weights, must not materialise a
+    float copy of any weight matrix (or, for int8, of one of its column blocks); a one-row bf16
+    step multiplies its weights by YNNPACK exactly under the AVX512-BF16 plan."""
+    with use_plan(PLANS[plan]):
+        _check_decode_step_copies(weights, PLANS[plan])
+
+
+def _check_decode_step_copies(weights: str, plan: CpuMatmulPlan) -> None:
     cfg = QwenConfig(vocab_size=4096, hidden_size=896, intermediate_size=4864,
                      num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
@@ -105,7 +114,7 @@ def test_cpu_decode_step_reads_weights_without_float_copies(weights):
         sizes |= {math.prod(shape[1:]) for shape in blocks}
 
     def step(params, tokens, positions, cache):
-        return forward(params, cfg, tokens, positions, cache, kv_len=64,
+        return forward(params, cfg, tokens, positions, cache, kv_len=cache.k[0].shape[1],
                        logits_at=jnp.zeros(tokens.shape[:1], jnp.int32))
 
     for batch in (1, 4, 8):
@@ -113,15 +122,22 @@ def test_cpu_decode_step_reads_weights_without_float_copies(weights):
         ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
         hlo = jax.jit(step).lower(params, ids, ids, cache).compile().as_text()
         assert not _float_weight_copies(hlo, sizes), _float_weight_copies(hlo, sizes)[:3]
+        if batch == 1:  # attention's two products per layer take YNNPACK under either plan
+            ynn = len(re.findall(r"%ynn_fusion[.\d]* = ", hlo[hlo.index("\nENTRY"):]))
+            projections = 7 * cfg.num_hidden_layers + 1  # and the lm_head
+            assert (ynn >= projections) == (plan is AVX512_BF16 and weights == "bf16"), ynn
 
-    # The guard itself can fail: a long prefill's matmul does convert the weights.
-    prefill = jax.ShapeDtypeStruct((1, 128), jnp.int32)
+    # The guard itself can fail: a long prefill converts int8 weights under either plan, and
+    # bf16 weights under the AVX2 plan only (the other multiplies them by YNNPACK as they are).
+    # 80 tokens: more than the AVX2 plan's YNNPACK rows, and no activation of a weight's size.
+    prefill = jax.ShapeDtypeStruct((1, 80), jnp.int32)
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 128, jnp.bfloat16))
     hlo = jax.jit(step).lower(params, prefill, prefill, cache).compile().as_text()
-    assert _float_weight_copies(hlo, sizes)
+    assert bool(_float_weight_copies(hlo, sizes)) == (plan is AVX2 or weights == "int8")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
+@use_plan(AVX2)  # column blocks are the AVX2 plan's layout
 def test_cpu_decode_reads_blocks_without_copying_them():
     """At the 0.5B layer shapes, the compiled 1- and 4-row decode steps materialise no copy of a
     column block of down_proj; with the plain layout the 4-row step copies each column slice
@@ -149,9 +165,11 @@ def test_cpu_decode_reads_blocks_without_copying_them():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU scheduling")
+@use_plan(AVX2)  # the plan whose long prefills convert
 def test_cpu_bf16_prefill_converts_weights_one_layer_at_a_time():
-    """A bf16 prefill converts each weight to f32 for its matmul: the compiled program must not
-    keep all layers' converted copies alive at once (qwen_jax sets XLA's CPU scheduler flag)."""
+    """A bf16 prefill under the AVX2 plan converts each weight to f32 for its matmul: the
+    compiled program must not keep all layers' converted copies alive at once (qwen_jax sets
+    XLA's CPU scheduler flag)."""
     cfg = QwenConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024,
                      num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))

@@ -11,12 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PLAN_ROWS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from qwen_jax import layout, model
 from qwen_jax.config import QwenConfig
+from qwen_jax.cpu_matmul import AVX2, AVX512_BF16, PLANS, use_plan
 from qwen_jax.layout import (
     CPU_MATVEC_MAX_IN,
     BlockedWeight,
@@ -32,6 +34,14 @@ from qwen_jax.sharding import make_mesh, shard_params
 from qwen_jax.weights import load_checkpoint, save_checkpoint
 
 ON_CPU = jax.default_backend() == "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _avx2_plan():
+    """Column blocks are the AVX2 plan's layout (cpu_matmul.py): these tests run under it."""
+    with use_plan(AVX2):
+        yield
+
 # One layer whose down_proj (in = 3600) is too wide for the CPU's matrix-vector emitter.
 WIDE = QwenConfig(vocab_size=256, hidden_size=64, intermediate_size=3600, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -60,6 +70,8 @@ def test_which_weights_are_blocked():
     assert not wants_blocks(wide, "gpu")  # other backends read any width
     assert not wants_blocks(wide.astype(jnp.float32), "cpu")  # float32 rows read at full speed
     assert not wants_blocks(jnp.zeros((8, CPU_MATVEC_MAX_IN), jnp.bfloat16), "cpu")
+    with use_plan(AVX512_BF16):  # YNNPACK reads plain weights faster than blocks
+        assert not wants_blocks(wide, "cpu")
     params = init_params(WIDE, jax.random.PRNGKey(0), jnp.bfloat16)
     blocked = block_wide_weights(params)
     for layer in blocked.layers:
@@ -72,23 +84,24 @@ def test_which_weights_are_blocked():
                                                     jax.tree.leaves(params)))
 
 
-@pytest.mark.parametrize("rows", [1, model._CPU_MATVEC_MAX_ROWS, model._CPU_MATVEC_MAX_ROWS + 1,
-                                  model._CPU_BF16_DOT_MAX_ROWS, model._CPU_BF16_DOT_MAX_ROWS + 1])
+@pytest.mark.parametrize("plan, rows", PLAN_ROWS)
 @settings(max_examples=3, deadline=None)
 @given(n_in=st.sampled_from([3585, 4864, 7300]), seed=st.integers(0, 2**16))
-def test_blocked_linear_matches_float32_reference(rows, n_in, seed):
-    """x @ W.T with W as column blocks, by each row-count path, equals a float32 matmul of the
-    same bf16 inputs to bf16 rounding, and the plain weight's result to float32 rounding."""
+def test_blocked_linear_matches_float32_reference(plan, rows, n_in, seed):
+    """x @ W.T with W as column blocks, by each row-count path of either plan, equals a float32
+    matmul of the same bf16 inputs to bf16 rounding, and the plain weight's result to float32
+    rounding."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((1, rows, n_in)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((80, n_in)) * 0.05, jnp.bfloat16)
-    linear = jax.jit(model._linear)
-    got = np.asarray(linear(x, to_blocks(w)).astype(jnp.float32))
+    with use_plan(PLANS[plan]):
+        linear = jax.jit(model._linear)
+        got = np.asarray(linear(x, to_blocks(w)).astype(jnp.float32))
+        same = np.asarray(linear(x, w).astype(jnp.float32))
     want = np.asarray(x.astype(jnp.float32)) @ np.asarray(w.astype(jnp.float32)).T
     assert got.shape == (1, rows, 80)
     scale = np.abs(want).max()
     assert np.abs(got - want).max() / scale < 2 ** -7
-    same = np.asarray(linear(x, w).astype(jnp.float32))
     assert np.abs(got - same).max() / scale < 2 ** -7
 
 

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen_jax.config import QwenConfig, YarnScaling
+from qwen_jax.cpu_matmul import PLANS, use_plan
 from qwen_jax.model import forward, init_cache
 from qwen_jax.rope import rope_frequencies
 from qwen_jax.sharding import make_mesh, param_logical_axes, shard_params
@@ -132,8 +133,10 @@ def test_yarn_frequencies_match_transformers(factor, original, theta, head_dim, 
     assert scale == pytest.approx(ref_scale, rel=1e-12)
 
 
-def test_bfloat16_against_float32_reference(hf_checkpoint_factory):
-    """bf16 weights and activations vs transformers in float32 (the exact reference).
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_bfloat16_against_float32_reference(hf_checkpoint_factory, plan):
+    """bf16 weights and activations vs transformers in float32 (the exact reference), under
+    either CPU matmul plan (cpu_matmul.py; one backend path or the other for 512 rows).
 
     Our bf16 error must also be close to transformers' own bf16 error against float32.
     Measured: argmax agreement 1.000, rel error 3.5e-3 (transformers bf16: 3.6e-3).
@@ -142,9 +145,10 @@ def test_bfloat16_against_float32_reference(hf_checkpoint_factory):
     tokens = _tokens(1024, (4, 128), seed=3)
     ref = hf_logits(ckpt, tokens, "float32")
     hf_bf16_err = rel_err(hf_logits(ckpt, tokens, "bfloat16"), ref)
-    cfg, params = load_checkpoint(ckpt, jnp.bfloat16, progress=False)
-    assert params.embed.dtype == jnp.bfloat16
-    ours, _ = jit_forward(params, cfg, tokens, _positions(tokens))
+    with use_plan(PLANS[plan]):
+        cfg, params = load_checkpoint(ckpt, jnp.bfloat16, progress=False)
+        assert params.embed.dtype == jnp.bfloat16
+        ours, _ = jit_forward(params, cfg, tokens, _positions(tokens))
     ours = np.asarray(ours)
     agree = float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
     err = rel_err(ours, ref)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from qwen_jax import model
 from qwen_jax.config import QwenConfig
+from qwen_jax.cpu_matmul import PLANS, use_plan
 from qwen_jax.engine import Engine, GenerationRequest
 from qwen_jax.generate import greedy_generate
 from qwen_jax.model import forward, init_cache, init_params
@@ -52,16 +53,19 @@ def test_quantize_round_trip_is_within_half_a_step(out, n_in, block, zero_row, s
     assert np.all(np.asarray(qw.q).transpose(1, 0, 2).reshape(out, -1)[:, n_in:] == 0)
 
 
+@pytest.mark.parametrize("plan", sorted(PLANS))
 @settings(max_examples=15, deadline=None)
 @given(rows=st.integers(1, 10), n_in=st.sampled_from([64, 3584, 3585, 4864]),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 2**16))
-def test_int8_linear_is_x_times_the_dequantized_weight(rows, n_in, dtype, seed):
+def test_int8_linear_is_x_times_the_dequantized_weight(plan, rows, n_in, dtype, seed):
     """Both the CPU matrix-vector path (<= 8 rows, blocks above 3584 columns) and the einsum
-    path compute x @ dequantize(w).T."""
+    path (the weight in float32, or in bf16 for bf16 activations under the AVX512-BF16 plan)
+    compute x @ dequantize(w).T."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((1, rows, n_in)), dtype)
     qw = quantize_int8(jnp.asarray(rng.standard_normal((96, n_in)) * 0.05, jnp.float32))
-    got = np.asarray(jax.jit(model._linear)(x, qw).astype(jnp.float32))
+    with use_plan(PLANS[plan]):
+        got = np.asarray(jax.jit(model._linear)(x, qw).astype(jnp.float32))
     want = np.asarray(x.astype(jnp.float32)) @ np.asarray(dequantize(qw, n_in)).T
     assert got.shape == (1, rows, 96)
     tol = 2**-7 if dtype == jnp.bfloat16 else 1e-5

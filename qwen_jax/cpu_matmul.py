@@ -1,0 +1,97 @@
+"""Which of XLA's CPU matrix-multiply paths a bf16 `x @ W.T` takes, chosen by row count and CPU.
+
+XLA's CPU backend (jax 0.10) has three ways to compute a bf16 product (found by inspecting the
+compiled HLO; tests/test_decode_paths.py checks the programs and the numerics):
+- its matrix-vector emitter reads bf16 (and int8) weights directly, one row of x at a time, for
+  weight rows of at most 3584 columns (wider ones as column blocks, layout.py);
+- with a float32 result (`preferred_element_type`) and 2+ rows it calls YNNPACK's bf16 matmul;
+- with a bf16 result it converts the whole weight to float32 and runs a float32 matmul.
+All three accumulate in float32 and round once, like torch's bf16 linear.
+
+Which one is fastest depends on the CPU (measured, benchmarks/README.md):
+- AVX2 only (an AMD EPYC Zen 3 VM): YNNPACK's bf16 matmul runs at 35-45 GFLOP/s, so the
+  emitter wins up to 4 rows, YNNPACK from 5 to 64 rows, the converting float32 matmul beyond.
+- AVX512-BF16 / AMX (an Intel Xeon VM): YNNPACK reaches ~650 GFLOP/s from 256 rows and reads a
+  weight faster than the emitter even for one row padded to four (24 gate_proj matrices of the
+  0.5B shape: 12.7 vs 15.1 ms); a 512-row product is 3.2x faster than converting. So every bf16
+  product takes YNNPACK there, and wide weights stay in one piece (7% faster than blocks).
+int8 weights (quantize.py) take the emitter up to 8 rows on both; beyond, the AVX2 plan converts
+them to float32 and the AVX512-BF16 plan, for bf16 activations, to bf16 for YNNPACK (512 rows x
+24 gate_proj: 185 vs 558 ms).
+The plan is read when a function is traced: switch it only with `use_plan`, which clears JAX's
+caches so no program traced under the other plan is reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jax
+
+
+@dataclass(frozen=True)
+class CpuMatmulPlan:
+    """Row-count thresholds for bf16 (and int8-weight) products on the CPU backend."""
+
+    name: str
+    matvec_max_rows: int  # 1..this many rows: the matrix-vector emitter, one row at a time
+    dot_min_rows: int  # YNNPACK: x is zero-padded up to this many rows
+    dot_max_rows: int | None  # more rows: convert the weight to float32 (None: never)
+    column_blocks: bool  # bf16 weights wider than 3584 columns stored as blocks (layout.py)
+    int8_dot_bf16: bool  # int8 weights, bf16 x, beyond the emitter: bf16 for YNNPACK (else f32)
+
+
+AVX2 = CpuMatmulPlan("avx2", matvec_max_rows=4, dot_min_rows=1, dot_max_rows=64,
+                     column_blocks=True, int8_dot_bf16=False)
+AVX512_BF16 = CpuMatmulPlan("avx512-bf16", matvec_max_rows=0, dot_min_rows=4, dot_max_rows=None,
+                            column_blocks=False, int8_dot_bf16=True)
+PLANS = {p.name: p for p in (AVX2, AVX512_BF16)}
+
+# Set from QWEN_JAX_CPU_MATMUL (a plan name) or the CPU's flags on first use.
+_plan: CpuMatmulPlan | None = None
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty where unreadable)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def detect_plan(flags: set[str]) -> CpuMatmulPlan:
+    """AVX512_BF16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else AVX2."""
+    return AVX512_BF16 if flags & {"avx512_bf16", "amx_bf16"} else AVX2
+
+
+def cpu_plan() -> CpuMatmulPlan:
+    """The plan in use: $QWEN_JAX_CPU_MATMUL (avx2 or avx512-bf16) if set, else detected."""
+    global _plan
+    if _plan is None:
+        name = os.environ.get("QWEN_JAX_CPU_MATMUL")
+        if name and name not in PLANS:
+            raise ValueError(f"QWEN_JAX_CPU_MATMUL must be one of {sorted(PLANS)}, not {name!r}")
+        _plan = PLANS[name] if name else detect_plan(cpu_flags())
+    return _plan
+
+
+@contextlib.contextmanager
+def use_plan(plan: CpuMatmulPlan) -> Iterator[CpuMatmulPlan]:
+    """Trace with `plan` inside the block (tests, benchmarks); JAX's caches are cleared on entry
+    and exit, since a cached program keeps the plan it was traced with."""
+    global _plan
+    previous = cpu_plan()
+    _plan = plan
+    jax.clear_caches()
+    try:
+        yield plan
+    finally:
+        _plan = previous
+        jax.clear_caches()

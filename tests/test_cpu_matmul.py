@@ -1,0 +1,68 @@
+"""The CPU matmul plan (cpu_matmul.py): chosen from the CPU's flags or $QWEN_JAX_CPU_MATMUL, and
+switched only with caches cleared. (Each plan's numerics and compiled programs:
+tests/test_decode_paths.py.)"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen_jax import cpu_matmul, model
+from qwen_jax.cpu_matmul import AVX2, AVX512_BF16, PLANS, cpu_flags, detect_plan, use_plan
+
+AVX2_FLAGS = "fpu sse sse2 avx fma avx2 bmi2"
+XEON_FLAGS = AVX2_FLAGS + " avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8"
+
+
+@pytest.mark.parametrize("flags, plan", [(AVX2_FLAGS, AVX2), (XEON_FLAGS, AVX512_BF16),
+                                         (AVX2_FLAGS + " amx_bf16", AVX512_BF16),
+                                         (AVX2_FLAGS + " avx512f avx512bw", AVX2), ("", AVX2)])
+def test_plan_follows_native_bf16_support(tmp_path, flags, plan):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_flags(str(info)) == set(flags.split())
+    assert detect_plan(cpu_flags(str(info))) is plan
+
+
+def test_unreadable_cpuinfo_gives_the_avx2_plan(tmp_path):
+    assert cpu_flags(str(tmp_path / "missing")) == set()
+    assert detect_plan(set()) is AVX2
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_environment_chooses_the_plan(monkeypatch, name):
+    monkeypatch.setattr(cpu_matmul, "_plan", None)
+    monkeypatch.setenv("QWEN_JAX_CPU_MATMUL", name)
+    assert cpu_matmul.cpu_plan() is PLANS[name]
+
+
+def test_unknown_plan_name_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "_plan", None)
+    monkeypatch.setenv("QWEN_JAX_CPU_MATMUL", "avx9000")
+    with pytest.raises(ValueError, match="QWEN_JAX_CPU_MATMUL must be one of"):
+        cpu_matmul.cpu_plan()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the plan applies to the CPU backend")
+def test_use_plan_retraces_and_restores():
+    """A function jitted under one plan is traced again inside `use_plan` with the other (the
+    caches are cleared on entry), and again under the first plan after the block."""
+    before = cpu_matmul.cpu_plan()
+    other = AVX2 if before is AVX512_BF16 else AVX512_BF16
+    x = jnp.ones((1, 64), jnp.bfloat16)
+    w = jnp.ones((32, 64), jnp.bfloat16)
+    f = jax.jit(model._linear)
+
+    def takes_library_matmul() -> bool:
+        np.testing.assert_allclose(np.asarray(f(x, w), np.float32), 64.0)
+        return "%ynn_fusion" in f.lower(x, w).compile().as_text()
+
+    # One row: the matrix-vector emitter under AVX2, YNNPACK (padded rows) under AVX512-BF16.
+    assert takes_library_matmul() == (before is AVX512_BF16)
+    with use_plan(other):
+        assert cpu_matmul.cpu_plan() is other
+        assert takes_library_matmul() == (other is AVX512_BF16)
+    assert cpu_matmul.cpu_plan() is before
+    assert takes_library_matmul() == (before is AVX512_BF16)
