@@ -191,8 +191,8 @@ def _linear(x: jax.Array, w: jax.Array | BlockedWeight | Int8Weight) -> jax.Arra
 
 
 def _cpu_bf16_dot(x: jax.Array, w: jax.Array, min_rows: int) -> jax.Array:
-    """x[R, in] @ w.T in float32 by YNNPACK's bf16 matmul (a float32 result sends it there),
-    x zero-padded to at least `min_rows` rows (fewer read the weight slower)."""
+    """x[R, in] @ w.T in float32 (on the CPU, a float32 result sends a bf16 dot to YNNPACK), x
+    zero-padded to at least `min_rows` rows (YNNPACK reads the weight slower for fewer)."""
     rows = x.shape[0]
     if rows < min_rows:
         x = jnp.pad(x, ((0, min_rows - rows), (0, 0)))
@@ -215,7 +215,8 @@ def _blocked_linear(x: jax.Array, w: BlockedWeight, cpu: bool) -> jax.Array:
         if cpu and plan.dot_max_rows is not None and rows > plan.dot_max_rows:
             # Long prefills: XLA's float32 matmul.
             x, blocks = x.astype(jnp.float32), [wb.astype(jnp.float32) for wb in blocks]
-        parts = [_cpu_bf16_dot(x[:, i * width:(i + 1) * width], wb, plan.dot_min_rows)
+        min_rows = plan.dot_min_rows if cpu else 1
+        parts = [_cpu_bf16_dot(x[:, i * width:(i + 1) * width], wb, min_rows)
                  for i, wb in enumerate(blocks)]
         y = sum(parts[1:], parts[0])
     return y.astype(dtype).reshape(*lead, -1)
