@@ -5,12 +5,15 @@ rows ("slots"), prefills their prompt, and from then on every decode step advanc
 at once, each with its own position, sampling parameters, penalty counts, grammar mask and PRNG
 stream. A row that finishes (EOS, max_tokens, cancel, error) frees its slot immediately.
 
-How a request enters the batch: the prompt minus its last token is prefilled into the request's
-first slot and copied to its other slots (one per choice, so n choices share one prefill); the
-last prompt token is then fed by the ordinary decode step, which samples the first new token.
-Prefill and decode therefore share one sampling path. A long prompt is prefilled in chunks of
-`prefill_chunk` tokens, one chunk per engine iteration with a decode call for the other rows in
-between, so its attention scores never exist all at once and the other streams keep going.
+How a request enters the batch: the prompt is prefilled into the request's first slot and copied
+to its other slots (one per choice, so n choices share one prefill); the prefill's last call also
+returns the logits at the prompt's last token, and the first new token of every choice is
+sampled from them by the ordinary sampling step of the next decode call, in which those rows
+skip the model (position -1; with no other busy row the call runs the sampler alone). Prefill
+and decode therefore share one sampling path, and the first token costs no extra model pass.
+A long prompt is prefilled in chunks of `prefill_chunk` tokens, one chunk per engine iteration
+with a decode call for the other rows in between, so its attention scores never exist all at
+once and the other streams keep going.
 A decode step runs only the busy rows (padded with free slots to a row bucket), gathered from
 and scattered back to their slots inside the compiled program. With lookahead (by default on an
 accelerator with several steps per call) the next decode call is dispatched, from the last tokens
@@ -149,6 +152,9 @@ class _Row:
     generated: int = 0  # tokens sampled so far (the sampler's step counter)
     constraint: Constraint | None = None
     ready: bool = True  # False while its prompt is being prefilled (not yet in decode calls)
+    # The prefill's logits at the last prompt token (already in the cache): the first token is
+    # sampled from them instead of a model pass. Cleared once that token's call is dispatched.
+    first_logits: Any = None
 
 
 @dataclass
@@ -156,8 +162,9 @@ class _Prefill:
     """A request whose prompt is being prefilled, one chunk per engine iteration."""
     handle: RequestHandle
     rows: list[tuple[int, _Row]]  # (slot, row) per choice; the prompt goes into the first slot
-    head: np.ndarray  # the prompt minus its last token
+    ids: np.ndarray  # the prompt
     done: int = 0  # prefill calls run so far
+    logits: Any = None  # [1, V] at the prompt's last token, from the last call
 
 
 @dataclass
@@ -166,6 +173,7 @@ class _Stats:
     compiles_after_warmup: int = 0
     decode_calls: int = 0
     decode_steps: int = 0
+    model_calls: int = 0  # decode calls that ran the model (not only the sampler)
     lookahead_calls: int = 0  # decode calls dispatched before the previous call's tokens streamed
     prefills: int = 0  # prompts prefilled
     prefill_calls: int = 0  # prefill chunks run
@@ -183,6 +191,7 @@ class _Call:
     positions: np.ndarray
     steps: np.ndarray
     k: int
+    first: bool = False  # some rows sampled their first token from prefill logits
 
 
 _SHARED_PROGRAMS: dict[tuple, Any] = {}
@@ -279,14 +288,15 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
 # The device functions (pure; jitted per engine so their compile caches can be counted).
 
 
-def _prefill(params, cache: KVCache, tokens, slot, start, *, cfg: QwenConfig,
-             kv_len: int) -> KVCache:
+def _prefill(params, cache: KVCache, tokens, slot, start, last, *, cfg: QwenConfig,
+             kv_len: int) -> tuple[KVCache, jax.Array]:
     """Prefill tokens[1, T] (right-padded) at positions start.. into cache row `slot`; they
-    attend to the first kv_len cache entries (the row's earlier chunks and themselves)."""
+    attend to the first kv_len cache entries (the row's earlier chunks and themselves). Also
+    the logits[1, V] of tokens[0, last] (in the last chunk: the prompt's last token)."""
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    _, cache = forward(params, cfg, tokens, positions, cache, kv_len=kv_len,
-                       logits_at=jnp.zeros((1,), jnp.int32), cache_rows=slot[None])
-    return cache
+    logits, cache = forward(params, cfg, tokens, positions, cache, kv_len=kv_len,
+                            logits_at=last[None], cache_rows=slot[None])
+    return cache, logits
 
 
 def _copy_row(cache: KVCache, src, dst) -> KVCache:
@@ -454,9 +464,8 @@ class Engine:
         """Compile prefill for the buckets of `prompt_lengths` (default: every bucket) and decode
         for the kv_len buckets of the cache lengths `kv_lens` and the row buckets of `rows` busy
         rows (defaults: all); afterwards any compile is logged as a warning."""
-        heads = ([max(1, n - 1) for n in prompt_lengths] if prompt_lengths is not None
-                 else self._all_buckets())
-        prefills = sorted({(b, kv) for n in heads for _, b, kv in self._prefill_plan(n)})
+        lengths = list(prompt_lengths) if prompt_lengths is not None else self._all_buckets()
+        prefills = sorted({(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)})
         kvs = sorted({self._kv_bucket(n) for n in kv_lens} if kv_lens is not None
                      else self._all_kv_buckets())
         t0 = time.perf_counter()
@@ -540,7 +549,7 @@ class Engine:
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
         if kind == "prefill":
             args = (self.params, self.cache, jax.ShapeDtypeStruct((1, key[0]), jnp.int32), i32,
-                    i32)
+                    i32, i32)
         elif kind == "copy":
             args = (self.cache, i32, i32)
         elif kind == "forward":
@@ -645,8 +654,7 @@ class Engine:
                                           constraint=r.constraints[c] if r.constraints else None,
                                           ready=False)
                     rows.append((i, self._slots[i]))
-            # The last prompt token goes through the decode step, which samples the first token.
-            self._prefills.append(_Prefill(handle, rows, np.asarray(r.prompt_ids[:-1], np.int32)))
+            self._prefills.append(_Prefill(handle, rows, np.asarray(r.prompt_ids, np.int32)))
 
     def _advance_prefills(self) -> None:
         """Run the next prefill chunk of every admitted request; a request whose prompt is
@@ -661,9 +669,9 @@ class Engine:
                     self._finish(i, None, "cancelled")
                 continue
             try:
-                plan = self._prefill_plan(len(p.head)) if len(p.head) else []
+                plan = self._prefill_plan(len(p.ids))
                 if p.done < len(plan):
-                    self._prefill_call(p.head, p.rows[0][0], plan, p.done)
+                    p.logits = self._prefill_call(p.ids, p.rows[0][0], plan, p.done)
                     p.done += 1
                 if p.done == len(plan):
                     self._prefills.remove(p)
@@ -677,20 +685,19 @@ class Engine:
 
     def _join(self, p: _Prefill) -> None:
         """The prompt of `p` is in its first slot: copy it to the other choices' slots, set
-        their sampling and penalty rows, and let them decode."""
+        their sampling and penalty rows, and let them decode (their first token sampled from
+        the prefill's logits)."""
         r = p.handle.request
         seed = S.resolve_seed(r.sampling)  # one seed for all choices; they differ by choice
-        ids = np.asarray(r.prompt_ids, np.int32)
         first = p.rows[0][0]
-        if len(p.head):
-            self.stats.prefills += 1
+        self.stats.prefills += 1
         for c, (i, _) in enumerate(p.rows):
-            if c and len(p.head):
+            if c:
                 self.cache = self._program("copy")(self.cache, np.int32(first), np.int32(i))
             self.sbatch = S.set_row(self.sbatch, i, r.sampling, self.vocab_limit, c, seed=seed)
-            self.pstate = S.set_penalty_row(self.pstate, i, ids)
+            self.pstate = S.set_penalty_row(self.pstate, i, p.ids)
         for c, (i, row) in enumerate(p.rows):
-            row.ready = True
+            row.ready, row.first_logits = True, p.logits
             if c in p.handle.cancel_requested:
                 self._finish(i, None, "cancelled")
 
@@ -701,14 +708,17 @@ class Engine:
             self._prefill_call(ids, slot, plan, call)
 
     def _prefill_call(self, ids: np.ndarray, slot: int, plan: list[tuple[int, int, int]],
-                      call: int) -> None:
+                      call: int) -> jax.Array:
+        """Run prefill call `call` of `plan`; the logits [1, V] at its last token."""
         start, b, kv = plan[call]
         end = plan[call + 1][0] if call + 1 < len(plan) else len(ids)
         tokens = np.zeros((1, b), np.int32)
         tokens[0, : end - start] = ids[start:end]
-        self.cache = self._program("prefill", b, kv)(self.params, self.cache, tokens,
-                                                     np.int32(slot), np.int32(start))
+        self.cache, logits = self._program("prefill", b, kv)(
+            self.params, self.cache, tokens, np.int32(slot), np.int32(start),
+            np.int32(end - start - 1))
         self.stats.prefill_calls += 1
+        return logits
 
     def _step(self) -> None:
         """Run one decode call and stream its tokens. With lookahead, the call after it is
@@ -769,9 +779,14 @@ class Engine:
         tokens = np.zeros(R, np.int32)
         positions = np.full(R, -1, np.int32)
         steps = np.zeros(R, np.int32)
+        first: dict[int, Any] = {}  # output row -> prefill logits of a row's first token
         for j, i in enumerate(active):
             tokens[j], positions[j], steps[j] = rows[i].next_token, rows[i].position, \
                 rows[i].generated
+            if rows[i].first_logits is not None:
+                # Its last prompt token is in the cache already: the model skips the row.
+                first[j], rows[i].first_logits = rows[i].first_logits, None
+                positions[j] = -1
         if masks:
             mask = np.ones((R, self.cfg.vocab_size), bool)
             for j, i in enumerate(active):
@@ -781,17 +796,17 @@ class Engine:
             allowed = jnp.asarray(mask)
         else:
             allowed = self._all_allowed(R)
-        # A grammar needs the host between tokens.
-        k = 1 if constrained else self._steps_for(
+        # A grammar needs the host between tokens, as does a first token.
+        k = 1 if constrained or first else self._steps_for(
             [(rows[i], rows[i].generated, rows[i].position) for i in active])
         return self._dispatch([(i, rows[i]) for i in active], slots, tokens, positions, steps,
-                              allowed, k)
+                              allowed, k, first)
 
     def _launch_next(self, call: _Call) -> _Call | None:
         """Dispatch the call that will follow `call` if nothing can change it: every busy row
         is in `call`, none is constrained or ends by length inside it, and no request waits."""
-        if any(r.constraint is not None for _, r in call.rows) or [i for i, _ in call.rows] != [
-                i for i, r in enumerate(self._slots) if r is not None]:
+        if call.first or any(r.constraint is not None for _, r in call.rows) or [
+                i for i, _ in call.rows] != [i for i, r in enumerate(self._slots) if r is not None]:
             return None
         with self._cond:
             if self._waiting:
@@ -810,20 +825,32 @@ class Engine:
                               self._all_allowed(len(call.slots)), self._steps_for(after))
 
     def _dispatch(self, rows: list[tuple[int, _Row]], slots: np.ndarray, tokens: Any,
-                  positions: np.ndarray, steps: np.ndarray, allowed: jax.Array, k: int) -> _Call:
-        kv_len = self._kv_bucket(int(positions.max()) + k)
+                  positions: np.ndarray, steps: np.ndarray, allowed: jax.Array, k: int,
+                  first: dict[int, Any] | None = None) -> _Call:
+        """Dispatch a call of k steps; `first` maps output rows to the prefill logits their
+        (first) token is sampled from (k == 1), instead of the model's."""
+        kv_len = self._kv_bucket(max(int(positions.max()), 0) + k)
         if k == 1:
-            logits, self.cache = self._program("forward", kv_len, len(slots))(
-                self.params, self.cache, slots, tokens, positions)
+            if first and len(first) == len(rows):  # no row needs the model
+                logits = np.zeros((len(slots), self.cfg.vocab_size), np.float32)
+            else:
+                logits, self.cache = self._program("forward", kv_len, len(slots))(
+                    self.params, self.cache, slots, tokens, positions)
+                self.stats.model_calls += 1
+            if first:
+                logits = np.array(logits)  # a writable host copy
+                for j, row_logits in first.items():
+                    logits[j] = np.asarray(row_logits)[0]
             outs, self.pstate = self._program("sample", len(slots))(
                 logits, self.pstate, self.sbatch, slots, steps, allowed)
         else:
             outs, self.cache, self.pstate = self._program("decode", kv_len, k, len(slots))(
                 self.params, self.cache, self.pstate, self.sbatch, slots, tokens, positions,
                 steps, allowed)
+            self.stats.model_calls += 1
         self.stats.decode_calls += 1
         self.stats.decode_steps += k
-        return _Call(outs, rows, slots, positions, steps, k)
+        return _Call(outs, rows, slots, positions, steps, k, bool(first))
 
     def _all_allowed(self, rows: int) -> jax.Array:
         if rows not in self._all_true:

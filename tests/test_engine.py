@@ -459,8 +459,7 @@ def test_chunked_prefill_matches_one_call(engine, params):
             prompt = [(7 * i + 3) % 250 for i in range(n)]
             calls = eng.stats.prefill_calls
             got = tokens(run(eng, prompt=prompt, max_tokens=8)[0])
-            assert eng.stats.prefill_calls - calls == len(eng._prefill_plan(n - 1)) == -(
-                -(n - 1) // 16)
+            assert eng.stats.prefill_calls - calls == len(eng._prefill_plan(n)) == -(-n // 16)
             assert got == argmax_continuation(params, prompt, 8)
             assert got == tokens(run(engine, prompt=prompt, max_tokens=8)[0])
         prompt = list(range(40, 85))
@@ -608,5 +607,26 @@ def test_decode_padding_leaves_a_prefilling_row_alone(params):
         alone = run(eng, prompt=prompt, max_tokens=4, logprobs=True)[0]
         assert tokens(got) == tokens(alone) == argmax_continuation(params, prompt, 4)
         assert [e.logprob for e in got] == pytest.approx([e.logprob for e in alone], abs=1e-5)
+    finally:
+        eng.close()
+
+
+def test_first_token_is_sampled_from_the_prefill_logits(params):
+    """The first token of each choice comes from the prefill's logits at the last prompt token:
+    alone on the engine it costs no model pass, and each later token one. The tokens are the
+    cache-free forward's (greedy), for 1- and 20-token prompts and n=2. (In a busy batch the
+    new rows skip the model in that call: the batch-invariance tests cover it.)"""
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250)
+    try:
+        for prompt in ([17], list(range(3, 23))):
+            calls = eng.stats.model_calls
+            got = run(eng, prompt=prompt, max_tokens=1, n=2)
+            assert eng.stats.model_calls == calls  # the sampler alone
+            assert [tokens(got[c]) for c in range(2)] == [
+                argmax_continuation(params, prompt, 1)] * 2
+            calls = eng.stats.model_calls
+            assert tokens(run(eng, prompt=prompt, max_tokens=4)[0]) == argmax_continuation(
+                params, prompt, 4)
+            assert eng.stats.model_calls - calls == 3
     finally:
         eng.close()
