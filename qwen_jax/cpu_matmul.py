@@ -84,7 +84,7 @@ def cpu_plan() -> CpuMatmulPlan:
 
 @contextlib.contextmanager
 def use_plan(plan: CpuMatmulPlan) -> Iterator[CpuMatmulPlan]:
-    """Trace with `plan` inside the block (tests, benchmarks); JAX's caches are cleared on entry
+    """Trace with `plan` inside the block (tests); JAX's caches are cleared on entry
     and exit, since a cached program keeps the plan it was traced with."""
     global _plan
     previous = cpu_plan()

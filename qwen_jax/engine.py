@@ -164,7 +164,6 @@ class _Prefill:
     rows: list[tuple[int, _Row]]  # (slot, row) per choice; the prompt goes into the first slot
     ids: np.ndarray  # the prompt
     done: int = 0  # prefill calls run so far
-    logits: Any = None  # [1, V] at the prompt's last token, from the last call
 
 
 @dataclass
@@ -669,13 +668,12 @@ class Engine:
                     self._finish(i, None, "cancelled")
                 continue
             try:
-                plan = self._prefill_plan(len(p.ids))
-                if p.done < len(plan):
-                    p.logits = self._prefill_call(p.ids, p.rows[0][0], plan, p.done)
-                    p.done += 1
+                plan = self._prefill_plan(len(p.ids))  # at least one call
+                logits = self._prefill_call(p.ids, p.rows[0][0], plan, p.done)
+                p.done += 1
                 if p.done == len(plan):
                     self._prefills.remove(p)
-                    self._join(p)
+                    self._join(p, logits)
             except Exception as e:  # e.g. invalid sampling params reaching the sampler
                 log.exception("prefill failed")
                 if p in self._prefills:
@@ -683,10 +681,10 @@ class Engine:
                 for i, _ in p.rows:
                     self._finish(i, None, "error", f"{type(e).__name__}: {e}")
 
-    def _join(self, p: _Prefill) -> None:
+    def _join(self, p: _Prefill, logits: jax.Array) -> None:
         """The prompt of `p` is in its first slot: copy it to the other choices' slots, set
-        their sampling and penalty rows, and let them decode (their first token sampled from
-        the prefill's logits)."""
+        their sampling and penalty rows, and let them decode, their first token sampled from
+        `logits` (the prefill's, at the prompt's last token)."""
         r = p.handle.request
         seed = S.resolve_seed(r.sampling)  # one seed for all choices; they differ by choice
         first = p.rows[0][0]
@@ -697,7 +695,7 @@ class Engine:
             self.sbatch = S.set_row(self.sbatch, i, r.sampling, self.vocab_limit, c, seed=seed)
             self.pstate = S.set_penalty_row(self.pstate, i, p.ids)
         for c, (i, row) in enumerate(p.rows):
-            row.ready, row.first_logits = True, p.logits
+            row.ready, row.first_logits = True, logits
             if c in p.handle.cancel_requested:
                 self._finish(i, None, "cancelled")
 

@@ -1,7 +1,8 @@
 """The decode-specific code paths of model.py: cache rows mapped to slots, and the CPU bf16
-paths (matrix-vector products, YNNPACK's bf16 matmul, convert-then-float32-matmul): their
-numerics, and checks of the compiled programs that decode really avoids converting whole weights
-to float32, which cost 10-30x in decode speed."""
+paths of both CPU matmul plans (matrix-vector products, YNNPACK's bf16 matmul,
+convert-then-float32-matmul): their numerics, and checks of the compiled programs that decode
+really avoids converting whole weights to float32 (10-30x in decode speed) and that a prefill's
+attention keeps its scores in place."""
 
 from __future__ import annotations
 
