@@ -42,12 +42,13 @@ class CpuMatmulPlan:
     dot_max_rows: int | None  # more rows: convert the weight to float32 (None: never)
     column_blocks: bool  # bf16 weights wider than 3584 columns stored as blocks (layout.py)
     int8_dot_bf16: bool  # int8 weights, bf16 x, beyond the emitter: bf16 for YNNPACK (else f32)
+    int8_dot_int8_max_rows: int  # int8 weights: x as int8 levels for YNNPACK's int8 product
 
 
 AVX2 = CpuMatmulPlan("avx2", matvec_max_rows=4, dot_min_rows=1, dot_max_rows=64,
-                     column_blocks=True, int8_dot_bf16=False)
+                     column_blocks=True, int8_dot_bf16=False, int8_dot_int8_max_rows=0)
 AVX512_BF16 = CpuMatmulPlan("avx512-bf16", matvec_max_rows=0, dot_min_rows=4, dot_max_rows=None,
-                            column_blocks=False, int8_dot_bf16=True)
+                            column_blocks=False, int8_dot_bf16=True, int8_dot_int8_max_rows=128)
 PLANS = {p.name: p for p in (AVX2, AVX512_BF16)}
 
 # Set from QWEN_JAX_CPU_MATMUL (a plan name) or the CPU's flags on first use.

@@ -230,7 +230,9 @@ def _int8_linear(x: jax.Array, w: Int8Weight, cpu: bool) -> jax.Array:
     matvecs = cpu and x.shape[0] <= _CPU_INT8_MATVEC_MAX_ROWS
     if blocks * size > n_in:  # the quantizer zero-padded the last block
         x = jnp.pad(x, ((0, 0), (0, blocks * size - n_in)))
-    if matvecs:
+    if cpu and x.shape[0] <= cpu_plan().int8_dot_int8_max_rows:
+        y = _int8_dot_int8(x, w.q)
+    elif matvecs:
         # The matrix-vector emitter converts int8 to float32 as it reads (about twice as fast as
         # reading a bf16 weight); a float32 x keeps it on that path.
         y = _cpu_matvecs(x.astype(jnp.float32), list(w.q), lambda wb: wb.astype(jnp.float32))
@@ -250,6 +252,48 @@ def _int8_linear(x: jax.Array, w: Int8Weight, cpu: bool) -> jax.Array:
         y = jnp.einsum("rbc,bfc->rf", x.reshape(-1, blocks, size).astype(dt), w.q.astype(dt),
                        preferred_element_type=jnp.float32)
     return (y * w.scale).astype(x.dtype).reshape(*lead, -1)
+
+
+# int8 activations: x / (max|x_row| / 127) is written as q1 + q2 / 254 + q3 / 254**2 with each q
+# an int8 in [-127, 127], so each element of x is within max|x_row| / (127 * 2 * 254**2) of its
+# value (finer than bf16's own rounding for every element above max|x_row| / 2**14).
+_INT8_LEVELS = 3
+_INT8_LEVEL_STEP = 254.0
+
+
+def _int8_levels(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x[R, in] -> (int8 [levels * R, in], level-major; float32 row scales [R])."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=1) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero (padding) row stays zero
+    rest = jnp.clip(x / scale[:, None], -127.0, 127.0)
+    levels = []
+    for _ in range(_INT8_LEVELS):
+        q = jnp.round(rest)
+        levels.append(q)
+        rest = (rest - q) * _INT8_LEVEL_STEP  # |rest - q| <= 1/2, so the next q is in range
+    return jnp.concatenate(levels).astype(jnp.int8), scale
+
+
+def _int8_dot_int8(x: jax.Array, q: jax.Array) -> jax.Array:
+    """x[R, in] @ q[blocks, out, block_in].T (x padded to the blocks' width), unscaled, float32.
+
+    x is split into int8 levels (_int8_levels) stacked as rows, so one int8 x int8 product per
+    block reads each weight once, and YNNPACK multiplies int8 with int32 sums, exact (|sum| <=
+    127**2 * columns). On the Xeon VM (cpu_matmul.py) that multiplies 1.4-1.6x more weights per
+    second than its bf16 product, where XLA's other int8 paths read them at half its speed or
+    convert the whole weight first. The levels' sums recombine in float32."""
+    rows, size = x.shape[0], q.shape[2]
+    levels, scale = _int8_levels(x)  # 3+ rows: YNNPACK takes them without padding
+    sums = [jnp.einsum("rc,fc->rf", levels[:, i * size:(i + 1) * size], qb,
+                       preferred_element_type=jnp.int32) for i, qb in enumerate(q)]
+    total = sum(sums[1:], sums[0])
+    # Elementwise, not an einsum over the levels: XLA fuses it into one loop with the converts.
+    y = total[:rows].astype(jnp.float32)
+    for level in range(1, _INT8_LEVELS):
+        part = total[level * rows:(level + 1) * rows].astype(jnp.float32)
+        y = y + part * _INT8_LEVEL_STEP ** -level
+    return y * scale[:, None]
 
 
 def _cpu_matvecs(x: jax.Array, blocks: list[jax.Array], read) -> jax.Array:

@@ -8,11 +8,16 @@ after the matrix product, where it costs one multiply per output instead of one 
 
 The tied embedding is quantized too: its row scales serve both the token lookup and the lm_head.
 
-Layout: the input dimension is cut into blocks of at most `block` columns, stored one after the
-other (`q[blocks, out, block_in]`, zero-padded), for XLA's CPU matrix-vector emitter (layout.py:
-a contiguous block per product ran the 0.5B shape's int8 down_proj in 6.2 ms per token instead
-of 11.3 ms for column slices of one matrix). Elsewhere the blocks cost nothing: one row is a
-multiply-reduce over them, more rows an einsum.
+How the CPU multiplies by them depends on its plan (cpu_matmul.py): the AVX2 plan reads int8
+through XLA's matrix-vector emitter; the AVX512-BF16 plan writes the activations as int8 levels
+and runs an exact int8 x int8 product (model.py, `_int8_dot_int8`).
+
+Layout: `q[blocks, out, block_in]`, the input dimension cut into zero-padded blocks of at most
+`block` columns. Under the AVX2 plan the blocks are 3584 columns wide, for the matrix-vector
+emitter (layout.py: a contiguous block per product ran the 0.5B shape's int8 down_proj in 6.2 ms
+per token instead of 11.3 ms for column slices of one matrix); elsewhere one block holds the
+whole row (YNNPACK copied each block of the stacked array before its product: 5.3 ms of a
+50 ms step).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from qwen_jax.layout import CPU_MATVEC_MAX_IN, LINEAR_LAYER_WEIGHTS, column_blocks, plain
+from qwen_jax.layout import LINEAR_LAYER_WEIGHTS, column_blocks, int8_block_width, plain
 
 if TYPE_CHECKING:  # model.py imports this module for Int8Weight
     from qwen_jax.model import Params
@@ -47,9 +52,14 @@ def quantize_option(value: str | None) -> str | None:
     return None if value in (None, "none") else value
 
 
+def quantize_int8(w: jax.Array, block: int | None = None) -> Int8Weight:
+    """Symmetric per-row int8: |dequantize(quantize_int8(w)) - w| <= scale / 2 elementwise.
+    `block`: the column-block width (default: layout.int8_block_width)."""
+    return _quantize_int8(w, block or int8_block_width(w.shape[1]))
+
+
 @partial(jax.jit, static_argnames="block")
-def quantize_int8(w: jax.Array, block: int = CPU_MATVEC_MAX_IN) -> Int8Weight:
-    """Symmetric per-row int8: |dequantize(quantize_int8(w)) - w| <= scale / 2 elementwise."""
+def _quantize_int8(w: jax.Array, block: int) -> Int8Weight:
     out, n_in = w.shape
     blocks, size = column_blocks(n_in, block)
     w32 = w.astype(jnp.float32)

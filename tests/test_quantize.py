@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.cpu_matmul import PLANS, use_plan
 from qwen_jax.engine import Engine, GenerationRequest
 from qwen_jax.generate import greedy_generate
+from qwen_jax.layout import int8_block_width
 from qwen_jax.model import forward, init_cache, init_params
 from qwen_jax.quantize import Int8Weight, dequantize, is_quantized, quantize_int8, quantize_params
 from qwen_jax.sampler import SamplingParams
@@ -55,15 +58,18 @@ def test_quantize_round_trip_is_within_half_a_step(out, n_in, block, zero_row, s
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
 @settings(max_examples=15, deadline=None)
-@given(rows=st.integers(1, 10), n_in=st.sampled_from([64, 3584, 3585, 4864]),
+@given(rows=st.one_of(st.integers(1, 10), st.sampled_from([128, 129])),
+       n_in=st.sampled_from([64, 3584, 3585, 4864]), block=st.sampled_from([None, 3584]),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 2**16))
-def test_int8_linear_is_x_times_the_dequantized_weight(plan, rows, n_in, dtype, seed):
-    """Both the CPU matrix-vector path (<= 8 rows, blocks above 3584 columns) and the einsum
-    path (the weight in float32, or in bf16 for bf16 activations under the AVX512-BF16 plan)
-    compute x @ dequantize(w).T."""
+def test_int8_linear_is_x_times_the_dequantized_weight(plan, rows, n_in, block, dtype, seed):
+    """Every CPU path computes x @ dequantize(w).T: the matrix-vector path (AVX2 plan, <= 8
+    rows), x as int8 levels (AVX512-BF16 plan, <= 128 rows), the einsum path (the weight in
+    float32, or in bf16 for bf16 activations under the AVX512-BF16 plan); with the weight in
+    one block or in blocks of 3584 columns."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((1, rows, n_in)), dtype)
-    qw = quantize_int8(jnp.asarray(rng.standard_normal((96, n_in)) * 0.05, jnp.float32))
+    qw = quantize_int8(jnp.asarray(rng.standard_normal((96, n_in)) * 0.05, jnp.float32),
+                       block=block or n_in)
     with use_plan(PLANS[plan]):
         got = np.asarray(jax.jit(model._linear)(x, qw).astype(jnp.float32))
     want = np.asarray(x.astype(jnp.float32)) @ np.asarray(dequantize(qw, n_in)).T
@@ -73,6 +79,63 @@ def test_int8_linear_is_x_times_the_dequantized_weight(plan, rows, n_in, dtype, 
     # The accelerator paths (one row: multiply-reduce; more: einsum), run here on the CPU.
     other = jax.jit(model._int8_linear, static_argnums=2)(x, qw, False)
     assert np.abs(np.asarray(other.astype(jnp.float32)) - want).max() / np.abs(want).max() < tol
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 6), n_in=st.integers(1, 300), outlier=st.sampled_from([1.0, 1e3, 1e6]),
+       zero_row=st.booleans(), seed=st.integers(0, 2**16))
+def test_int8_levels_recombine_to_x_within_the_bound(rows, n_in, outlier, zero_row, seed):
+    """x[R, in] -> int8 levels q_l (level-major rows) and row scales s with
+    |x - s * sum_l q_l / 254**l| <= max|x_row| / (127 * 2 * 254**(levels - 1)), every q_l in
+    [-127, 127]; an all-zero row gives zeros (no division by zero); rows with one large
+    outlier keep the bound relative to that row's max."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    x[:, rng.integers(n_in)] *= outlier
+    if zero_row:
+        x[0] = 0.0
+    q, scale = jax.jit(model._int8_levels)(jnp.asarray(x))
+    assert np.all(np.isfinite(scale)) and np.all(np.asarray(scale) > 0)  # nothing divides by 0
+    levels = model._INT8_LEVELS
+    q = np.asarray(q).astype(np.float64).reshape(levels, rows, n_in)
+    assert np.asarray(q).min() >= -127 and np.asarray(q).max() <= 127
+    steps = model._INT8_LEVEL_STEP ** -np.arange(levels)
+    back = np.einsum("lri,l->ri", q, steps) * np.asarray(scale, np.float64)[:, None]
+    row_max = np.abs(x).max(axis=1, keepdims=True)
+    bound = row_max / (127 * 2 * model._INT8_LEVEL_STEP ** (levels - 1))
+    # float32 arithmetic on the way adds a few ulps of the row max
+    assert np.all(np.abs(back - x) <= bound + 4 * np.finfo(np.float32).eps * row_max)
+    if zero_row:
+        assert np.all(q[:, 0] == 0) and np.all(back[0] == 0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_int8_linear_multiplies_int8_levels_by_the_weight_up_to_the_plans_rows(plan):
+    """Under the AVX512-BF16 plan an int8 weight is multiplied by x's int8 levels (an
+    s8 x s8 -> s32 product, which YNNPACK takes) for 1..128 rows and by the converting einsum
+    beyond; the AVX2 plan never multiplies int8 by int8."""
+    qw = jax.eval_shape(lambda: quantize_int8(jnp.zeros((256, 896), jnp.float32)))
+    with use_plan(PLANS[plan]) as p:
+        for rows in (1, 4, 128, 129):
+            x = jax.ShapeDtypeStruct((rows, 896), jnp.bfloat16)
+            hlo = jax.jit(model._linear).lower(x, qw).compile().as_text()
+            int8_products = re.findall(r"s32\[[\d,]+\]\{[\d,]*\} (?:dot|fusion)\(", hlo)
+            assert bool(int8_products) == (rows <= p.int8_dot_int8_max_rows), (rows, hlo[:2000])
+    assert PLANS[plan].int8_dot_int8_max_rows == (128 if plan == "avx512-bf16" else 0)
+
+
+def test_int8_weights_are_one_block_unless_the_plan_stores_blocks():
+    """quantize_int8's default column blocks follow the plan (layout.int8_block_width): blocks of
+    3584 for the AVX2 plan's matrix-vector emitter, one block under AVX512-BF16 (YNNPACK would
+    copy each block) and on other backends."""
+    w = jnp.zeros((8, 4864), jnp.float32)
+    with use_plan(PLANS["avx2"]):
+        assert quantize_int8(w).q.shape == (2, 8, 2432)
+        assert int8_block_width(4864, backend="gpu") == 4864
+    with use_plan(PLANS["avx512-bf16"]):
+        assert quantize_int8(w).q.shape == (1, 8, 4864)
+    assert quantize_int8(w, block=1000).q.shape == (5, 8, 973)
 
 
 def test_quantized_embedding_rows_are_the_dequantized_rows(params):
