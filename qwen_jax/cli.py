@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["auto", "bfloat16", "float32"],
         default="auto",
-        help="auto: bfloat16 on an accelerator; on the CPU float32 when it fits in half the RAM "
-        "(XLA's CPU backend has no bf16 matrix-matrix multiply: prefill and batches are slower)",
+        help="auto: bfloat16 on an accelerator and on a CPU with AVX512-BF16/AMX; on other CPUs "
+        "float32 when it fits in half the RAM (XLA converts bf16 weights for their long "
+        "matmuls: prefill and batches are slower)",
     )
     serve.add_argument("--quantize", choices=["none", "int8"], default="none",
                        help=QUANTIZE_HELP)

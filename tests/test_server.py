@@ -536,18 +536,26 @@ def test_serve_rejects_bad_engine_flags_before_loading(tmp_path, flag, value, me
     assert "Traceback" not in p.stderr
 
 
-def test_choose_dtype_auto_prefers_float32_on_cpu_only_when_it_fits():
+def test_choose_dtype_auto_prefers_float32_on_an_avx2_cpu_only_when_it_fits():
+    """float32 only on a CPU without native bf16 products (the AVX2 plan) and only when the
+    weights fit in half the RAM; bfloat16 on an accelerator and under the AVX512-BF16 plan."""
     from qwen_jax.config import PRESETS
+    from qwen_jax.cpu_matmul import AVX2, AVX512_BF16, use_plan
     from qwen_jax.model import param_count
     from qwen_jax.server import choose_dtype
 
     seven_b = PRESETS["7b"]
     assert 7.0e9 < param_count(seven_b) < 7.7e9  # Qwen2.5-7B: 7.61B parameters
-    gib = 2**30
-    assert choose_dtype("auto", PRESETS["demo"], backend="cpu", ram_bytes=24 * gib) == "float32"
-    assert choose_dtype("auto", PRESETS["0.5b"], backend="cpu", ram_bytes=24 * gib) == "float32"
-    assert choose_dtype("auto", seven_b, backend="cpu", ram_bytes=24 * gib) == "bfloat16"
-    assert choose_dtype("auto", PRESETS["demo"], backend="gpu", ram_bytes=24 * gib) == "bfloat16"
+    ram = 24 * 2**30
+    with use_plan(AVX2):
+        assert choose_dtype("auto", PRESETS["demo"], backend="cpu", ram_bytes=ram) == "float32"
+        assert choose_dtype("auto", PRESETS["0.5b"], backend="cpu", ram_bytes=ram) == "float32"
+        assert choose_dtype("auto", seven_b, backend="cpu", ram_bytes=ram) == "bfloat16"
+    with use_plan(AVX512_BF16):
+        assert choose_dtype("auto", PRESETS["demo"], backend="cpu", ram_bytes=ram) == "bfloat16"
+        assert choose_dtype("auto", PRESETS["0.5b"], backend="cpu", ram_bytes=ram) == "bfloat16"
+        assert choose_dtype("float32", PRESETS["demo"], backend="cpu") == "float32"
+    assert choose_dtype("auto", PRESETS["demo"], backend="gpu", ram_bytes=ram) == "bfloat16"
     assert choose_dtype("bfloat16", PRESETS["demo"], backend="cpu") == "bfloat16"
     assert choose_dtype("float32", seven_b, backend="gpu") == "float32"
 
