@@ -15,9 +15,12 @@ Which one is fastest depends on the CPU (measured, benchmarks/README.md):
   weight faster than the emitter even for one row padded to four (24 gate_proj matrices of the
   0.5B shape: 12.7 vs 15.1 ms); a 512-row product is 3.2x faster than converting. So every bf16
   product takes YNNPACK there, and wide weights stay in one piece (7% faster than blocks).
-int8 weights (quantize.py) take the emitter up to 8 rows on both; beyond, the AVX2 plan converts
-them to float32 and the AVX512-BF16 plan, for bf16 activations, to bf16 for YNNPACK (512 rows x
-24 gate_proj: 185 vs 558 ms).
+int8 weights (quantize.py): the AVX2 plan takes the emitter up to 8 rows and converts them to
+float32 beyond. The AVX512-BF16 plan writes up to 128 rows of activations as int8 levels for
+YNNPACK's exact int8 x int8 product (model._int8_dot_int8: per weight 1.4-1.6x the rate of its
+bf16 product; one decode step 82 -> 42 ms against the emitter), and beyond converts the weights
+to bf16 for YNNPACK when the activations are bf16 (512 rows x 24 gate_proj: 185 vs 558 ms through
+float32).
 The plan is read when a function is traced: switch it only with `use_plan`, which clears JAX's
 caches so no program traced under the other plan is reused.
 """
