@@ -7,7 +7,8 @@ slices of one matrix are strided, and XLA reads them slower (one row) or copies 
 its product (2-4 rows); a weight stored as contiguous blocks `[out, width]` avoids both: the
 0.5B bf16 model step went from 62 to 51 ms at 1 row and from 198 to 168 ms at 4 (medians of 35
 calls alternating between the two layouts on an AVX2 machine; benchmarks/README.md).
-The int8 weights of quantize.py use the same blocks where bf16 ones do.
+The int8 weights of quantize.py use the same blocks, except under a CPU plan that stores none
+(`int8_block_width`).
 
 Only bfloat16 weights on a CPU whose plan multiplies one row by the emitter are stored this way
 (`block_wide_weights`, applied by the loaders; the AVX2 plan of cpu_matmul.py): XLA reads
@@ -78,11 +79,12 @@ def wants_blocks(w: jax.Array, backend: str | None = None) -> bool:
 
 
 def int8_block_width(n_in: int, backend: str | None = None) -> int:
-    """The column-block width of an int8 weight with n_in columns (quantize.py): blocks of at
-    most CPU_MATVEC_MAX_IN on the CPU backend with a plan that stores blocks, for the emitter;
-    else one block (YNNPACK would copy each block of the stacked array before its product)."""
-    blocked = (backend or jax.default_backend()) == "cpu" and cpu_plan().column_blocks
-    return CPU_MATVEC_MAX_IN if blocked else n_in
+    """The column-block width of an int8 weight with n_in columns (quantize.py): one block on
+    the CPU backend when its plan stores no blocks (YNNPACK would copy each block of the stacked
+    array before its product); else blocks of at most CPU_MATVEC_MAX_IN, for the CPU's
+    matrix-vector emitter and on accelerators (the layout the GPU figures were measured with)."""
+    whole = (backend or jax.default_backend()) == "cpu" and not cpu_plan().column_blocks
+    return n_in if whole else CPU_MATVEC_MAX_IN
 
 
 def maybe_blocks(w: jax.Array) -> jax.Array | BlockedWeight:

@@ -15,9 +15,9 @@ and runs an exact int8 x int8 product (model.py, `_int8_dot_int8`).
 Layout: `q[blocks, out, block_in]`, the input dimension cut into zero-padded blocks of at most
 `block` columns. Under the AVX2 plan the blocks are 3584 columns wide, for the matrix-vector
 emitter (layout.py: a contiguous block per product ran the 0.5B shape's int8 down_proj in 6.2 ms
-per token instead of 11.3 ms for column slices of one matrix); elsewhere one block holds the
-whole row (YNNPACK copied each block of the stacked array before its product: 5.3 ms of a
-50 ms step).
+per token instead of 11.3 ms for column slices of one matrix), and on accelerators (as
+measured there); under the AVX512-BF16 plan one block holds the whole row (YNNPACK copied each
+block of the stacked array before its product: 5.3 ms of a 50 ms step).
 """
 
 from __future__ import annotations
