@@ -98,7 +98,7 @@ def test_int8_levels_recombine_to_x_within_the_bound(rows, n_in, outlier, zero_r
     assert np.all(np.isfinite(scale)) and np.all(np.asarray(scale) > 0)  # nothing divides by 0
     levels = model._INT8_LEVELS
     q = np.asarray(q).astype(np.float64).reshape(levels, rows, n_in)
-    assert np.asarray(q).min() >= -127 and np.asarray(q).max() <= 127
+    assert q.min() >= -127 and q.max() <= 127
     steps = model._INT8_LEVEL_STEP ** -np.arange(levels)
     back = np.einsum("lri,l->ri", q, steps) * np.asarray(scale, np.float64)[:, None]
     row_max = np.abs(x).max(axis=1, keepdims=True)
