@@ -50,6 +50,17 @@ def test_read_bandwidth_is_measured():
     assert 0.5 < read_bandwidth_gbs(64 << 20, repeats=3) < 50_000
 
 
+def test_read_bandwidth_frees_its_buffer():
+    """The bench records the RSS before any weights right after this measurement: its buffer
+    must be gone by then (the CPU client frees it a moment after the last call returns)."""
+    from qwen_jax.bench import read_bandwidth_gbs, rss_bytes
+
+    read_bandwidth_gbs(16 << 20, repeats=1)  # compile and warm up the allocator first
+    before = rss_bytes()
+    read_bandwidth_gbs(512 << 20, repeats=1)
+    assert rss_bytes() - before < 128 << 20, (before, rss_bytes())
+
+
 def test_bench_rejects_a_bad_prefill_chunk():
     res = subprocess.run(
         [sys.executable, "-m", "qwen_jax.cli", "bench", "--preset", "demo", "--no-reference",
