@@ -227,16 +227,16 @@ def _int8_linear(x: jax.Array, w: Int8Weight, cpu: bool) -> jax.Array:
     blocks, _, size = w.q.shape
     lead, n_in = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, n_in)
-    matvecs = cpu and x.shape[0] <= _CPU_INT8_MATVEC_MAX_ROWS
+    rows = x.shape[0]
     if blocks * size > n_in:  # the quantizer zero-padded the last block
         x = jnp.pad(x, ((0, 0), (0, blocks * size - n_in)))
-    if cpu and x.shape[0] <= cpu_plan().int8_dot_int8_max_rows:
+    if cpu and rows <= cpu_plan().int8_dot_int8_max_rows:  # the AVX512-BF16 plan
         y = _int8_dot_int8(x, w.q)
-    elif matvecs:
+    elif cpu and rows <= _CPU_INT8_MATVEC_MAX_ROWS:  # the AVX2 plan
         # The matrix-vector emitter converts int8 to float32 as it reads (about twice as fast as
         # reading a bf16 weight); a float32 x keeps it on that path.
         y = _cpu_matvecs(x.astype(jnp.float32), list(w.q), lambda wb: wb.astype(jnp.float32))
-    elif x.shape[0] == 1:
+    elif rows == 1:
         # One row elsewhere (GPU): a multiply-reduce, which XLA fuses with the convert so the
         # int8 weight is read once (the einsum below first writes a converted copy).
         xb = x.reshape(1, blocks, 1, size).astype(jnp.float32)
