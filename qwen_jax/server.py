@@ -639,6 +639,17 @@ def default_steps_per_call(backend: str | None = None) -> int:
     return 1 if (backend or jax.default_backend()) == "cpu" else 8
 
 
+def _cpu_plan_note() -> str:
+    """For the start-up line on the CPU: which matmul plan serves (speed depends on it)."""
+    import jax
+
+    from qwen_jax.cpu_matmul import cpu_plan
+
+    if jax.default_backend() != "cpu":
+        return ""
+    return f"; CPU matmul plan {cpu_plan().name} (QWEN_JAX_CPU_MATMUL overrides)"
+
+
 def choose_dtype(requested: str, cfg: Any, backend: str | None = None,
                  ram_bytes: int | None = None) -> str:
     """Resolve `--dtype auto`: bfloat16 on an accelerator and on a CPU whose matmul plan
@@ -737,7 +748,7 @@ def serve(args: Any) -> int:
     kv = kv_cache_bytes(cfg, max_len, args.max_num_seqs, itemsize)
     print(f"max_model_len {max_len} x {args.max_num_seqs} sequences: KV cache "
           f"{kv / 2**30:.2f} GiB ({args.dtype})"
-          + (", int8 weights" if is_quantized(params) else ""), flush=True)
+          + (", int8 weights" if is_quantized(params) else "") + _cpu_plan_note(), flush=True)
     enable_compilation_cache()
     engine = Engine(params, cfg, max_slots=args.max_num_seqs, max_len=max_len,
                     vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,

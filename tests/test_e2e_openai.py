@@ -58,6 +58,18 @@ def test_models_and_health(client, live_server):
     assert r.status == 200 and json.loads(r.read())["status"] == "ok"
 
 
+def test_startup_line_names_the_cpu_matmul_plan(live_server):
+    """On the CPU the server says which matmul plan it serves with (its speed depends on it)."""
+    import jax
+
+    from qwen_jax.cpu_matmul import cpu_plan
+
+    line = next(ln for ln in live_server.log().splitlines() if "sequences: KV cache" in ln)
+    assert ("CPU matmul plan" in line) == (jax.default_backend() == "cpu"), line
+    if jax.default_backend() == "cpu":
+        assert f"CPU matmul plan {cpu_plan().name} " in line, line
+
+
 def test_non_streaming_shape_and_usage(client, live_server, qwen_tokenizer):
     r = chat(client, live_server, max_tokens=8, seed=1)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
