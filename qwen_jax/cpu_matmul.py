@@ -44,14 +44,20 @@ class CpuMatmulPlan:
     dot_min_rows: int  # YNNPACK: x is zero-padded up to this many rows
     dot_max_rows: int | None  # more rows: convert the weight to float32 (None: never)
     column_blocks: bool  # bf16 weights wider than 3584 columns stored as blocks (layout.py)
-    int8_dot_bf16: bool  # int8 weights, bf16 x, beyond the emitter: bf16 for YNNPACK (else f32)
-    int8_dot_int8_max_rows: int  # int8 weights: x as int8 levels for YNNPACK's int8 product
+    # int8 weights, by row count: x as int8 levels for YNNPACK's int8 product, up to this many
+    # rows; then the matrix-vector emitter up to this many; beyond, the weight converted (to
+    # bf16 for YNNPACK where int8_dot_bf16 and x is bf16, else to float32).
+    int8_dot_int8_max_rows: int
+    int8_matvec_max_rows: int
+    int8_dot_bf16: bool
 
 
 AVX2 = CpuMatmulPlan("avx2", matvec_max_rows=4, dot_min_rows=1, dot_max_rows=64,
-                     column_blocks=True, int8_dot_bf16=False, int8_dot_int8_max_rows=0)
+                     column_blocks=True, int8_dot_int8_max_rows=0, int8_matvec_max_rows=8,
+                     int8_dot_bf16=False)
 AVX512_BF16 = CpuMatmulPlan("avx512-bf16", matvec_max_rows=0, dot_min_rows=4, dot_max_rows=None,
-                            column_blocks=False, int8_dot_bf16=True, int8_dot_int8_max_rows=128)
+                            column_blocks=False, int8_dot_int8_max_rows=128,
+                            int8_matvec_max_rows=0, int8_dot_bf16=True)
 PLANS = {p.name: p for p in (AVX2, AVX512_BF16)}
 
 # Set from QWEN_JAX_CPU_MATMUL (a plan name) or the CPU's flags on first use.

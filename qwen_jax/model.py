@@ -161,9 +161,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-# On the CPU, which of XLA's matrix-multiply paths a bf16 product takes depends on its row count
-# and on the CPU's instruction set: cpu_matmul.py explains the paths and picks the plan.
-_CPU_INT8_MATVEC_MAX_ROWS = 8  # int8 weights: per-row matrix-vector products up to this many rows
+# On the CPU, which of XLA's matrix-multiply paths a bf16 (or int8-weight) product takes depends
+# on its row count and on the CPU's instruction set: cpu_matmul.py explains the paths and picks
+# the plan.
 
 
 def _linear(x: jax.Array, w: jax.Array | BlockedWeight | Int8Weight) -> jax.Array:
@@ -230,9 +230,10 @@ def _int8_linear(x: jax.Array, w: Int8Weight, cpu: bool) -> jax.Array:
     rows = x.shape[0]
     if blocks * size > n_in:  # the quantizer zero-padded the last block
         x = jnp.pad(x, ((0, 0), (0, blocks * size - n_in)))
-    if cpu and rows <= cpu_plan().int8_dot_int8_max_rows:  # the AVX512-BF16 plan
+    plan = cpu_plan()
+    if cpu and rows <= plan.int8_dot_int8_max_rows:
         y = _int8_dot_int8(x, w.q)
-    elif cpu and rows <= _CPU_INT8_MATVEC_MAX_ROWS:  # the AVX2 plan
+    elif cpu and rows <= plan.int8_matvec_max_rows:
         # The matrix-vector emitter converts int8 to float32 as it reads (about twice as fast as
         # reading a bf16 weight); a float32 x keeps it on that path.
         y = _cpu_matvecs(x.astype(jnp.float32), list(w.q), lambda wb: wb.astype(jnp.float32))
@@ -247,7 +248,7 @@ def _int8_linear(x: jax.Array, w: Int8Weight, cpu: bool) -> jax.Array:
         # convert it a second time); elsewhere to the activation dtype.
         dt = x.dtype
         if cpu:
-            bf16 = x.dtype == jnp.bfloat16 and cpu_plan().int8_dot_bf16
+            bf16 = x.dtype == jnp.bfloat16 and plan.int8_dot_bf16
             dt = jnp.bfloat16 if bf16 else jnp.float32
         y = jnp.einsum("rbc,bfc->rf", x.reshape(-1, blocks, size).astype(dt), w.q.astype(dt),
                        preferred_element_type=jnp.float32)
