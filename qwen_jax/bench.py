@@ -341,7 +341,8 @@ def run_bench(args: argparse.Namespace) -> int:
     lengths = _parse_lengths(args.prompt_lengths)
     if args.decode_tokens < 2 or args.batch < 1:
         raise SystemExit("--decode-tokens must be >= 2 and --batch >= 1")
-    if getattr(args, "steps_per_call", 1) < 1:
+    steps = getattr(args, "steps_per_call", None)
+    if steps is not None and steps < 1:
         raise SystemExit("--steps-per-call must be >= 1")
     if getattr(args, "prefill_chunk", None) is not None:
         from qwen_jax.engine import check_prefill_chunk
@@ -387,8 +388,13 @@ def run_bench(args: argparse.Namespace) -> int:
             model_dir = str(save_checkpoint(params, cfg, tmp))
         if not args.model:  # random weights: laid out as load_checkpoint lays out a checkpoint
             params = quantize_params(params) if rec["quantize"] else block_wide_weights(params)
+        if steps is None:  # what `serve` would take for these weights and this batch
+            from qwen_jax.engine import default_steps_per_call
+            from qwen_jax.quantize import is_quantized
+
+            steps = default_steps_per_call(int8_weights=is_quantized(params), rows=args.batch)
         rec["qwen_jax"] = j = bench_jax(params, cfg, lengths, args.decode_tokens, args.batch,
-                                         args.steps_per_call,
+                                         steps,
                                          getattr(args, "prefill_chunk", None))
         del params  # the child needs the memory more than we do
         if reference:

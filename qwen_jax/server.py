@@ -629,16 +629,6 @@ def kv_cache_bytes(cfg: Any, max_len: int, slots: int, itemsize: int) -> int:
     )
 
 
-def default_steps_per_call(backend: str | None = None) -> int:
-    """Decode steps per device call: on an accelerator several steps per call keep the device
-    busy between host round trips (H200, 7B shapes, batch 1: 134 -> 190 tok/s with 8 steps); on
-    the CPU a multi-step program wraps the layers in a loop that XLA compiles to a much slower
-    program for bf16 weights (demo model: 132 -> 19 tok/s; benchmarks/README.md)."""
-    import jax
-
-    return 1 if (backend or jax.default_backend()) == "cpu" else 8
-
-
 def _cpu_plan_note() -> str:
     """For the start-up line on the CPU: which matmul plan serves (speed depends on it)."""
     import jax
@@ -710,6 +700,7 @@ def serve(args: Any) -> int:
         Engine,
         check_prefill_chunk,
         default_prefill_chunk,
+        default_steps_per_call,
         enable_compilation_cache,
     )
 
@@ -719,8 +710,7 @@ def serve(args: Any) -> int:
     api_key = args.api_key or os.environ.get("QWEN_JAX_API_KEY") or None
     # Flags that need no model are checked before loading one (which can take minutes).
     steps = getattr(args, "steps_per_call", None)
-    steps = default_steps_per_call() if steps is None else steps
-    if steps < 1:
+    if steps is not None and steps < 1:
         return _fail("--steps-per-call must be at least 1")
     chunk = getattr(args, "prefill_chunk", None)
     try:
@@ -746,9 +736,13 @@ def serve(args: Any) -> int:
               f"max_position_embeddings {cfg.max_position_embeddings}", file=sys.stderr)
     itemsize = 4 if args.dtype == "float32" else 2
     kv = kv_cache_bytes(cfg, max_len, args.max_num_seqs, itemsize)
+    if steps is None:
+        steps = default_steps_per_call(int8_weights=is_quantized(params), rows=args.max_num_seqs)
     print(f"max_model_len {max_len} x {args.max_num_seqs} sequences: KV cache "
           f"{kv / 2**30:.2f} GiB ({args.dtype})"
-          + (", int8 weights" if is_quantized(params) else "") + _cpu_plan_note(), flush=True)
+          + (", int8 weights" if is_quantized(params) else "")
+          + f", {steps} decode step{'s' if steps > 1 else ''} per call" + _cpu_plan_note(),
+          flush=True)
     enable_compilation_cache()
     engine = Engine(params, cfg, max_slots=args.max_num_seqs, max_len=max_len,
                     vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,

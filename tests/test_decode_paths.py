@@ -282,3 +282,54 @@ def test_cpu_prefill_attention_keeps_the_scores_in_place():
               if (m := re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]", line))
               and math.prod(int(d) for d in m.group(1).split(",")) == scores]
     assert 0 < len(arrays) <= 2 * cfg.num_hidden_layers, arrays
+
+
+def _while_and_entry_copies(hlo: str, weight_sizes: set[int]) -> list[str]:
+    """_float_weight_copies over the entry computation and the bodies of its loops (the
+    computations that run unfused), in compiled HLO text; a loop body's views of its loop state
+    (get-tuple-element) are not copies."""
+    bodies = set(re.findall(r"body=(%[\w.-]+)", hlo))
+    bad = _float_weight_copies(hlo, weight_sizes)
+    for block in hlo.split("\n\n"):
+        head = block.lstrip().split(" ", 1)[0]
+        if head in bodies:
+            bad += _float_weight_copies("\nENTRY" + block.split("\n", 1)[1], weight_sizes)
+    return [line for line in bad if " get-tuple-element(" not in line]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
+@pytest.mark.parametrize("plan, weights, convert", [
+    ("avx512-bf16", "int8", False), ("avx512-bf16", "bf16", True), ("avx2", "int8", True)])
+def test_cpu_multi_step_decode_copies_weights_unless_int8_levels(plan, weights, convert):
+    """Why the CPU default takes several decode steps per call only for int8 weights under the
+    AVX512-BF16 plan (engine.default_steps_per_call): the multi-step program (a loop over steps)
+    must not materialise a float copy of any weight there; it does for bf16 weights (the
+    embedding table converted to float32 once, outside the loop, for the lm_head of every step)
+    and for int8 weights under the AVX2 plan (each weight converted inside the loop, every
+    step)."""
+    from qwen_jax import sampler as S
+    from qwen_jax.engine import _decode, default_steps_per_call
+
+    cfg = QwenConfig(vocab_size=4096, hidden_size=896, intermediate_size=4864,
+                     num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2)
+    with use_plan(PLANS[plan]):
+        assert (default_steps_per_call("cpu", int8_weights=weights == "int8", rows=8) > 1) == (
+            not convert)
+        params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
+        sizes = {math.prod(a.shape) for a in jax.tree.leaves(params) if a.ndim == 2}
+        params = jax.eval_shape(quantize_params if weights == "int8" else block_wide_weights,
+                                params)
+        sizes |= {math.prod(a.shape[1:]) for a in jax.tree.leaves(params) if a.ndim == 3}
+        rows = 2
+        cache = jax.eval_shape(lambda: init_cache(cfg, rows, 64, jnp.bfloat16))
+        sbatch = jax.eval_shape(lambda: S.make_sampling_batch(rows, cfg.vocab_size))
+        pstate = jax.eval_shape(lambda: S.init_penalty_state(rows, cfg.vocab_size))
+        ids = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        allowed = jax.ShapeDtypeStruct((rows, cfg.vocab_size), jnp.bool_)
+        program = jax.jit(lambda *a: _decode(*a, cfg=cfg, kv_len=64, vocab_limit=cfg.vocab_size,
+                                             num_steps=4))
+        hlo = program.lower(params, cache, pstate, sbatch, ids, ids, ids, ids,
+                            allowed).compile().as_text()
+    assert " while(" in hlo
+    assert bool(_while_and_entry_copies(hlo, sizes)) == convert, (
+        _while_and_entry_copies(hlo, sizes)[:3])

@@ -59,15 +59,21 @@ def test_models_and_health(client, live_server):
 
 
 def test_startup_line_names_the_cpu_matmul_plan(live_server):
-    """On the CPU the server says which matmul plan it serves with (its speed depends on it)."""
+    """On the CPU the server says which matmul plan it serves with (its speed depends on it),
+    and how many decode steps it takes per call."""
     import jax
 
     from qwen_jax.cpu_matmul import cpu_plan
+
+    from qwen_jax.engine import default_steps_per_call
 
     line = next(ln for ln in live_server.log().splitlines() if "sequences: KV cache" in ln)
     assert ("CPU matmul plan" in line) == (jax.default_backend() == "cpu"), line
     if jax.default_backend() == "cpu":
         assert f"CPU matmul plan {cpu_plan().name} " in line, line
+    # And how many decode steps each call takes (float32 weights here, 4 sequences).
+    steps = default_steps_per_call(int8_weights=False, rows=4)
+    assert f", {steps} decode step{'s' if steps > 1 else ''} per call" in line, line
 
 
 def test_non_streaming_shape_and_usage(client, live_server, qwen_tokenizer):

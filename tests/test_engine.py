@@ -278,6 +278,26 @@ def test_constraint_mask_is_respected(engine):
     assert out[0][-1].finish_reason == out[1][-1].finish_reason == "stop"
 
 
+def test_multi_step_decode_matches_single_step_with_int8_weights(params):
+    """int8 weights, where the CPU default takes several steps per call under the AVX512-BF16
+    plan: the same tokens as one step per call, sampled and greedy, alone and in a batch."""
+    from qwen_jax.quantize import quantize_params
+
+    q = quantize_params(params)
+    engines = [Engine(q, CFG, max_slots=4, max_len=64, vocab_limit=250, steps_per_call=k)
+               for k in (1, 4)]
+    try:
+        for sampling in (SAMPLED, GREEDY):
+            kw = dict(prompt=[8, 6, 7], sampling=sampling, max_tokens=9, n=3)
+            one, four = (run(e, **kw) for e in engines)
+            assert {c: tokens(v) for c, v in one.items()} == {c: tokens(v) for c, v in
+                                                             four.items()}
+        assert engines[1].stats.decode_steps > engines[1].stats.decode_calls
+    finally:
+        for e in engines:
+            e.close()
+
+
 def test_multi_step_decode_matches_single_step(params, engine):
     eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, steps_per_call=4,
                  lookahead=engine.lookahead)
