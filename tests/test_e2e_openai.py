@@ -64,7 +64,6 @@ def test_startup_line_names_the_cpu_matmul_plan(live_server):
     import jax
 
     from qwen_jax.cpu_matmul import cpu_plan
-
     from qwen_jax.engine import default_steps_per_call
 
     line = next(ln for ln in live_server.log().splitlines() if "sequences: KV cache" in ln)
