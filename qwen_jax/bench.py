@@ -388,11 +388,10 @@ def run_bench(args: argparse.Namespace) -> int:
             model_dir = str(save_checkpoint(params, cfg, tmp))
         if not args.model:  # random weights: laid out as load_checkpoint lays out a checkpoint
             params = quantize_params(params) if rec["quantize"] else block_wide_weights(params)
-        if steps is None:  # what `serve` would take for these weights and this batch
+        if steps is None:  # what `serve` would take
             from qwen_jax.engine import default_steps_per_call
-            from qwen_jax.quantize import is_quantized
 
-            steps = default_steps_per_call(int8_weights=is_quantized(params), rows=args.batch)
+            steps = default_steps_per_call()
         rec["qwen_jax"] = j = bench_jax(params, cfg, lengths, args.decode_tokens, args.batch,
                                          steps,
                                          getattr(args, "prefill_chunk", None))

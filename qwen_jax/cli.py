@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--steps-per-call", type=int, default=None,
         help="decode steps per device call (default: 8 on an accelerator, where it saves host "
-        "round trips; on the CPU 4 for int8 weights under the AVX512-BF16 matmul plan, else 1); "
-        "grammar-constrained rows always take one step per call",
+        "round trips, 1 on the CPU, where only int8 weights under the AVX512-BF16 matmul plan "
+        "gain from more, at the cost of memory and warm-up); grammar-constrained rows always "
+        "take one step per call",
     )
     serve.add_argument(
         "--prefill-chunk", type=int, default=None,
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "a jitted sum over 1 GiB)")
     bench.add_argument("--steps-per-call", type=int, default=None,
                        help="decode steps per compiled call in the engine (default: what "
-                       "serve takes for these weights and --batch)")
+                       "serve takes)")
     bench.add_argument("--prefill-chunk", type=int, default=None,
                        help="prompt tokens per prefill call in the engine (default: the "
                        "engine's, 512 on the CPU)")

@@ -237,30 +237,20 @@ def default_prefill_chunk(backend: str | None = None) -> int:
     return 512 if (backend or jax.default_backend()) == "cpu" else 2048
 
 
-# Decode steps per call on the CPU where every step multiplies int8 weights by int8 levels.
-CPU_INT8_STEPS_PER_CALL = 4
+def default_steps_per_call(backend: str | None = None) -> int:
+    """Decode steps per device call. On an accelerator 8: several steps per call keep the
+    device busy between host round trips (H200, 7B shapes, batch 1: 134 -> 190 tok/s).
 
-
-def default_steps_per_call(backend: str | None = None, *, int8_weights: bool = False,
-                           rows: int = 1) -> int:
-    """Decode steps per device call for a batch of up to `rows` rows.
-
-    On an accelerator 8: several steps per call keep the device busy between host round trips
-    (H200, 7B shapes, batch 1: 134 -> 190 tok/s). On the CPU a multi-step call runs the layers
-    inside a loop, where XLA materialises float32 copies of weights that a one-step program
-    multiplies as they are (bf16: the embedding table, converted once for the lm_head; int8
-    under the AVX2 plan: every weight, every step), and every step reads them (bf16 demo model:
-    132 -> 19 tok/s; 0.5B int8, AVX2 plan: 12.0 -> 5.0): 1 step per call, except where every
-    step multiplies int8 weights by int8 levels as they are (AVX512-BF16 plan, at most its
-    `int8_dot_int8_max_rows` rows): CPU_INT8_STEPS_PER_CALL, which saves the host round trips
-    (Xeon VM, 0.5B shape: batch 1 22.2 -> 23.9 tok/s, batch 8 121 -> 135)."""
-    if (backend or jax.default_backend()) != "cpu":
-        return 8
-    from qwen_jax.cpu_matmul import cpu_plan
-
-    if int8_weights and 0 < rows <= cpu_plan().int8_dot_int8_max_rows:
-        return CPU_INT8_STEPS_PER_CALL
-    return 1
+    On the CPU 1. A multi-step call runs the layers inside a loop, where XLA materialises
+    float32 copies of weights that a one-step program multiplies as they are (bf16: the
+    embedding table, converted once for the lm_head; int8 under the AVX2 plan: every weight,
+    every step), and every step reads them (bf16 demo model: 132 -> 19 tok/s; 0.5B int8, AVX2
+    plan: 12.0 -> 5.0). Only int8 weights under the AVX512-BF16 plan, multiplied by int8
+    levels as they are, gain from it (Xeon VM, 0.5B, 4 steps per call: batch 1 22.2 -> 23.9
+    tok/s, batch 8 121 -> 135 in one process), and there it costs 0.46 GiB more peak memory and
+    2.4x the warm-up (17 programs instead of 11; benchmarks/README.md): an option
+    (`--steps-per-call 4`), not the default."""
+    return 1 if (backend or jax.default_backend()) == "cpu" else 8
 
 
 def check_prefill_chunk(chunk: int) -> int:

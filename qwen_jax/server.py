@@ -710,7 +710,8 @@ def serve(args: Any) -> int:
     api_key = args.api_key or os.environ.get("QWEN_JAX_API_KEY") or None
     # Flags that need no model are checked before loading one (which can take minutes).
     steps = getattr(args, "steps_per_call", None)
-    if steps is not None and steps < 1:
+    steps = default_steps_per_call() if steps is None else steps
+    if steps < 1:
         return _fail("--steps-per-call must be at least 1")
     chunk = getattr(args, "prefill_chunk", None)
     try:
@@ -736,8 +737,6 @@ def serve(args: Any) -> int:
               f"max_position_embeddings {cfg.max_position_embeddings}", file=sys.stderr)
     itemsize = 4 if args.dtype == "float32" else 2
     kv = kv_cache_bytes(cfg, max_len, args.max_num_seqs, itemsize)
-    if steps is None:
-        steps = default_steps_per_call(int8_weights=is_quantized(params), rows=args.max_num_seqs)
     print(f"max_model_len {max_len} x {args.max_num_seqs} sequences: KV cache "
           f"{kv / 2**30:.2f} GiB ({args.dtype})"
           + (", int8 weights" if is_quantized(params) else "")

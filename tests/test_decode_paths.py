@@ -301,20 +301,18 @@ def _while_and_entry_copies(hlo: str, weight_sizes: set[int]) -> list[str]:
 @pytest.mark.parametrize("plan, weights, convert", [
     ("avx512-bf16", "int8", False), ("avx512-bf16", "bf16", True), ("avx2", "int8", True)])
 def test_cpu_multi_step_decode_copies_weights_unless_int8_levels(plan, weights, convert):
-    """Why the CPU default takes several decode steps per call only for int8 weights under the
-    AVX512-BF16 plan (engine.default_steps_per_call): the multi-step program (a loop over steps)
-    must not materialise a float copy of any weight there; it does for bf16 weights (the
+    """Where several decode steps per call can pay off on the CPU (engine.default_steps_per_call,
+    `--steps-per-call`): the multi-step program (a loop over steps) must not materialise a float
+    copy of any weight for int8 weights under the AVX512-BF16 plan; it does for bf16 weights (the
     embedding table converted to float32 once, outside the loop, for the lm_head of every step)
     and for int8 weights under the AVX2 plan (each weight converted inside the loop, every
     step)."""
     from qwen_jax import sampler as S
-    from qwen_jax.engine import _decode, default_steps_per_call
+    from qwen_jax.engine import _decode
 
     cfg = QwenConfig(vocab_size=4096, hidden_size=896, intermediate_size=4864,
                      num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2)
     with use_plan(PLANS[plan]):
-        assert (default_steps_per_call("cpu", int8_weights=weights == "int8", rows=8) > 1) == (
-            not convert)
         params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
         sizes = {math.prod(a.shape) for a in jax.tree.leaves(params) if a.ndim == 2}
         params = jax.eval_shape(quantize_params if weights == "int8" else block_wide_weights,

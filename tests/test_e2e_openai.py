@@ -70,8 +70,8 @@ def test_startup_line_names_the_cpu_matmul_plan(live_server):
     assert ("CPU matmul plan" in line) == (jax.default_backend() == "cpu"), line
     if jax.default_backend() == "cpu":
         assert f"CPU matmul plan {cpu_plan().name} " in line, line
-    # And how many decode steps each call takes (float32 weights here, 4 sequences).
-    steps = default_steps_per_call(int8_weights=False, rows=4)
+    # And how many decode steps each call takes.
+    steps = default_steps_per_call()
     assert f", {steps} decode step{'s' if steps > 1 else ''} per call" in line, line
 
 

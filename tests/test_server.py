@@ -571,19 +571,9 @@ def test_max_tokens_zero_is_an_empty_length_reply(app, engine):
     assert finals == ["length"]
 
 
-def test_default_steps_per_call_by_backend_weights_and_plan():
-    from qwen_jax.cpu_matmul import AVX2, AVX512_BF16, use_plan
-    from qwen_jax.engine import CPU_INT8_STEPS_PER_CALL, default_steps_per_call
+def test_default_steps_per_call_by_backend():
+    from qwen_jax.engine import default_steps_per_call
 
+    assert default_steps_per_call("cpu") == 1
     assert default_steps_per_call("gpu") == 8
-    assert default_steps_per_call("tpu", int8_weights=True) == 8
-    with use_plan(AVX512_BF16):
-        assert default_steps_per_call("cpu") == 1
-        top = AVX512_BF16.int8_dot_int8_max_rows
-        for rows in (1, 8, top):
-            assert default_steps_per_call("cpu", int8_weights=True, rows=rows) == \
-                CPU_INT8_STEPS_PER_CALL > 1
-        # More rows than the int8 levels take: those steps convert the weights.
-        assert default_steps_per_call("cpu", int8_weights=True, rows=top + 1) == 1
-    with use_plan(AVX2):
-        assert default_steps_per_call("cpu", int8_weights=True, rows=1) == 1
+    assert default_steps_per_call("tpu") == 8
