@@ -496,9 +496,36 @@ class Engine:
                     self._program("forward", kv, r)
                     if self.steps_per_call > 1:
                         self._program("decode", kv, self.steps_per_call, r)
+            self._run_decode_programs_once(kvs, row_buckets)
             self._warm = True
         self.stats.extra["warmup_s"] = time.perf_counter() - t0
         release_freed_memory()
+
+    def _run_decode_programs_once(self, kvs: Sequence[int], row_buckets: Sequence[int]) -> None:
+        """Run each decode program once, on idle rows (position -1: no key or value is written,
+        no token is kept). The first run of a compiled program on the CPU sets up its YNNPACK
+        operators: at the 0.5B shape the first one-row step took 404 ms, the next ones 44-56
+        ms, so without this the first request to reach each kv_len and row bucket would stall
+        mid-stream. (Prefill programs are left out: at a long kv_len one run is a long prefill;
+        their first run lengthens the first time to first token of each prompt bucket.) The
+        penalty state the idle samples count into is put back."""
+        saved = jax.tree_util.tree_map(jnp.copy, self.pstate)
+        for r in row_buckets:
+            slots, zeros = np.arange(r, dtype=np.int32), np.zeros(r, np.int32)
+            idle = np.full(r, -1, np.int32)
+            allowed = self._all_allowed(r)
+            for kv in kvs:
+                logits, self.cache = self._program("forward", kv, r)(
+                    self.params, self.cache, slots, zeros, idle)
+                _, self.pstate = self._program("sample", r)(
+                    logits, self.pstate, self.sbatch, slots, zeros, allowed)
+                if self.steps_per_call > 1:
+                    _, self.cache, self.pstate = self._program("decode", kv, self.steps_per_call,
+                                                               r)(
+                        self.params, self.cache, self.pstate, self.sbatch, slots, zeros, idle,
+                        zeros, allowed)
+        self.pstate = saved
+        jax.block_until_ready((self.cache, self.pstate))
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:
