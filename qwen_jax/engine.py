@@ -428,7 +428,8 @@ class Engine:
         self._all_true: dict[int, jax.Array] = {}  # [R, V] all-True masks, kept on device
 
         # Compiled programs, one per static signature, built explicitly (AOT) so that warm-up
-        # compiles without running (no 8k-token prefill at start-up) and compiles are counted.
+        # compiles without running every program (no 8k-token prefill at start-up) and compiles
+        # are counted.
         self._jit = {
             "prefill": jax.jit(partial(_prefill, cfg=cfg), static_argnames=("kv_len",),
                                donate_argnums=(1,)),
@@ -496,19 +497,26 @@ class Engine:
                     self._program("forward", kv, r)
                     if self.steps_per_call > 1:
                         self._program("decode", kv, self.steps_per_call, r)
-            self._run_decode_programs_once(kvs, row_buckets)
+            self._run_programs_once(prefills, kvs, row_buckets)
             self._warm = True
         self.stats.extra["warmup_s"] = time.perf_counter() - t0
         release_freed_memory()
 
-    def _run_decode_programs_once(self, kvs: Sequence[int], row_buckets: Sequence[int]) -> None:
-        """Run each decode program once, on idle rows (position -1: no key or value is written,
-        no token is kept). The first run of a compiled program on the CPU sets up its YNNPACK
-        operators: at the 0.5B shape the first one-row step took 404 ms, the next ones 44-56
-        ms, so without this the first request to reach each kv_len and row bucket would stall
-        mid-stream. (Prefill programs are left out: at a long kv_len one run is a long prefill;
-        their first run lengthens the first time to first token of each prompt bucket.) The
-        penalty state the idle samples count into is put back."""
+    def _run_programs_once(self, prefills: Sequence[tuple[int, int]], kvs: Sequence[int],
+                           row_buckets: Sequence[int]) -> None:
+        """Run each decode program once, and each prefill program of a one-chunk prompt, on
+        idle input: decode rows at position -1 and prefill tokens at positions past max_len
+        (no key or value is written, no token is kept). The first run of a compiled program on
+        the CPU sets up its YNNPACK operators (0.5B shape: a one-row decode step took 404 ms,
+        then 44-56 ms; a 128-token prefill 722 ms, then 181 ms), so without this the first
+        request to reach each bucket would wait that long. Prefills over longer caches are left
+        out: one run of each would be a long prefill at start-up. The penalty state the idle
+        samples count into is put back."""
+        for b, kv in prefills:
+            if kv <= self.prefill_chunk:
+                self.cache, _ = self._program("prefill", b, kv)(
+                    self.params, self.cache, np.zeros((1, b), np.int32), np.int32(0),
+                    np.int32(self.max_len), np.int32(b - 1))
         saved = jax.tree_util.tree_map(jnp.copy, self.pstate)
         for r in row_buckets:
             slots, zeros = np.arange(r, dtype=np.int32), np.zeros(r, np.int32)

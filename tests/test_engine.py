@@ -278,10 +278,11 @@ def test_constraint_mask_is_respected(engine):
     assert out[0][-1].finish_reason == out[1][-1].finish_reason == "stop"
 
 
-def test_warmup_runs_each_decode_program_once_and_keeps_the_state(params, monkeypatch):
-    """Warm-up runs every decode program it compiles once (their first run on the CPU sets up
-    YNNPACK's operators, ~0.4 s at the 0.5B shape), on idle rows: the cache and the penalty
-    state are the same afterwards, and a request gives the same tokens as before."""
+def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch):
+    """Warm-up runs every decode program it compiles once, and the prefill programs of
+    one-chunk prompts (their first run on the CPU sets up YNNPACK's operators, 0.3-0.6 s at
+    the 0.5B shape), on idle input: the cache and the penalty state are the same afterwards,
+    and a request gives the same tokens as before."""
     import collections
 
     calls: collections.Counter = collections.Counter()
@@ -296,13 +297,14 @@ def test_warmup_runs_each_decode_program_once_and_keeps_the_state(params, monkey
 
         return run_counted
 
-    eng = Engine(params, CFG, max_slots=4, max_len=512, vocab_limit=250, steps_per_call=3)
+    eng = Engine(params, CFG, max_slots=4, max_len=512, vocab_limit=250, steps_per_call=3,
+                 prefill_chunk=16)
     try:
         kw = dict(prompt=[3, 1, 4], sampling=SAMPLED, max_tokens=6)
         first = tokens(run(eng, **kw)[0])
         state = [np.asarray(a) for a in jax.tree.leaves((eng.cache, eng.pstate))]
         monkeypatch.setattr(Engine, "_program", counting)
-        eng.warmup(prompt_lengths=[8], kv_lens=[5, 300], rows=[1, 4])
+        eng.warmup(prompt_lengths=[8, 40], kv_lens=[5, 300], rows=[1, 4])
         kvs, rows = sorted({eng._kv_bucket(n) for n in (5, 300)}), [1, 4]
         assert len(kvs) == 2
         expected = collections.Counter()
@@ -310,7 +312,13 @@ def test_warmup_runs_each_decode_program_once_and_keeps_the_state(params, monkey
             expected[("sample", r)] = len(kvs)
             for kv in kvs:
                 expected[("forward", kv, r)] = expected[("decode", kv, 3, r)] = 1
-        assert calls == expected  # no prefill, each decode program once
+        # A 40-token prompt is prefilled in chunks of 16 over longer caches: not run.
+        prefills = {(b, kv) for n in (8, 40) for _, b, kv in eng._prefill_plan(n)}
+        assert any(kv > 16 for _, kv in prefills)
+        for b, kv in prefills:
+            if kv <= 16:
+                expected[("prefill", b, kv)] = 1
+        assert calls == expected
         after = [np.asarray(a) for a in jax.tree.leaves((eng.cache, eng.pstate))]
         assert all(np.array_equal(a, b) for a, b in zip(state, after, strict=True))
         monkeypatch.undo()
