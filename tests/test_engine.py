@@ -280,7 +280,7 @@ def test_constraint_mask_is_respected(engine):
 
 def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch):
     """Warm-up runs every decode program it compiles once, and the prefill programs of
-    one-chunk prompts (their first run on the CPU sets up YNNPACK's operators, 0.3-0.6 s at
+    one-chunk prompts (their first run on the CPU sets up YNNPACK's operators, 0.3-0.65 s at
     the 0.5B shape), on idle input: the cache and the penalty state are the same afterwards,
     and a request gives the same tokens as before."""
     import collections
@@ -328,8 +328,9 @@ def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch):
 
 
 def test_multi_step_decode_matches_single_step_with_int8_weights(params):
-    """int8 weights, where the CPU default takes several steps per call under the AVX512-BF16
-    plan: the same tokens as one step per call, sampled and greedy, alone and in a batch."""
+    """int8 weights, where several steps per call can pay off on the CPU (`--steps-per-call`
+    under the AVX512-BF16 plan): the same tokens as one step per call, sampled and greedy, for a
+    request of three choices decoded together."""
     from qwen_jax.quantize import quantize_params
 
     q = quantize_params(params)
