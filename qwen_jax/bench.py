@@ -358,8 +358,12 @@ def run_bench(args: argparse.Namespace) -> int:
     import jax
 
     from qwen_jax.cpu_matmul import cpu_plan
+    from qwen_jax.engine import default_steps_per_call
     from qwen_jax.layout import block_wide_weights
     from qwen_jax.quantize import quantize_option, quantize_params
+
+    if steps is None:  # what `serve` takes
+        steps = default_steps_per_call()
 
     rec["machine"]["jax"] = jax.__version__
     if jax.default_backend() == "cpu":
@@ -388,10 +392,6 @@ def run_bench(args: argparse.Namespace) -> int:
             model_dir = str(save_checkpoint(params, cfg, tmp))
         if not args.model:  # random weights: laid out as load_checkpoint lays out a checkpoint
             params = quantize_params(params) if rec["quantize"] else block_wide_weights(params)
-        if steps is None:  # what `serve` would take
-            from qwen_jax.engine import default_steps_per_call
-
-            steps = default_steps_per_call()
         rec["qwen_jax"] = j = bench_jax(params, cfg, lengths, args.decode_tokens, args.batch,
                                          steps,
                                          getattr(args, "prefill_chunk", None))
