@@ -41,7 +41,7 @@ from qwen_jax.cors import LOCAL, CorsPolicy, parse_origins
 from qwen_jax.engine import GenerationRequest, QueueFullError, TokenEvent
 from qwen_jax.quantize import is_quantized, quantize_option
 from qwen_jax.stop_strings import StopStringMatcher
-from qwen_jax.tool_calls import StreamingToolCallParser, parse_tool_calls
+from qwen_jax.tool_calls import MarkupSplitter, StreamingToolCallParser, parse_tool_calls
 
 log = logging.getLogger("qwen_jax.server")
 
@@ -123,6 +123,7 @@ class ChoiceState:
     detok: Any
     stops: StopStringMatcher
     tool_parser: StreamingToolCallParser | None
+    markup: MarkupSplitter | None  # with tool_parser: stop strings skip tool-call markup
     eos_ids: frozenset[int]
     want_logprobs: bool
     top_logprobs: int
@@ -156,18 +157,38 @@ class ChoiceState:
         if self.want_logprobs and self.token_text is not None:
             alts = list(top or ())[: self.top_logprobs]
             self.logprob_entries.append(self.token_text.entry(token, logprob or 0.0, alts))
-        safe, hit = self.stops.push(self.detok.feed(token))
-        return self._route(safe, final=hit), hit
+        return self._push(self.detok.feed(token), end=False)
+
+    def _push(self, text: str, end: bool) -> tuple[list[dict], bool]:
+        """Text -> stop strings -> deltas; `end` flushes what was held back.
+
+        Stop strings are matched in the message text, not inside tool-call markup: a stop such
+        as "\n" would otherwise cut a (possibly forced) call in half and leave its markup."""
+        if self.markup is None:
+            pieces = [(False, text)]
+        else:
+            pieces = self.markup.feed(text) + (self.markup.finish() if end else [])
+        deltas: list[dict] = []
+        for is_markup, piece in pieces:
+            if is_markup:
+                # Held-back text cannot grow into a stop string across a tag: release it.
+                deltas += self._route(self.stops.flush() + piece, final=False)
+                continue
+            safe, hit = self.stops.push(piece)
+            if hit:
+                return deltas + self._route(safe, final=True), True
+            deltas += self._route(safe, final=False)
+        if end:
+            deltas += self._route(self.stops.flush(), final=True)
+        return deltas, False
 
     def finish(self, reason: str) -> list[dict]:
         """End of this choice: flush held-back text; returns the last deltas."""
         if reason == "stop_string":
             reason = "stop"
-            tail = ""
+            deltas = self._route("", final=True)
         else:
-            safe, hit = self.stops.push(self.detok.finish())
-            tail = safe if hit else safe + self.stops.flush()
-        deltas = self._route(tail, final=True)
+            deltas, _ = self._push(self.detok.finish(), end=True)
         if reason == "cancelled":
             reason = "stop"
         if self.made_tool_calls and reason == "stop":
@@ -392,6 +413,7 @@ class App:
             detok=self.tokenizer.detokenizer(skip_special_tokens=True),
             stops=StopStringMatcher(req.stop),
             tool_parser=StreamingToolCallParser(tools) if parse_tools else None,
+            markup=MarkupSplitter() if parse_tools else None,
             eos_ids=self.eos_ids,
             want_logprobs=req.logprobs,
             top_logprobs=req.top_logprobs,

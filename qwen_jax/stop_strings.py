@@ -48,7 +48,9 @@ class StopStringMatcher:
         return text[: len(text) - hold], False
 
     def flush(self) -> str:
-        """The held-back text once generation ended without hitting a stop string."""
+        """The held-back text, released: generation ended without hitting a stop string, or
+        what comes next cannot continue one (tool-call markup, which stops are not matched in).
+        Matching goes on with the text pushed after it."""
         text, self._pending = ("" if self.stopped else self._pending), ""
         return text
 

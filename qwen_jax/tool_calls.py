@@ -13,17 +13,25 @@ and `StreamingToolCallParser` (deltas), is per block:
   closing tag never comes (generation stopped early).
 - A block is a *call* when its inside is one JSON object with a non-empty string `name` and an
   object `arguments` (absent means `{}`) and, when `tools` are given, `name` is one of their
-  function names. Otherwise the block's raw text, tags included, is ordinary content. Nothing
-  here raises on model output: malformed JSON or an unknown name just comes back as content.
-- Content is all text outside calls, with whitespace removed where it touches a call and at the
-  start of the output (a stream cannot take back whitespace it has sent before a call appears,
-  so it holds whitespace back until it knows). `content` is None when nothing is left.
+  function names. Otherwise a closed block's raw text, tags included, is ordinary content (the
+  model wrote it; the client should see it), and an unclosed one is dropped: generation ended
+  half-way through a call (max_tokens), and half a call is neither a call nor message text.
+  Nothing here raises on model output: malformed JSON or an unknown name just comes back as
+  content.
+- Content is all text outside calls and dropped blocks, with whitespace removed where it touches
+  one of them and at the start of the output (a stream cannot take back whitespace it has sent
+  before a call appears, so it holds whitespace back until it knows). `content` is None when
+  nothing is left.
 
 So for the usual "text, then calls" output, `content` is the text before the first call, stripped,
-or None; and an output whose only block is malformed comes back whole as content, without calls.
+or None; an output whose only block is malformed but closed comes back whole as content, without
+calls; and one cut off inside its first block has the text before the block as content.
 A stream holds back only a possible prefix of `<tool_call>`, trailing whitespace, and an open
 block; each call is sent as a header delta (index, id, type, name, empty arguments) followed by
 one arguments delta, which is what OpenAI clients reassemble.
+
+`MarkupSplitter` tells the message text from the markup in a stream, so that stop strings are
+matched in the text only (server.py): a stop string such as "\n" must not cut a call in half.
 """
 
 from __future__ import annotations
@@ -94,7 +102,8 @@ def parse_tool_calls(
 ) -> ParsedOutput:
     """Split a finished generation into content and OpenAI tool calls (the rule is above)."""
     names = tool_names(tools)
-    # Alternating items: ("text", str) and ("call", (name, arguments)); malformed blocks are text.
+    # Items: ("text", str), ("call", (name, arguments)) and, last only, ("cut", None) for an
+    # unclosed block that is not a call; a closed malformed block is text.
     items: list[tuple[str, Any]] = []
     for i, piece in enumerate(_BLOCKS.split(text)):
         is_block = i % 2 == 1
@@ -102,6 +111,8 @@ def parse_tool_calls(
         call = parse_block(inner, names) if is_block else None
         if call is not None:
             items.append(("call", call))
+        elif is_block and not piece.endswith(END):
+            items.append(("cut", None))
         elif items and items[-1][0] == "text":
             items[-1] = ("text", items[-1][1] + piece)
         else:
@@ -113,9 +124,11 @@ def parse_tool_calls(
         if kind == "call":
             calls.append(_call(*value, id_factory()))
             continue
+        if kind == "cut":
+            continue
         if i == 0 or items[i - 1][0] == "call":
             value = value.lstrip()
-        if i + 1 < len(items):  # the next item can only be a call
+        if i + 1 < len(items):  # the next item can only be a call or a cut block
             value = value.rstrip()
         content.append(value)
     return ParsedOutput("".join(content) or None, calls)
@@ -181,8 +194,8 @@ class StreamingToolCallParser:
             return []
         self._finished = True
         out: list[dict] = []
-        if self._in_block:  # unclosed block: judged like any other, raw text is START + inside
-            self._close_block(self._buf, START + self._buf, out)
+        if self._in_block:  # unclosed block: a call if its inside is one, else dropped
+            self._close_block(self._buf, None, out)
         else:
             self._content(self._buf, out)
         self._buf = ""
@@ -202,10 +215,14 @@ class StreamingToolCallParser:
             self._drop_ws = False
             out.append({"content": body})
 
-    def _close_block(self, inner: str, raw: str, out: list[dict]) -> None:
+    def _close_block(self, inner: str, raw: str | None, out: list[dict]) -> None:
+        """A block's end: a call's deltas, else its raw text as content (None: drop it)."""
         call = parse_block(inner, self._names)
         if call is None:
-            self._content(raw, out)
+            if raw is None:
+                self._held_ws = ""  # whitespace touching a dropped block goes, as at a call
+            else:
+                self._content(raw, out)
             return
         name, arguments = call
         self._held_ws, self._drop_ws = "", True
@@ -224,3 +241,42 @@ class StreamingToolCallParser:
         )
         out.append({"tool_calls": [{"index": self._index, "function": {"arguments": arguments}}]})
         self._index += 1
+
+
+class MarkupSplitter:
+    """Streamed text -> pieces `(is_markup, text)`: message text, or tool-call markup (a whole
+    `<tool_call>` ... `</tool_call>` block, tags included, possibly in several pieces).
+
+    Holds back only a possible prefix of the next tag, so the pieces concatenate to the input.
+    """
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._in_block = False
+
+    def feed(self, text: str) -> list[tuple[bool, str]]:
+        self._buf += text
+        out: list[tuple[bool, str]] = []
+        while True:
+            tag = END if self._in_block else START
+            at = self._buf.find(tag)
+            if at < 0:
+                cut = len(self._buf) - _partial_tag_len(self._buf, tag)
+                if cut:
+                    out.append((self._in_block, self._buf[:cut]))
+                self._buf = self._buf[cut:]
+                return out
+            if at and not self._in_block:
+                out.append((False, self._buf[:at]))
+                self._buf = self._buf[at:]
+                at = 0
+            end = at + len(tag)
+            out.append((True, self._buf[:end]))
+            self._buf = self._buf[end:]
+            self._in_block = not self._in_block
+
+    def finish(self) -> list[tuple[bool, str]]:
+        """The held-back rest (text, or the inside of a block left open)."""
+        out = [(self._in_block, self._buf)] if self._buf else []
+        self._buf = ""
+        return out

@@ -216,6 +216,59 @@ def test_tool_choice_none_leaves_text_alone(app, engine):
     assert c["finish_reason"] == "stop"
 
 
+def tool_reply(app, **kw):
+    """The same request as JSON and streamed -> [(content, [(name, args)], finish_reason)] for
+    each, rebuilt from the stream the way an OpenAI client does."""
+    c = json.loads(call(app, body=req(tools=TOOLS, **kw))[2])["choices"][0]
+    whole = (c["message"]["content"],
+             [(t["function"]["name"], json.loads(t["function"]["arguments"]))
+              for t in c["message"].get("tool_calls") or []], c["finish_reason"])
+    events = sse(call(app, body=req(tools=TOOLS, stream=True, **kw))[2])
+    content, calls, reason = "", [], None
+    for ev in events[:-1]:
+        for ch in ev["choices"]:
+            content += ch["delta"].get("content") or ""
+            for t in ch["delta"].get("tool_calls") or []:
+                if t.get("id"):
+                    calls.append([t["function"]["name"], ""])
+                calls[-1][1] += t["function"].get("arguments") or ""
+            reason = ch["finish_reason"] or reason
+    streamed = (content or None, [(n, json.loads(a)) for n, a in calls], reason)
+    return whole, streamed
+
+
+CALL = '<tool_call>\n{"name": "f", "arguments": {"x": "a\\nb}"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("text, stop, expected", [
+    # Stop strings inside a call's markup do not cut it ...
+    (CALL, ["\n", "}", "<", "tool"], (None, [("f", {"x": "a\nb}"})], "tool_calls")),
+    # ... they end the message text around it.
+    ("Hi\nthere " + CALL, ["\n"], ("Hi", [], "stop")),
+    (CALL + "\nDone", ["\n"], (None, [("f", {"x": "a\nb}"})], "tool_calls")),
+    (CALL + " Done. More", [". "], ("Done", [("f", {"x": "a\nb}"})], "tool_calls")),
+    # A stop string's start held back before a tag is released, not lost.
+    ("ok <" + CALL[1:], ["<tool_x", "ok <a"], ("ok", [("f", {"x": "a\nb}"})], "tool_calls")),
+])
+def test_stop_strings_are_not_matched_inside_tool_call_markup(app, engine, text, stop,
+                                                             expected):
+    engine.texts = [text]
+    whole, streamed = tool_reply(app, stop=stop)
+    assert whole == streamed == expected
+
+
+def test_a_tool_call_cut_off_by_max_tokens_leaves_no_markup(app, engine):
+    """Forced or not, half a call is neither a call nor content (finish_reason tells why)."""
+    engine.finish = "length"
+    engine.texts = ['Let me check. <tool_call>\n{"name": "f", "argu']
+    for choice in ("auto", "required"):
+        whole, streamed = tool_reply(app, tool_choice=choice)
+        assert whole == streamed == ("Let me check.", [], "length")
+    engine.texts = [CALL + "\n<tool_call>\n{"]  # the second of parallel calls cut off
+    whole, streamed = tool_reply(app)
+    assert whole == streamed == (None, [("f", {"x": "a\nb}"})], "length")
+
+
 def test_forced_tool_choice_passes_constraints_to_the_engine(app, engine):
     call(app, body=req(tools=TOOLS, tool_choice="required", n=2))
     cons = engine.requests[0].constraints

@@ -1,15 +1,24 @@
-"""Tool calls: the per-block rule, streaming = non-streaming for any split, render -> parse."""
+"""Tool calls: the per-block rule, streaming = non-streaming for any split, render -> parse,
+and the markup splitter that keeps stop strings out of calls."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen_jax.chat_template import render_chat
-from qwen_jax.tool_calls import ParsedOutput, StreamingToolCallParser, parse_tool_calls
+from qwen_jax.tool_calls import (
+    END,
+    START,
+    MarkupSplitter,
+    ParsedOutput,
+    StreamingToolCallParser,
+    parse_tool_calls,
+)
 
 WEATHER = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
 
@@ -69,7 +78,7 @@ def test_default_ids_look_like_openai_ids():
 
 
 def test_malformed_calls_come_back_as_content():
-    """Never raises: a block that is not a valid call is returned verbatim as content."""
+    """Never raises: a closed block that is not a valid call is returned verbatim as content."""
     bad_blocks = [
         '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}\n</tool_call>',  # JSON
         '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name
@@ -77,11 +86,25 @@ def test_malformed_calls_come_back_as_content():
         '<tool_call>\n{"name": "weather", "arguments": {"x": NaN}}\n</tool_call>',  # not JSON
         '<tool_call>\n["weather"]\n</tool_call>',
         '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',  # unknown with tools
-        '<tool_call>\n{"name": "weather", "arguments": {"ci',  # cut off
+        '<tool_call>\n{"name": "weather", "arguments": {"ci</tool_call>',  # closed, cut JSON
     ]
     for block in bad_blocks:
         assert parse(block, WEATHER) == ParsedOutput(block, []), block
         assert parse("Sure: " + block, WEATHER) == ParsedOutput("Sure: " + block, [])
+
+
+def test_a_block_cut_off_is_dropped_not_content():
+    """Generation ended inside a block (max_tokens): no markup reaches content, and the
+    whitespace touching the dropped block goes as it would at a call."""
+    good = '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call>'
+    cuts = ['<tool_call>\n{"name": "weather", "arguments": {"ci', "<tool_call>", "<tool_call>\n{"]
+    for cut in cuts:
+        assert parse(cut, WEATHER) == ParsedOutput(None, [])
+        assert parse("Sure: \n" + cut, WEATHER) == ParsedOutput("Sure:", [])
+        out = parse(f"A {good}\n{cut}", WEATHER)
+        assert out == ParsedOutput("A", [call("weather", {}, "call_0")])
+        streamed, deltas = run_stream(["Sure: \n" + cut[:4], cut[4:]], WEATHER)
+        assert streamed == ParsedOutput("Sure:", []) and START not in json.dumps(deltas)
 
 
 def test_unknown_name_is_accepted_without_tools():
@@ -192,10 +215,48 @@ def test_stream_holds_back_only_a_possible_tag():
 
 
 def test_stream_malformed_block_at_finish_falls_back_to_content():
-    text = 'Sure <tool_call>\n{"name": "weather", "argu'
+    text = 'Sure <tool_call>\n{"name": "weather", "argu}\n</tool_call>'
     streamed, deltas = run_stream([text[:8], text[8:20], text[20:]], WEATHER)
     assert streamed == parse(text, WEATHER) == ParsedOutput(text, [])
     assert deltas[0] == {"content": "Sure"}
+
+
+# -- the markup splitter -------------------------------------------------------------------------
+
+
+def split_markup(chunks):
+    """Run MarkupSplitter; merge neighbouring pieces of a kind into [(is_markup, text)]."""
+    splitter = MarkupSplitter()
+    merged: list[tuple[bool, str]] = []
+    pieces = [p for chunk in chunks for p in splitter.feed(chunk)] + splitter.finish()
+    for is_markup, text in pieces:
+        assert text, pieces  # no empty pieces
+        block_closed = is_markup and merged and merged[-1][1].endswith(END)
+        if merged and merged[-1][0] == is_markup and not block_closed:
+            merged[-1] = (is_markup, merged[-1][1] + text)
+        else:
+            merged.append((is_markup, text))
+    return merged
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_texts, cuts=st.lists(st.integers(0, 400), max_size=20))
+def test_markup_splitter_finds_the_blocks_parse_finds(text, cuts):
+    """Pieces concatenate to the input; the markup pieces are exactly the blocks of the
+    per-block rule (<tool_call> to </tool_call> or the end), for any split of the stream."""
+    blocks = re.split(f"({re.escape(START)}.*?(?:{re.escape(END)}|\\Z))", text, flags=re.DOTALL)
+    expected = [(i % 2 == 1, piece) for i, piece in enumerate(blocks) if piece]
+    assert split_markup(_split(text, cuts)) == expected
+    assert split_markup(list(text)) == expected
+
+
+def test_markup_splitter_holds_back_only_a_possible_tag():
+    splitter = MarkupSplitter()
+    assert splitter.feed("a\n<tool") == [(False, "a\n")]
+    assert splitter.feed("_call>{x}</tool_") == [(True, "<tool_call>"), (True, "{x}")]
+    assert splitter.feed("call>b") == [(True, "</tool_call>"), (False, "b")]
+    assert splitter.feed("<tool_x") == [(False, "<tool_x")]
+    assert splitter.finish() == []
 
 
 # -- round trip through the chat template -------------------------------------------------------
