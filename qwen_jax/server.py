@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import select
 import socket
 import socketserver
 import sys
@@ -28,7 +29,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -312,7 +313,7 @@ class App:
             return 200, [], _json_bytes(
                 responses.model_list(self.served_model_name, self.created)["data"][0]
             )
-        return self._chat(self._read_json(environ), meta)
+        return self._chat(environ, self._read_json(environ), meta)
 
     def _options(self, environ: Environ, allowed: tuple[str, ...]):
         """A browser's CORS preflight (cors.py), or a plain OPTIONS: the methods the path takes."""
@@ -356,7 +357,7 @@ class App:
 
     # -- chat completions --------------------------------------------------------------------
 
-    def _chat(self, body: Any, meta: dict):
+    def _chat(self, environ: Environ, body: Any, meta: dict):
         req = protocol.validate_chat_request(
             body, served_model_name=self.served_model_name, vocab_limit=self.tokenizer.vocab_size
         )
@@ -387,11 +388,17 @@ class App:
         cid, created = responses.new_completion_id(), int(time.time())
         if req.stream:
             return 200, [], self._stream(handle, states, req, cid, created, len(prompt_ids), meta)
+        done = threading.Event()
+        gone = environ.get(CLIENT_GONE)
+        if gone is not None:
+            threading.Thread(target=_cancel_when_gone, args=(handle, gone, done),
+                             daemon=True).start()
         try:
             return 200, [], _json_bytes(
                 self._complete(handle, states, req, cid, created, len(prompt_ids), meta)
             )
         finally:
+            done.set()
             handle.cancel()  # no-op when everything finished; frees rows on an exception
 
     def _constraints(self, req, tools):
@@ -491,6 +498,33 @@ class App:
             handle.cancel()
 
 
+# The environ key of a callable that says whether the client has closed its connection (set
+# by make_server's handler; other WSGI servers leave it out and nothing watches).
+CLIENT_GONE = "qwen_jax.client_gone"
+CLIENT_POLL_S = 0.25
+
+
+def _cancel_when_gone(handle, client_gone: Callable[[], bool], done: threading.Event) -> None:
+    """A JSON (non-streamed) reply sends nothing until it is complete, so a client that gives up
+    (a timeout, Ctrl-C) is noticed only by watching its socket: cancel its rows at once rather
+    than generating to max_tokens for nobody. (A stream notices at its next write.)"""
+    while not done.wait(CLIENT_POLL_S):
+        if client_gone():
+            log.info("client closed the connection: request cancelled")
+            handle.cancel()
+            return
+
+
+def _socket_closed(sock: socket.socket) -> bool:
+    """Whether the peer has closed (or reset) this connection; data waiting to be read does not
+    count, and is left where it is."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or already closed on our side
+        return True
+
+
 class _EmptyHandle:
     """A request handle for max_tokens 0: every choice ends at once with finish_reason length."""
 
@@ -586,6 +620,11 @@ class _QuietHandler(WSGIRequestHandler):
 
     def get_stderr(self) -> _ErrorLog:
         return _ErrorLog(self.timeout)
+
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        environ[CLIENT_GONE] = partial(_socket_closed, self.connection)
+        return environ
 
 
 def make_server(app: Callable, host: str, port: int, *,

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -445,6 +446,64 @@ def test_a_client_that_stops_reading_a_stream_has_its_choice_cancelled(engine, q
         assert time.monotonic() < deadline, logged()
         time.sleep(0.05)
     assert not any("Traceback" in m for m in logged())
+
+
+class SlowHandle(FakeHandle):
+    """One token every 10 ms for 100 s unless cancelled; counts what it yielded."""
+
+    def __init__(self, token: int):
+        super().__init__([[token] * 10_000], "length")
+        self.yielded = 0
+
+    def events(self):
+        for ev in super().events():
+            time.sleep(0.01)
+            self.yielded += 1
+            yield ev
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_a_client_that_hangs_up_on_a_json_reply_has_its_request_cancelled(engine, qwen_tokenizer,
+                                                                          how):
+    """A non-streamed reply writes nothing until it is done, so the server watches the socket:
+    a client that closes it (timeout, Ctrl-C) frees its rows within a poll, not at max_tokens."""
+    handles = []
+
+    def submit(request):
+        handles.append(SlowHandle(qwen_tokenizer.encode("a")[0]))
+        return handles[-1]
+
+    engine.submit = submit
+    app = make_app(engine, qwen_tokenizer, MODEL, 10**6)
+    body = json.dumps(req()).encode()
+    with http_server(app) as server:
+        s = socket.create_connection(server.server_address[:2], timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 10
+        while not (handles and handles[0].yielded > 5):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        if how == "reset":  # RST instead of FIN
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        t0 = time.monotonic()
+        while not handles[0].cancelled:
+            assert time.monotonic() - t0 < 3, "the abandoned request kept generating"
+            time.sleep(0.01)
+        assert handles[0].yielded < 1000
+        # A client that stays connected is not cancelled: it gets the whole reply.
+        handles.clear()
+        engine.submit = FakeEngine.submit.__get__(engine)
+        engine.texts = ["still here"]
+        with socket.create_connection(server.server_address[:2], timeout=10) as s2:
+            s2.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json"
+                       b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            reply = b""
+            while chunk := s2.recv(4096):
+                reply += chunk
+        answer = json.loads(reply.partition(b"\r\n\r\n")[2])
+        assert answer["choices"][0]["message"]["content"] == "still here"
 
 
 # ------------------------------------------------------------------------------------- CORS
