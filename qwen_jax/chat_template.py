@@ -144,7 +144,7 @@ def normalize_messages(messages: Any) -> list[dict]:
                     where, "a 'tool' message must follow an assistant message with tool_calls"
                 )
             if message.get("content") is None:
-                raise ChatTemplateError(f"{where}.content", f"a {role} message needs content")
+                raise ChatTemplateError(f"{where}.content", f"a {role!r} message needs content")
             out.append({"role": role, "content": _text(message["content"], f"{where}.content")})
         if role != "tool":
             in_tool_turn = bool(calls)

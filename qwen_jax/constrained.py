@@ -61,11 +61,24 @@ def build_ll_tokenizer(
     return llguidance.LLTokenizer(_backend_json(tokenizer), eos_token=eos_token_ids or None)
 
 
-def _json_grammar(schema: dict) -> str:
+def _json_grammar(schema: dict, param: str = "response_format.json_schema.schema") -> str:
+    """The grammar of a JSON schema, checked: a schema llguidance cannot compile is an error
+    naming `param` (its own message, without the grammar it was wrapped in)."""
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     except ValueError as e:
-        raise ConstraintError(f"invalid JSON schema: {e}", "response_format") from e
+        raise ConstraintError(f"invalid JSON schema: {e}", param) from e
+    error = llguidance.LLMatcher.validate_grammar(grammar)  # no tokenizer needed: ~0.2 ms
+    if error:
+        raise ConstraintError(f"invalid JSON schema: {error}", param)
+    return grammar
+
+
+def check_tool_schemas(tools: list[dict] | tuple[dict, ...]) -> None:
+    """Each tool's parameters must be a JSON schema the grammar compiler takes, whatever the
+    tool_choice (OpenAI checks them too): a bad one is named before anything is generated."""
+    for i, tool in enumerate(tools):
+        _json_grammar(_function_parameters(tool), f"tools[{i}].function.parameters")
 
 
 def _function_parameters(tool: dict) -> dict:
@@ -130,7 +143,7 @@ def grammar_for(
         return None
     kind = response_format.get("type")
     if kind == "json_object":
-        return _json_grammar({"type": "object"})
+        return _json_grammar({"type": "object"}, "response_format")
     if kind == "json_schema":
         spec = response_format.get("json_schema") or {}
         schema = spec.get("schema")

@@ -144,6 +144,22 @@ def payload_too_large(limit_bytes: int) -> APIError:
     )
 
 
+def length_required() -> APIError:
+    return APIError(
+        411,
+        "The request has no Content-Length: send one (or a chunked body).",
+        "invalid_request_error",
+        None,
+        "length_required",
+    )
+
+
+def http_error(status: int, message: str) -> APIError:
+    """An error the HTTP layer finds before the application runs (a malformed request line,
+    too many or too long headers)."""
+    return APIError(status, message, "invalid_request_error", None, None)
+
+
 def queue_full() -> APIError:
     return APIError(
         429,
@@ -242,7 +258,7 @@ class ChatRequest:
             "model": self.model,
             "messages": list(self.messages),
             "stream": self.stream,
-            "stream_options": {"include_usage": self.include_usage},
+            "stream_options": {"include_usage": self.include_usage} if self.stream else None,
             "n": self.n,
             "max_tokens": self.max_tokens,
             "stop": list(self.stop),
@@ -408,7 +424,14 @@ def _tools(value: object) -> tuple[dict, ...] | None:
         seen.add(name)
         _optional_string(fn.get("description"), f"{p}.function.description")
         if fn.get("parameters") is not None:
-            _require_dict(fn["parameters"], f"{p}.function.parameters")
+            params = _require_dict(fn["parameters"], f"{p}.function.parameters")
+            # OpenAI's rule: the arguments of a call are a JSON object.
+            if params.get("type", "object") != "object":
+                raise invalid_request(
+                    f"Invalid schema for function {name!r}: 'parameters' must be a JSON Schema of "
+                    f"type 'object', got type {params['type']!r}.",
+                    f"{p}.function.parameters",
+                )
         _optional_bool(fn.get("strict"), f"{p}.function.strict", False)
     return tuple(value) or None  # an empty list means no tools
 
@@ -561,9 +584,14 @@ def validate_chat_request(
     if top_logprobs and not logprobs:
         raise invalid_request("'top_logprobs' needs 'logprobs' set to true.", "top_logprobs")
 
+    stream = _optional_bool(body.get("stream"), "stream", False)
     stream_options = body.get("stream_options")
     if stream_options is not None:
         _require_dict(stream_options, "stream_options")
+        if not stream:  # as OpenAI and vLLM answer: the options would silently do nothing
+            raise invalid_request(
+                "'stream_options' is only allowed when 'stream' is true.", "stream_options"
+            )
     include_usage = _optional_bool(
         (stream_options or {}).get("include_usage"), "stream_options.include_usage", False
     )
@@ -577,7 +605,7 @@ def validate_chat_request(
             body.get("parallel_tool_calls"), "parallel_tool_calls", True
         ),
         response_format=_response_format(body.get("response_format")),
-        stream=_optional_bool(body.get("stream"), "stream", False),
+        stream=stream,
         include_usage=include_usage,
         n=n,
         max_tokens=max_tokens,

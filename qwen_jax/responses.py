@@ -129,9 +129,11 @@ def chunk_choice(index: int, delta: dict, finish_reason: str | None = None, logp
 
 
 def chunk(
-    id: str, created: int, model: str, choices: list[dict], usage: dict | None = None
+    id: str, created: int, model: str, choices: list[dict], usage: dict | None = None,
+    *, include_usage: bool = False,
 ) -> dict:
-    """A `chat.completion.chunk`; the final usage chunk has `choices=[]` and `usage` set."""
+    """A `chat.completion.chunk`; the final usage chunk has `choices=[]` and `usage` set. When the
+    request asked for usage, every other chunk says `"usage": null`, as OpenAI's do."""
     obj = {
         "id": id,
         "object": "chat.completion.chunk",
@@ -139,7 +141,7 @@ def chunk(
         "model": model,
         "choices": list(choices),
     }
-    if usage is not None:
+    if usage is not None or include_usage:
         obj["usage"] = usage
     return obj
 

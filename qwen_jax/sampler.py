@@ -85,7 +85,8 @@ class SamplingParamError(ValueError):
 
 def _interval(name: str) -> str:
     lo, hi, lo_inc, hi_inc = SAMPLING_RANGES[name]
-    return f"{'[' if lo_inc else '('}{lo:g}, {hi:g}{']' if hi_inc else ')'}"
+    lo, hi = (str(x) if isinstance(x, int) else f"{x:g}" for x in (lo, hi))  # 2**63 in full
+    return f"{'[' if lo_inc else '('}{lo}, {hi}{']' if hi_inc else ')'}"
 
 
 def _check_number(name: str, value: Any, what: str | None = None) -> int | float:

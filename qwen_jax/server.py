@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import select
 import socket
 import socketserver
@@ -37,7 +38,13 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from qwen_jax import protocol, responses
 from qwen_jax.chat_template import ChatTemplateError, render_chat
-from qwen_jax.constrained import ConstraintError, build_ll_tokenizer, grammar_for, make_constraints
+from qwen_jax.constrained import (
+    ConstraintError,
+    build_ll_tokenizer,
+    check_tool_schemas,
+    grammar_for,
+    make_constraints,
+)
 from qwen_jax.cors import LOCAL, CorsPolicy, parse_origins
 from qwen_jax.engine import GenerationRequest, QueueFullError, TokenEvent
 from qwen_jax.quantize import is_quantized, quantize_option
@@ -245,10 +252,20 @@ class App:
             status, headers, body = e.status, [], _json_bytes(e.to_dict())
             if e.status == 405:
                 headers = [("Allow", meta.get("allow", "GET"))]
+            if e.status == 429:  # the queue drains as requests finish: a second is a fair wait
+                headers = [("Retry-After", "1")]
         except Exception:  # a bug, not a client error: generic 500, details in the log
             log.error("internal error on %s %s\n%s", method, path, traceback.format_exc())
             status, headers, body = 500, [], _json_bytes(protocol.server_error().to_dict())
         headers = headers + self.cors.response_headers(environ.get("HTTP_ORIGIN"))
+        if method == "HEAD" and isinstance(body, bytes):  # a GET's headers, without its body
+            start_response(
+                _status_line(status),
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+                + headers,
+            )
+            self._log(method, path, status, meta, t0)
+            return []
         if status == 204:  # no body, so no Content-Type or Content-Length either
             start_response(_status_line(status), headers)
             self._log(method, path, status, meta, t0)
@@ -287,16 +304,18 @@ class App:
     def _dispatch(self, environ: Environ, method: str, path: str, meta: dict):
         path = path.rstrip("/") or "/"
         routes = {
-            "/health": ("GET",),
-            "/v1/models": ("GET",),
+            "/health": ("GET", "HEAD"),
+            "/v1/models": ("GET", "HEAD"),
             "/v1/chat/completions": ("POST",),
         }
         model_path = path.startswith("/v1/models/")
-        allowed = routes.get(path, ("GET",) if model_path else None)
+        allowed = routes.get(path, ("GET", "HEAD") if model_path else None)
         if allowed is None:
             raise protocol.path_not_found(method, path)
         if method == "OPTIONS":  # before the API key: browsers send none with a preflight
             return self._options(environ, allowed)
+        if method == "HEAD" and "HEAD" in allowed:
+            method = "GET"  # __call__ leaves the body out
         if method not in allowed:
             meta["allow"] = ", ".join(allowed + ("OPTIONS",))
             raise protocol.method_not_allowed(method, path, allowed + ("OPTIONS",))
@@ -330,8 +349,18 @@ class App:
         ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise protocol.unsupported_media_type(environ.get("CONTENT_TYPE"))
+        encoding = environ.get("HTTP_TRANSFER_ENCODING", "").strip().lower()
+        if encoding:
+            if encoding != "chunked":
+                raise protocol.invalid_request(
+                    f"Unsupported Transfer-Encoding {encoding!r}: send the body as is (with a "
+                    "Content-Length) or chunked.")
+            raw = _read_chunked(environ["wsgi.input"], self.max_body_bytes)
+            return _parse_json(raw)
+        if not environ.get("CONTENT_LENGTH"):
+            raise protocol.length_required()
         try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
+            length = int(environ["CONTENT_LENGTH"])
         except ValueError:
             raise protocol.invalid_request("Invalid Content-Length header") from None
         if length > self.max_body_bytes:  # checked before reading a byte of the body
@@ -348,12 +377,7 @@ class App:
                 f"The request body has {len(raw)} bytes, fewer than its Content-Length of "
                 f"{length}."
             )
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise protocol.malformed_json(str(e)) from None
-        except RecursionError:  # [[[[... deeper than the parser's stack
-            raise protocol.malformed_json("it nests too deeply") from None
+        return _parse_json(raw)
 
     # -- chat completions --------------------------------------------------------------------
 
@@ -367,6 +391,12 @@ class App:
         except ChatTemplateError as e:
             param = getattr(e, "param", None) or "messages"
             raise protocol.invalid_request(str(e), param) from None
+        max_n = getattr(self.engine, "max_slots", None)
+        if max_n is not None and req.n > max_n:
+            raise protocol.invalid_request(
+                f"'n' must be at most {max_n} on this server (serve --max-num-seqs), got {req.n}.",
+                "n",
+            )
         prompt_ids = self.tokenizer.encode(prompt)
         max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(prompt_ids),
                                                  self.max_model_len)
@@ -403,6 +433,8 @@ class App:
 
     def _constraints(self, req, tools):
         try:
+            if tools:
+                check_tool_schemas(tools)
             grammar = grammar_for(req.response_format, tools, req.tool_choice,
                                   req.parallel_tool_calls)
             if grammar is None:
@@ -473,7 +505,8 @@ class App:
         model = self.served_model_name
 
         def event(choices: list[dict], usage: dict | None = None) -> bytes:
-            return responses.sse_event(responses.chunk(cid, created, model, choices, usage))
+            return responses.sse_event(responses.chunk(cid, created, model, choices, usage,
+                                                       include_usage=req.include_usage))
 
         try:
             for st in states:
@@ -555,6 +588,46 @@ def make_app(
                ll_tokenizer, cors or CorsPolicy())
 
 
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise protocol.malformed_json(str(e)) from None
+    except RecursionError:  # [[[[... deeper than the parser's stack
+        raise protocol.malformed_json("it nests too deeply") from None
+
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+_MAX_TRAILER_LINES = 64
+
+
+def _read_chunked(stream: Any, limit: int) -> bytes:
+    """A `Transfer-Encoding: chunked` body (RFC 9112 7.1), at most `limit` bytes; wsgiref leaves
+    the decoding to the application. Chunk extensions and trailer fields are read and ignored."""
+    body = bytearray()
+    try:
+        while True:
+            line = stream.readline(1024)
+            size_text = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not _CHUNK_SIZE.fullmatch(size_text):
+                raise protocol.invalid_request("Malformed chunked request body.")
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            if len(body) + size > limit:
+                raise protocol.payload_too_large(limit)
+            data = stream.read(size)
+            if len(data) < size or stream.readline(3) not in (b"\r\n", b"\n"):
+                raise protocol.invalid_request("Malformed chunked request body.")
+            body += data
+        for _ in range(_MAX_TRAILER_LINES):  # trailer fields, up to an empty line
+            if stream.readline(8192) in (b"\r\n", b"\n", b""):
+                break
+    except OSError:  # timed out (SOCKET_TIMEOUT_S) or reset mid-body
+        raise protocol.invalid_request("The chunked request body did not arrive in full.") from None
+    return bytes(body)
+
+
 def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode()
 
@@ -625,6 +698,31 @@ class _QuietHandler(WSGIRequestHandler):
         environ = super().get_environ()
         environ[CLIENT_GONE] = partial(_socket_closed, self.connection)
         return environ
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        # An HTTP/1.1 client that asks before sending a large body (curl does above 1 MiB) would
+        # otherwise wait a second for this answer; http.server sends it only when it speaks 1.1.
+        expect = self.headers.get("Expect", "").lower()
+        if expect == "100-continue" and self.request_version >= "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None
+                   ) -> None:
+        """Requests http.server refuses before the app runs (a malformed request line, too many
+        or too long headers, a URL over 64 KiB) get an OpenAI error object too, not HTML."""
+        short = self.responses.get(code, ("Error", ""))[0]
+        body = _json_bytes(protocol.http_error(code, f"{message or short}.").to_dict())
+        self.close_connection = True
+        self.send_response(code, short)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD":
+            self.wfile.write(body)
 
 
 def make_server(app: Callable, host: str, port: int, *,

@@ -174,7 +174,12 @@ def test_bad_values_name_the_param(field, value):
         ({**BASE, "messages": ["hi"]}, "messages[0]"),
         ({**BASE, "messages": [*MSGS, {"content": "x"}]}, "messages[1].role"),
         ({**BASE, "messages": [{"role": 1, "content": "x"}]}, "messages[0].role"),
-        ({**BASE, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        (
+            {**BASE, "stream": True, "stream_options": {"include_usage": "yes"}},
+            "stream_options.include_usage",
+        ),
+        ({**BASE, "stream_options": {"include_usage": True}}, "stream_options"),  # no stream
+        ({**BASE, "stream": False, "stream_options": {}}, "stream_options"),
         ({**BASE, "top_logprobs": 3}, "top_logprobs"),  # needs logprobs: true
         ({**BASE, "tools": [{"type": "custom", "custom": {}}]}, "tools[0].type"),
         ({**BASE, "tools": [{"type": "function"}]}, "tools[0].function"),
@@ -186,6 +191,11 @@ def test_bad_values_name_the_param(field, value):
         (
             {**BASE, "tools": [{"type": "function", "function": {"name": "f", "parameters": 1}}]},
             "tools[0].function.parameters",
+        ),
+        (  # OpenAI: the arguments of a call are an object
+            {**BASE, "tools": [TOOLS[0], {"type": "function", "function": {
+                "name": "g", "parameters": {"type": "string"}}}]},
+            "tools[1].function.parameters",
         ),
         ({**BASE, "tool_choice": "required"}, "tool_choice"),
         ({**BASE, "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
@@ -213,6 +223,10 @@ def test_bad_values_name_the_param(field, value):
 def test_structural_errors_name_the_param(body, param):
     e = err(body)
     assert e.status == 400 and e.param == param, e
+
+
+def test_range_messages_print_integer_bounds_in_full():
+    assert "[0, 9223372036854775808)" in err({**BASE, "seed": 2**63}).message
 
 
 def test_body_must_be_an_object():
@@ -366,6 +380,8 @@ valid_fields = st.fixed_dictionaries(
 def test_valid_requests_round_trip(fields):
     if fields.get("top_logprobs"):
         fields["logprobs"] = True
+    if "stream_options" in fields:  # only valid on a stream
+        fields["stream"] = True
     r = ok(**fields)
     for name in ("temperature", "top_p", "top_k", "min_p", "seed"):
         if name in fields:
@@ -462,7 +478,8 @@ def test_nesting_depth_limit(field):
     def body(levels):
         if field == "tools":
             return {**BASE, "tools": [{"type": "function", "function": {
-                "name": "f", "parameters": nested(levels)}}]}
+                "name": "f", "parameters": {"type": "object", "properties": {
+                    "a": nested(levels)}}}}]}
         if field == "response_format":
             return {**BASE, "response_format": {"type": "json_schema", "json_schema": {
                 "name": "x", "schema": nested(levels)}}}

@@ -561,8 +561,136 @@ def test_plain_options_lists_the_methods(app):
     status, hdrs, _ = call(app, method="OPTIONS", auth=False)
     assert status == 204 and hdrs["Allow"] == "POST, OPTIONS"
     status, hdrs, _ = call(app, method="DELETE", path="/v1/models")
-    assert status == 405 and hdrs["Allow"] == "GET, OPTIONS"
+    assert status == 405 and hdrs["Allow"] == "GET, HEAD, OPTIONS"
     assert call(app, method="OPTIONS", path="/v2/nothing", auth=False)[0] == 404
+
+
+def test_head_is_a_get_without_the_body(app):
+    for path in ("/v1/models", f"/v1/models/{MODEL}", "/health"):
+        status, hdrs, body = call(app, method="HEAD", path=path)
+        get = call(app, method="GET", path=path)
+        assert (status, body) == (200, b"") and get[0] == 200
+        assert hdrs["Content-Length"] == str(len(get[2])) and hdrs == get[1]
+    status, hdrs, body = call(app, method="HEAD", path="/v1/chat/completions")
+    assert (status, body) == (405, b"") and hdrs["Allow"] == "POST, OPTIONS"
+    assert call(app, method="HEAD", path="/v1/models", auth=False)[:3:2] == (401, b"")
+
+
+def chunked(data: bytes, sizes=(5, 1, 300)) -> bytes:
+    out, i = b"", 0
+    for n in sizes:
+        if i >= len(data):
+            break
+        out += b"%x;ext=1\r\n%s\r\n" % (len(data[i:i + n]), data[i:i + n])
+        i += n
+    if i < len(data):
+        out += b"%X\r\n%s\r\n" % (len(data) - i, data[i:])
+    return out + b"0\r\nX-Trailer: 1\r\n\r\n"
+
+
+def test_chunked_bodies_and_a_missing_length(app, engine):
+    body = json.dumps(req(max_tokens=5)).encode()
+    te = {"HTTP_TRANSFER_ENCODING": "chunked", "CONTENT_LENGTH": ""}
+    status, _, raw = call(app, raw=chunked(body), headers=te)
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "Hello world"
+    assert engine.requests[-1].max_tokens == 5
+
+    def error(raw_body, headers):
+        status, _, raw = call(app, raw=raw_body, headers=headers)
+        return status, json.loads(raw)["error"]
+
+    for bad in (b"zz\r\n" + body, chunked(body)[:30], b"5\r\nabcdefgh\r\n0\r\n\r\n",
+                b"+5\r\nabcde\r\n0\r\n\r\n"):
+        assert error(bad, te)[0] == 400, bad
+    small = make_app(engine, engine.tok, MODEL, 512, max_body_bytes=len(body) - 1)
+    status, _, raw = call(small, raw=chunked(body), headers=te, auth=False)
+    assert status == 413 and json.loads(raw)["error"]["code"] == "payload_too_large"
+    status, e = error(body, {"HTTP_TRANSFER_ENCODING": "gzip", "CONTENT_LENGTH": ""})
+    assert status == 400 and "Transfer-Encoding" in e["message"]
+    status, e = error(body, {"CONTENT_LENGTH": ""})  # neither: 411, not an empty-JSON 400
+    assert status == 411 and e["code"] == "length_required"
+
+
+def test_stream_chunks_say_usage_null_only_when_usage_was_asked_for(app, engine):
+    with_usage = sse(call(app, body=req(stream=True, stream_options={"include_usage": True}))[2])
+    chunks = [e for e in with_usage if e != "[DONE]"]
+    assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["total_tokens"]
+    plain = [e for e in sse(call(app, body=req(stream=True))[2]) if e != "[DONE]"]
+    assert plain and all("usage" not in c for c in plain)
+
+
+def test_queue_full_says_when_to_retry(app, engine):
+    engine.raise_on_submit = QueueFullError("full")
+    status, hdrs, raw = call(app, body=req())
+    assert status == 429 and hdrs["Retry-After"] == "1"
+
+
+def test_n_above_the_servers_rows_names_n(app, engine):
+    engine.max_slots = 2
+    status, _, raw = call(app, body=req(n=3))
+    e = json.loads(raw)["error"]
+    assert status == 400 and e["param"] == "n" and "--max-num-seqs" in e["message"]
+    assert call(app, body=req(n=2))[0] == 200
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "none", "required"])
+def test_a_tool_schema_the_grammar_cannot_take_is_a_400_whatever_the_choice(app, engine,
+                                                                           tool_choice):
+    bad = {"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}
+    status, _, raw = call(app, body=req(tools=[*TOOLS, bad], tool_choice=tool_choice))
+    e = json.loads(raw)["error"]
+    assert status == 400 and e["param"] == "tools[1].function.parameters", e
+    assert "nonsense" in e["message"] and "%json" not in e["message"]  # not the grammar
+    assert not engine.requests
+
+
+def test_a_bad_json_schema_names_the_schema(app, engine):
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    status, _, raw = call(app, body=req(response_format=rf))
+    assert status == 400
+    assert json.loads(raw)["error"]["param"] == "response_format.json_schema.schema"
+
+
+def http_exchange(server, request: bytes, body: bytes = b"") -> tuple[bytes, dict]:
+    """Send raw request bytes (then `body`), read until the server closes: (head, JSON body)."""
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        s.sendall(request)
+        reply = b""
+        if body:
+            reply = s.recv(4096)  # an interim 100 Continue, or a final answer
+            s.sendall(body)
+        while chunk := s.recv(65536):
+            reply += chunk
+    interim, _, rest = reply.partition(b"\r\n\r\n") if reply.startswith(b"HTTP/1.1 100") \
+        else (b"", b"", reply)
+    head, _, data = rest.partition(b"\r\n\r\n") if rest.startswith(b"HTTP/") else (b"", b"", rest)
+    return interim + b"|" + head, json.loads(data) if data else {}
+
+
+def test_http_level_refusals_are_openai_errors_not_html(app):
+    with http_server(app) as server:
+        head, e = http_exchange(server, b"GET /health x HTTP/1.1\r\n\r\n")
+        assert b" 400 " in head and b"application/json" in head and e["error"]["message"]
+        # One word is HTTP/0.9 to http.server: a bare body, no status line; still JSON.
+        head, e = http_exchange(server, b"GARBAGE\r\n\r\n")
+        assert head == b"|" and "GARBAGE" in e["error"]["message"]
+        many = b"".join(b"X-H%d: 1\r\n" % i for i in range(120))
+        head, e = http_exchange(server, b"GET /health HTTP/1.1\r\n" + many + b"\r\n")
+        assert b" 431 " in head and e["error"]["message"]
+        head, e = http_exchange(server, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")
+        assert b" 414 " in head and e["error"]["message"]
+
+
+def test_expect_100_continue_is_answered_before_the_body(app, engine):
+    body = json.dumps(req(max_tokens=3)).encode()
+    with http_server(app) as server:
+        head, reply = http_exchange(
+            server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Authorization: Bearer sekrit\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body), body)
+    assert head.startswith(b"HTTP/1.1 100 Continue|") and b" 200 " in head
+    assert reply["choices"][0]["message"]["content"] == "Hello world"
 
 
 def test_kv_cache_bytes_matches_init_cache():
