@@ -363,7 +363,8 @@ class App:
             length = int(environ["CONTENT_LENGTH"])
         except ValueError:
             raise protocol.invalid_request("Invalid Content-Length header") from None
-        if length > self.max_body_bytes:  # checked before reading a byte of the body
+        if length > self.max_body_bytes:  # checked before keeping a byte of the body
+            _discard(environ["wsgi.input"], length)
             raise protocol.payload_too_large(self.max_body_bytes)
         try:
             raw = environ["wsgi.input"].read(length) if length > 0 else b""
@@ -595,6 +596,22 @@ def _parse_json(raw: bytes) -> Any:
         raise protocol.malformed_json(str(e)) from None
     except RecursionError:  # [[[[... deeper than the parser's stack
         raise protocol.malformed_json("it nests too deeply") from None
+
+
+# An oversized body is read and dropped up to this size before the 413 goes out: clients that
+# send the whole body before reading (Python's http.client, requests) would otherwise get a
+# broken pipe instead of the answer. Beyond it the connection is closed unread.
+DISCARD_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _discard(stream: Any, length: int) -> None:
+    if length > DISCARD_MAX_BYTES:
+        return
+    try:
+        while length > 0 and (data := stream.read(min(length, 1 << 20))):
+            length -= len(data)
+    except OSError:  # timed out or reset: the 413 is all that is left to send
+        pass
 
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")

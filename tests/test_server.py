@@ -682,6 +682,22 @@ def test_http_level_refusals_are_openai_errors_not_html(app):
         assert b" 414 " in head and e["error"]["message"]
 
 
+def test_a_client_that_sends_an_oversized_body_first_still_reads_the_413(app):
+    """http.client (and requests) send the whole body before reading the answer: the server
+    reads and drops it, so they get the 413 and not a broken pipe."""
+    import http.client
+
+    body = b'{"model": "x", "pad": "' + b"a" * (5 << 20) + b'"}'
+    with http_server(app) as server:
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=20)
+        conn.request("POST", "/v1/chat/completions", body,
+                     {"Content-Type": "application/json", "Authorization": "Bearer sekrit"})
+        reply = conn.getresponse()
+        assert reply.status == 413
+        assert json.loads(reply.read())["error"]["code"] == "payload_too_large"
+        conn.close()
+
+
 def test_expect_100_continue_is_answered_before_the_body(app, engine):
     body = json.dumps(req(max_tokens=3)).encode()
     with http_server(app) as server:
