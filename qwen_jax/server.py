@@ -714,10 +714,15 @@ class _QuietHandler(WSGIRequestHandler):
     def get_environ(self) -> dict[str, Any]:
         environ = super().get_environ()
         environ[CLIENT_GONE] = partial(_socket_closed, self.connection)
+        if self.headers.get("Content-Type") is None:
+            environ["CONTENT_TYPE"] = ""  # wsgiref fills in text/plain; say it was missing
         return environ
 
     def parse_request(self) -> bool:
         if not super().parse_request():
+            return False
+        if len(set(self.headers.get_all("Content-Length", []))) > 1:  # RFC 9112 6.3: ambiguous
+            self.send_error(HTTPStatus.BAD_REQUEST, "Conflicting Content-Length headers")
             return False
         # An HTTP/1.1 client that asks before sending a large body (curl does above 1 MiB) would
         # otherwise wait a second for this answer; http.server sends it only when it speaks 1.1.

@@ -682,6 +682,19 @@ def test_http_level_refusals_are_openai_errors_not_html(app):
         assert b" 414 " in head and e["error"]["message"]
 
 
+def test_framing_and_content_type_problems_are_named(app, engine):
+    body = json.dumps(req()).encode()
+    post = b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer sekrit\r\n"
+    with http_server(app) as server:
+        head, e = http_exchange(server, post + b"Content-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nContent-Length: 5\r\n\r\n" % len(body)
+                                + body)
+        assert b" 400 " in head and "Content-Length" in e["error"]["message"]
+        head, e = http_exchange(server, post + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert b" 415 " in head and "(none)" in e["error"]["message"]
+    assert not engine.requests
+
+
 def test_a_client_that_sends_an_oversized_body_first_still_reads_the_413(app):
     """http.client (and requests) send the whole body before reading the answer: the server
     reads and drops it, so they get the 413 and not a broken pipe."""
