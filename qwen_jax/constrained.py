@@ -89,30 +89,20 @@ def _function_parameters(tool: dict) -> dict:
     return params
 
 
-def _call_schema(tool: dict) -> dict:
-    """The JSON object of one Qwen tool call: {"name": <const>, "arguments": <parameters>}."""
-    return {
-        "type": "object",
-        "properties": {
-            "name": {"const": tool["function"]["name"]},
-            "arguments": _function_parameters(tool),
-        },
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
-
-
 def tool_call_lark(tools: list[dict], *, several: bool) -> str:
-    """Lark grammar (llguidance dialect) for one or more Qwen `<tool_call>` blocks."""
-    schema = {"anyOf": [_call_schema(t) for t in tools], "x-guidance": JSON_OPTIONS}
-    start = 'start: call ("\\n" call)*' if several else "start: call"
-    return "\n".join(
-        [
-            start,
-            'call: <tool_call> "\\n" body "\\n" </tool_call>',
-            "body: %json " + json.dumps(schema),
-        ]
-    )
+    """Lark grammar (llguidance dialect) for one or more Qwen `<tool_call>` blocks.
+
+    The JSON around the arguments (`{"name": "<fn>", "arguments": ` ... `}`) is literal text, and
+    each function's parameters are a JSON schema of their own, so their `$ref`s ("#/$defs/...",
+    "#") resolve against the parameters as the user wrote them (as pydantic writes them)."""
+    lines = ['start: call ("\\n" call)*' if several else "start: call",
+             'call: <tool_call> "\\n" body "\\n" </tool_call>',
+             "body: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+    for i, tool in enumerate(tools):
+        head = json.dumps(f'{{"name": {json.dumps(tool["function"]["name"])}, "arguments": ')
+        schema = {"x-guidance": JSON_OPTIONS, **_function_parameters(tool)}  # theirs win
+        lines += [f'call_{i}: {head} args_{i} "}}"', f"args_{i}: %json {json.dumps(schema)}"]
+    return "\n".join(lines)
 
 
 def grammar_for(
@@ -194,8 +184,9 @@ def make_constraint(
 ) -> GrammarConstraint:
     """Compile `grammar` for this tokenizer; a bad grammar raises ConstraintError (-> HTTP 400)."""
     matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
-    if matcher.is_error():
-        raise ConstraintError(f"cannot build the grammar: {matcher.get_error()}", param)
+    if matcher.is_error():  # its first line; the grammar's listing follows it
+        first = (matcher.get_error().strip().splitlines() or ["unknown error"])[0]
+        raise ConstraintError(f"cannot build the grammar: {first}", param)
     return GrammarConstraint(matcher, ll_tokenizer.vocab_size)
 
 

@@ -31,7 +31,8 @@ block; each call is sent as a header delta (index, id, type, name, empty argumen
 one arguments delta, which is what OpenAI clients reassemble.
 
 `MarkupSplitter` tells the message text from the markup in a stream, so that stop strings are
-matched in the text only (server.py): a stop string such as "\n" must not cut a call in half.
+matched in the text only (server.py): a stop string such as "\n" must not cut a call in half,
+nor end parallel calls at the newline between them.
 """
 
 from __future__ import annotations
@@ -244,39 +245,54 @@ class StreamingToolCallParser:
 
 
 class MarkupSplitter:
-    """Streamed text -> pieces `(is_markup, text)`: message text, or tool-call markup (a whole
-    `<tool_call>` ... `</tool_call>` block, tags included, possibly in several pieces).
+    """Streamed text -> pieces `(is_markup, text)`: message text, or tool-call markup: a whole
+    `<tool_call>` ... `</tool_call>` block, tags included, with the whitespace touching it (the
+    newline between parallel calls; whitespace the content drops anyway), in one or more pieces.
 
-    Holds back only a possible prefix of the next tag, so the pieces concatenate to the input.
+    Holds back only a possible prefix of the next tag and the whitespace before it, so the
+    pieces concatenate to the input.
     """
 
     def __init__(self) -> None:
         self._buf = ""
         self._in_block = False
+        self._after_block = False  # whitespace here still touches the block that just ended
 
     def feed(self, text: str) -> list[tuple[bool, str]]:
         self._buf += text
         out: list[tuple[bool, str]] = []
-        while True:
-            tag = END if self._in_block else START
-            at = self._buf.find(tag)
-            if at < 0:
-                cut = len(self._buf) - _partial_tag_len(self._buf, tag)
-                if cut:
-                    out.append((self._in_block, self._buf[:cut]))
-                self._buf = self._buf[cut:]
+        while self._buf:
+            if self._in_block:
+                at = self._buf.find(END)
+                if at < 0:
+                    self._emit(out, True, len(self._buf) - _partial_tag_len(self._buf, END))
+                    return out
+                self._emit(out, True, at + len(END))
+                self._in_block, self._after_block = False, True
+                continue
+            if self._after_block:
+                self._emit(out, True, len(self._buf) - len(self._buf.lstrip()))
+                if not self._buf:
+                    return out
+                self._after_block = False
+            at = self._buf.find(START)
+            if at < 0:  # hold back a possible tag and the whitespace before it
+                cut = len(self._buf) - _partial_tag_len(self._buf, START)
+                self._emit(out, False, len(self._buf[:cut].rstrip()))
                 return out
-            if at and not self._in_block:
-                out.append((False, self._buf[:at]))
-                self._buf = self._buf[at:]
-                at = 0
-            end = at + len(tag)
-            out.append((True, self._buf[:end]))
-            self._buf = self._buf[end:]
-            self._in_block = not self._in_block
+            text_end = len(self._buf[:at].rstrip())
+            self._emit(out, False, text_end)
+            self._emit(out, True, at - text_end + len(START))
+            self._in_block = True
+        return out
 
     def finish(self) -> list[tuple[bool, str]]:
-        """The held-back rest (text, or the inside of a block left open)."""
-        out = [(self._in_block, self._buf)] if self._buf else []
+        """The held-back rest: text, whitespace after a block, or the inside of an open one."""
+        out = [(self._in_block or self._after_block, self._buf)] if self._buf else []
         self._buf = ""
         return out
+
+    def _emit(self, out: list[tuple[bool, str]], is_markup: bool, n: int) -> None:
+        if n:
+            out.append((is_markup, self._buf[:n]))
+            self._buf = self._buf[n:]

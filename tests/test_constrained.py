@@ -231,6 +231,39 @@ def test_required_without_parallel_makes_one_call(ll_tok, qwen_tokenizer):
     assert text == '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>'
 
 
+# As pydantic writes parameters: definitions under $defs, referred to from the root.
+PICK = {"type": "function", "function": {"name": "pick", "parameters": {
+    "$defs": {"Color": {"type": "string", "enum": ["red", "blue"]},
+              "Box": {"type": "object", "properties": {"color": {"$ref": "#/$defs/Color"}},
+                      "required": ["color"], "additionalProperties": False}},
+    "type": "object", "properties": {"box": {"$ref": "#/$defs/Box"}},
+    "required": ["box"], "additionalProperties": False}}}
+# A recursive schema: "#" is the parameters themselves.
+TREE = {"type": "function", "function": {"name": "tree", "parameters": {
+    "type": "object", "properties": {"leaf": {"type": "boolean"}, "child": {"$ref": "#"}},
+    "required": ["leaf"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_forced_calls_resolve_refs_against_the_tools_own_parameters(ll_tok, qwen_tokenizer,
+                                                                    seed):
+    """`$ref`s in parameters point into the parameters (not into a schema wrapped around
+    them): with `tool_choice` required every call validates against the user's schema."""
+    tools = [PICK, TREE]
+    text, ended = run_random(make_constraint(ll_tok, grammar_for(None, tools, "required")),
+                             qwen_tokenizer, seed)
+    assert ended, text
+    for call in parse_calls(text):
+        params = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+        assert set(call) == {"name", "arguments"}
+        jsonschema.validate(call["arguments"], params[call["name"]])
+        if call["name"] == "tree":  # the recursion is the tree's, not a nested call object
+            node = call["arguments"]
+            while "child" in node:
+                assert set(node) <= {"leaf", "child"}
+                node = node["child"]
+
+
 def test_tool_call_tags_are_single_tokens(ll_tok, qwen_tokenizer):
     # The grammar asks for the model's own <tool_call> token, not the text spelled out.
     c = make_constraint(ll_tok, grammar_for(None, [WEATHER], "required"))

@@ -187,7 +187,8 @@ def test_disconnect_cancels_the_request(app, engine):
     assert engine.handles[0].cancelled == [None]
 
 
-TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+         for n in ("f", "g")]
 CALL_TEXT = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
 
 
@@ -244,9 +245,12 @@ CALL = '<tool_call>\n{"name": "f", "arguments": {"x": "a\\nb}"}}\n</tool_call>'
 @pytest.mark.parametrize("text, stop, expected", [
     # Stop strings inside a call's markup do not cut it ...
     (CALL, ["\n", "}", "<", "tool"], (None, [("f", {"x": "a\nb}"})], "tool_calls")),
+    # ... nor in the whitespace around it (the newline between parallel calls) ...
+    ("Hi\n" + CALL + "\n" + CALL.replace('"f"', '"g"') + "\n", ["\n"],
+     ("Hi", [("f", {"x": "a\nb}"}), ("g", {"x": "a\nb}"})], "tool_calls")),
     # ... they end the message text around it.
     ("Hi\nthere " + CALL, ["\n"], ("Hi", [], "stop")),
-    (CALL + "\nDone", ["\n"], (None, [("f", {"x": "a\nb}"})], "tool_calls")),
+    (CALL + "\nDone\nMore", ["\n"], ("Done", [("f", {"x": "a\nb}"})], "tool_calls")),
     (CALL + " Done. More", [". "], ("Done", [("f", {"x": "a\nb}"})], "tool_calls")),
     # A stop string's start held back before a tag is released, not lost.
     ("ok <" + CALL[1:], ["<tool_x", "ok <a"], ("ok", [("f", {"x": "a\nb}"})], "tool_calls")),
@@ -636,11 +640,11 @@ def test_n_above_the_servers_rows_names_n(app, engine):
 @pytest.mark.parametrize("tool_choice", ["auto", "none", "required"])
 def test_a_tool_schema_the_grammar_cannot_take_is_a_400_whatever_the_choice(app, engine,
                                                                            tool_choice):
-    bad = {"type": "function", "function": {"name": "g", "parameters": {
+    bad = {"type": "function", "function": {"name": "h", "parameters": {
         "type": "object", "properties": {"a": {"type": "nonsense"}}}}}
     status, _, raw = call(app, body=req(tools=[*TOOLS, bad], tool_choice=tool_choice))
     e = json.loads(raw)["error"]
-    assert status == 400 and e["param"] == "tools[1].function.parameters", e
+    assert status == 400 and e["param"] == "tools[2].function.parameters", e
     assert "nonsense" in e["message"] and "%json" not in e["message"]  # not the grammar
     assert not engine.requests
 

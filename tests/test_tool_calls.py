@@ -227,36 +227,43 @@ def test_stream_malformed_block_at_finish_falls_back_to_content():
 def split_markup(chunks):
     """Run MarkupSplitter; merge neighbouring pieces of a kind into [(is_markup, text)]."""
     splitter = MarkupSplitter()
-    merged: list[tuple[bool, str]] = []
     pieces = [p for chunk in chunks for p in splitter.feed(chunk)] + splitter.finish()
+    assert all(text for _, text in pieces), pieces  # no empty pieces
+    return merge(pieces)
+
+
+def merge(pieces):
+    merged: list[tuple[bool, str]] = []
     for is_markup, text in pieces:
-        assert text, pieces  # no empty pieces
-        block_closed = is_markup and merged and merged[-1][1].endswith(END)
-        if merged and merged[-1][0] == is_markup and not block_closed:
+        if merged and merged[-1][0] == is_markup:
             merged[-1] = (is_markup, merged[-1][1] + text)
-        else:
+        elif text:
             merged.append((is_markup, text))
     return merged
+
+
+# Markup: a block (to its end tag, or to the end of the text) and the whitespace touching it.
+_MARKUP = re.compile(f"(\\s*{re.escape(START)}.*?(?:{re.escape(END)}\\s*|\\Z))", re.DOTALL)
 
 
 @settings(max_examples=300, deadline=None)
 @given(text=_texts, cuts=st.lists(st.integers(0, 400), max_size=20))
 def test_markup_splitter_finds_the_blocks_parse_finds(text, cuts):
-    """Pieces concatenate to the input; the markup pieces are exactly the blocks of the
-    per-block rule (<tool_call> to </tool_call> or the end), for any split of the stream."""
-    blocks = re.split(f"({re.escape(START)}.*?(?:{re.escape(END)}|\\Z))", text, flags=re.DOTALL)
-    expected = [(i % 2 == 1, piece) for i, piece in enumerate(blocks) if piece]
+    """Pieces concatenate to the input; the markup is exactly the blocks of the per-block rule
+    (<tool_call> to </tool_call> or the end) and the whitespace around them, for any split."""
+    expected = merge((i % 2 == 1, piece) for i, piece in enumerate(_MARKUP.split(text)))
     assert split_markup(_split(text, cuts)) == expected
     assert split_markup(list(text)) == expected
 
 
-def test_markup_splitter_holds_back_only_a_possible_tag():
+def test_markup_splitter_holds_back_only_a_possible_tag_and_whitespace_before_it():
     splitter = MarkupSplitter()
-    assert splitter.feed("a\n<tool") == [(False, "a\n")]
-    assert splitter.feed("_call>{x}</tool_") == [(True, "<tool_call>"), (True, "{x}")]
-    assert splitter.feed("call>b") == [(True, "</tool_call>"), (False, "b")]
-    assert splitter.feed("<tool_x") == [(False, "<tool_x")]
-    assert splitter.finish() == []
+    assert splitter.feed("a\n<tool") == [(False, "a")]
+    assert splitter.feed("_call>{x}</tool_") == [(True, "\n<tool_call>"), (True, "{x}")]
+    assert splitter.feed("call>\n") == [(True, "</tool_call>"), (True, "\n")]
+    assert splitter.feed(" b <tool_x") == [(True, " "), (False, "b <tool_x")]
+    assert splitter.feed(" \n") == []
+    assert splitter.finish() == [(False, " \n")]  # trailing whitespace of the text
 
 
 # -- round trip through the chat template -------------------------------------------------------
