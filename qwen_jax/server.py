@@ -415,7 +415,8 @@ class App:
             raise protocol.queue_full() from None
         except ValueError as e:  # the engine's own checks (should have been caught above)
             raise protocol.invalid_request(str(e)) from None
-        states = [self._choice_state(i, req, tools) for i in range(req.n)]
+        states = [self._choice_state(i, req, tools, constraints is not None)
+                  for i in range(req.n)]
         cid, created = responses.new_completion_id(), int(time.time())
         if req.stream:
             return 200, [], self._stream(handle, states, req, cid, created, len(prompt_ids), meta)
@@ -446,12 +447,14 @@ class App:
         except ConstraintError as e:
             raise protocol.invalid_request(str(e), e.param) from None
 
-    def _choice_state(self, index: int, req, tools) -> ChoiceState:
+    def _choice_state(self, index: int, req, tools, constrained: bool) -> ChoiceState:
         parse_tools = bool(tools) and req.tool_choice != "none"
         return ChoiceState(
             index=index,
             detok=self.tokenizer.detokenizer(skip_special_tokens=True),
-            stops=StopStringMatcher(req.stop),
+            # Grammar-constrained output (JSON modes, forced calls) ends where its grammar does:
+            # a stop string would cut it short and still say "stop", as if it were complete.
+            stops=StopStringMatcher(() if constrained else req.stop),
             tool_parser=StreamingToolCallParser(tools) if parse_tools else None,
             markup=MarkupSplitter() if parse_tools else None,
             eos_ids=self.eos_ids,

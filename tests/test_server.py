@@ -262,6 +262,35 @@ def test_stop_strings_are_not_matched_inside_tool_call_markup(app, engine, text,
     assert whole == streamed == expected
 
 
+@pytest.mark.parametrize("fmt", [
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}}}},
+    {"tools": TOOLS, "tool_choice": "required"},
+])
+def test_stop_strings_do_not_cut_grammar_constrained_output(app, engine, fmt):
+    """JSON modes and forced calls end where their grammar does: "stop" means complete."""
+    engine.texts = ['{"a": 1, "b": "x, y"}' if "response_format" in fmt else CALL]
+    stop = [",", " ", "}", "\n", "<"]
+    for stream in (False, True):
+        raw = call(app, body=req(stop=stop, stream=stream, **fmt))[2]
+        if stream:
+            events = sse(raw)
+            content = streamed_content(events)[0]
+            calls = [t for ev in events[:-1] for c in ev["choices"]
+                     for t in c["delta"].get("tool_calls") or []]
+        else:
+            message = json.loads(raw)["choices"][0]["message"]
+            content, calls = message["content"] or "", message.get("tool_calls") or []
+        if "response_format" in fmt:
+            assert json.loads(content) == {"a": 1, "b": "x, y"}
+        else:
+            assert content == "" and calls
+    engine.texts = ['{"a": 1, "b": "x, y"}']  # without a grammar the same stop cuts the text
+    assert json.loads(call(app, body=req(stop=stop))[2])["choices"][0]["message"]["content"] \
+        == '{"a":'
+
+
 def test_a_tool_call_cut_off_by_max_tokens_leaves_no_markup(app, engine):
     """Forced or not, half a call is neither a call nor content (finish_reason tells why)."""
     engine.finish = "length"
