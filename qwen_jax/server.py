@@ -34,6 +34,7 @@ from functools import lru_cache, partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from qwen_jax import protocol, responses
@@ -204,8 +205,10 @@ class ChoiceState:
         self.finish_reason = reason
         return deltas
 
-    def take_logprobs(self) -> dict | None:
-        if not self.want_logprobs:
+    def take_logprobs(self, null_if_none: bool = False) -> dict | None:
+        """The logprobs of the tokens since the last call (a stream chunk's: None when there
+        are none, as on a chunk that only ends the choice)."""
+        if not self.want_logprobs or (null_if_none and not self.logprob_entries):
             return None
         entries, self.logprob_entries = self.logprob_entries, []
         return responses.logprobs_content(entries)
@@ -245,6 +248,8 @@ class App:
         t0 = time.perf_counter()
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "") or "/"
+        if path.startswith(("http://", "https://")):  # absolute-form target (RFC 9112 3.2.2)
+            path = urlsplit(path).path or "/"
         meta: dict[str, Any] = {"prompt": 0, "completion": 0}
         try:
             status, headers, body = self._dispatch(environ, method, path, meta)
@@ -355,6 +360,7 @@ class App:
                 raise protocol.invalid_request(
                     f"Unsupported Transfer-Encoding {encoding!r}: send the body as is (with a "
                     "Content-Length) or chunked.")
+            environ.get(SEND_CONTINUE, _nothing)()
             raw = _read_chunked(environ["wsgi.input"], self.max_body_bytes)
             return _parse_json(raw)
         if not environ.get("CONTENT_LENGTH"):
@@ -362,10 +368,14 @@ class App:
         try:
             length = int(environ["CONTENT_LENGTH"])
         except ValueError:
-            raise protocol.invalid_request("Invalid Content-Length header") from None
+            length = -1
+        if length < 0:
+            raise protocol.invalid_request("Invalid Content-Length header.")
         if length > self.max_body_bytes:  # checked before keeping a byte of the body
-            _discard(environ["wsgi.input"], length)
+            if SEND_CONTINUE not in environ:  # else the client waits, and sends nothing
+                _discard(environ["wsgi.input"], length)
             raise protocol.payload_too_large(self.max_body_bytes)
+        environ.get(SEND_CONTINUE, _nothing)()
         try:
             raw = environ["wsgi.input"].read(length) if length > 0 else b""
         except OSError:  # the socket timed out (SOCKET_TIMEOUT_S) or was reset mid-body
@@ -518,13 +528,14 @@ class App:
                                                                 "content": ""})])
             for st, deltas, finished in self._drive(handle, states):
                 for d in deltas:
-                    yield event([responses.chunk_choice(st.index, d, None, st.take_logprobs())])
+                    yield event([responses.chunk_choice(st.index, d, None,
+                                                        st.take_logprobs(null_if_none=True))])
                 if finished:
                     if st.error:
                         yield responses.sse_event(protocol.server_error().to_dict())
                         break
                     yield event([responses.chunk_choice(st.index, {}, st.finish_reason,
-                                                        st.take_logprobs())])
+                                                        st.take_logprobs(null_if_none=True))])
             else:
                 meta["completion"] = sum(st.completion_tokens for st in states)
                 if req.include_usage:
@@ -533,11 +544,20 @@ class App:
         finally:
             # Also runs on GeneratorExit when the client disconnects: free the rows at once.
             handle.cancel()
+            meta["completion"] = sum(st.completion_tokens for st in states)  # for the log line
 
 
 # The environ key of a callable that says whether the client has closed its connection (set
 # by make_server's handler; other WSGI servers leave it out and nothing watches).
 CLIENT_GONE = "qwen_jax.client_gone"
+# The environ key of a callable that sends "100 Continue" (make_server's handler sets it when
+# the client asked with `Expect: 100-continue`): called once the body is wanted, after the
+# checks that could refuse the request without it.
+SEND_CONTINUE = "qwen_jax.send_continue"
+
+
+def _nothing() -> None:
+    pass
 CLIENT_POLL_S = 0.25
 
 
@@ -624,7 +644,7 @@ _MAX_TRAILER_LINES = 64
 def _read_chunked(stream: Any, limit: int) -> bytes:
     """A `Transfer-Encoding: chunked` body (RFC 9112 7.1), at most `limit` bytes; wsgiref leaves
     the decoding to the application. Chunk extensions and trailer fields are read and ignored."""
-    body = bytearray()
+    body, total = bytearray(), 0
     try:
         while True:
             line = stream.readline(1024)
@@ -634,17 +654,21 @@ def _read_chunked(stream: Any, limit: int) -> bytes:
             size = int(size_text, 16)
             if size == 0:
                 break
-            if len(body) + size > limit:
+            total += size
+            if total > DISCARD_MAX_BYTES:  # too large to read even to drop it: stop here
                 raise protocol.payload_too_large(limit)
             data = stream.read(size)
             if len(data) < size or stream.readline(3) not in (b"\r\n", b"\n"):
                 raise protocol.invalid_request("Malformed chunked request body.")
-            body += data
+            if total <= limit:  # past the limit, read on only to drop (see DISCARD_MAX_BYTES)
+                body += data
         for _ in range(_MAX_TRAILER_LINES):  # trailer fields, up to an empty line
             if stream.readline(8192) in (b"\r\n", b"\n", b""):
                 break
     except OSError:  # timed out (SOCKET_TIMEOUT_S) or reset mid-body
         raise protocol.invalid_request("The chunked request body did not arrive in full.") from None
+    if total > limit:
+        raise protocol.payload_too_large(limit)
     return bytes(body)
 
 
@@ -719,7 +743,17 @@ class _QuietHandler(WSGIRequestHandler):
         environ[CLIENT_GONE] = partial(_socket_closed, self.connection)
         if self.headers.get("Content-Type") is None:
             environ["CONTENT_TYPE"] = ""  # wsgiref fills in text/plain; say it was missing
+        # An HTTP/1.1 client that asks before sending its body (curl does above 1 MiB) would
+        # otherwise wait a second for this answer; http.server sends it only when it speaks 1.1.
+        expect = self.headers.get("Expect", "").lower()
+        if expect == "100-continue" and self.request_version >= "HTTP/1.1":
+            environ[SEND_CONTINUE] = self._send_continue
         return environ
+
+    def _send_continue(self) -> None:
+        if not getattr(self, "_continued", False):
+            self._continued = True
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def parse_request(self) -> bool:
         if not super().parse_request():
@@ -727,11 +761,6 @@ class _QuietHandler(WSGIRequestHandler):
         if len(set(self.headers.get_all("Content-Length", []))) > 1:  # RFC 9112 6.3: ambiguous
             self.send_error(HTTPStatus.BAD_REQUEST, "Conflicting Content-Length headers")
             return False
-        # An HTTP/1.1 client that asks before sending a large body (curl does above 1 MiB) would
-        # otherwise wait a second for this answer; http.server sends it only when it speaks 1.1.
-        expect = self.headers.get("Expect", "").lower()
-        if expect == "100-continue" and self.request_version >= "HTTP/1.1":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None
@@ -740,6 +769,12 @@ class _QuietHandler(WSGIRequestHandler):
         or too long headers, a URL over 64 KiB) get an OpenAI error object too, not HTML."""
         short = self.responses.get(code, ("Error", ""))[0]
         body = _json_bytes(protocol.http_error(code, f"{message or short}.").to_dict())
+        log.warning("refused %r: %d %s", getattr(self, "requestline", "")[:200], code,
+                    message or short)
+        if getattr(self, "request_version", "HTTP/0.9") in ("HTTP/0.9", ""):
+            # An unparsable request line leaves http.server at HTTP/0.9, which sends a bare body
+            # without a status line; no such client exists, a broken one needs the status.
+            self.request_version = "HTTP/1.0"
         self.close_connection = True
         self.send_response(code, short)
         self.send_header("Connection", "close")

@@ -179,12 +179,17 @@ def test_stream_shape_n2_and_usage(app, engine):
     assert finals == {0: "stop", 1: "stop"}
 
 
-def test_disconnect_cancels_the_request(app, engine):
+def test_disconnect_cancels_the_request(app, engine, caplog):
+    engine.texts = ["one two three four five six"]
+    caplog.set_level("INFO", "qwen_jax.server")
     got, body = call(app, body=req(stream=True), consume=False)
     it = iter(body)
-    next(it)  # the role chunk: headers are out, the client hangs up now
+    next(it), next(it), next(it)  # the role chunk and two tokens; the client hangs up now
     body.close()
     assert engine.handles[0].cancelled == [None]
+    # The log line counts the tokens generated before the hang-up.
+    (line,) = [r.getMessage() for r in caplog.records if "/v1/chat/completions" in r.getMessage()]
+    assert "completion_tokens=2 " in line, line
 
 
 TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
@@ -319,6 +324,12 @@ def test_logprobs_entries(app, engine, qwen_tokenizer):
     assert len(content) == len(qwen_tokenizer.encode("héllo"))  # EOS has no entry
     assert bytes(b for e in content for b in e["bytes"]).decode() == "héllo"
     assert all(len(e["top_logprobs"]) == 1 and e["logprob"] == -0.5 for e in content)
+    # Streamed: the same entries over the chunks; a chunk without tokens says null.
+    events = sse(call(app, body=req(logprobs=True, top_logprobs=1, stream=True))[2])
+    chunks = [c for ev in events[:-1] for c in ev["choices"]]
+    assert [e for c in chunks if c["logprobs"] for e in c["logprobs"]["content"]] == content
+    assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["logprobs"] is None
+    assert all(c["logprobs"] is None or c["logprobs"]["content"] for c in chunks)
 
 
 def test_errors_map_to_openai_objects(app, engine):
@@ -705,9 +716,11 @@ def test_http_level_refusals_are_openai_errors_not_html(app):
     with http_server(app) as server:
         head, e = http_exchange(server, b"GET /health x HTTP/1.1\r\n\r\n")
         assert b" 400 " in head and b"application/json" in head and e["error"]["message"]
-        # One word is HTTP/0.9 to http.server: a bare body, no status line; still JSON.
+        # One word is HTTP/0.9 to http.server, which would send a bare body: a status line too.
         head, e = http_exchange(server, b"GARBAGE\r\n\r\n")
-        assert head == b"|" and "GARBAGE" in e["error"]["message"]
+        assert head.startswith(b"|HTTP/1.0 400 ") and "GARBAGE" in e["error"]["message"]
+        head, e = http_exchange(server, b"GET /health HTTP/2.0\r\n\r\n")
+        assert head.startswith(b"|HTTP/1.0 505 ") and e["error"]["message"]
         many = b"".join(b"X-H%d: 1\r\n" % i for i in range(120))
         head, e = http_exchange(server, b"GET /health HTTP/1.1\r\n" + many + b"\r\n")
         assert b" 431 " in head and e["error"]["message"]
@@ -728,31 +741,59 @@ def test_framing_and_content_type_problems_are_named(app, engine):
     assert not engine.requests
 
 
-def test_a_client_that_sends_an_oversized_body_first_still_reads_the_413(app):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_client_that_sends_an_oversized_body_first_still_reads_the_413(app, chunked):
     """http.client (and requests) send the whole body before reading the answer: the server
     reads and drops it, so they get the 413 and not a broken pipe."""
     import http.client
 
-    body = b'{"model": "x", "pad": "' + b"a" * (5 << 20) + b'"}'
+    body = b'{"model": "x", "pad": "' + b"a" * (24 << 20) + b'"}'  # more than socket buffers
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sekrit"}
     with http_server(app) as server:
         conn = http.client.HTTPConnection(*server.server_address[:2], timeout=20)
-        conn.request("POST", "/v1/chat/completions", body,
-                     {"Content-Type": "application/json", "Authorization": "Bearer sekrit"})
+        if chunked:
+            headers["Transfer-Encoding"] = "chunked"
+            pieces = iter([body[i:i + 65536] for i in range(0, len(body), 65536)])
+            conn.request("POST", "/v1/chat/completions", pieces, headers, encode_chunked=True)
+        else:
+            conn.request("POST", "/v1/chat/completions", body, headers)
         reply = conn.getresponse()
         assert reply.status == 413
         assert json.loads(reply.read())["error"]["code"] == "payload_too_large"
         conn.close()
 
 
-def test_expect_100_continue_is_answered_before_the_body(app, engine):
-    body = json.dumps(req(max_tokens=3)).encode()
+def test_odd_but_valid_request_targets_and_lengths(app, engine):
     with http_server(app) as server:
-        head, reply = http_exchange(
-            server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-            b"Authorization: Bearer sekrit\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body), body)
-    assert head.startswith(b"HTTP/1.1 100 Continue|") and b" 200 " in head
-    assert reply["choices"][0]["message"]["content"] == "Hello world"
+        host = "http://{}:{}".format(*server.server_address[:2])
+        head, reply = http_exchange(server, b"GET %s/v1/models HTTP/1.1\r\nAuthorization: "
+                                    b"Bearer sekrit\r\n\r\n" % host.encode())
+        assert b" 200 " in head and reply["data"][0]["id"] == MODEL  # absolute-form target
+        head, e = http_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: "
+                                b"Bearer sekrit\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: -1\r\n\r\n")
+        assert b" 400 " in head and "Content-Length" in e["error"]["message"]
+
+
+def test_expect_100_continue_is_answered_before_the_body(app, engine):
+    """100 Continue once the body is wanted; a request refused without it (no key, too large)
+    gets its final answer at once, and the client need not send the body at all."""
+    body = json.dumps(req(max_tokens=3)).encode()
+
+    def ask(auth=b"Authorization: Bearer sekrit\r\n", length=None):
+        length = len(body) if length is None else length
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                + auth + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length)
+
+    with http_server(app) as server:
+        head, reply = http_exchange(server, ask(), body)
+        assert head.startswith(b"HTTP/1.1 100 Continue|") and b" 200 " in head
+        assert reply["choices"][0]["message"]["content"] == "Hello world"
+        t0 = time.monotonic()
+        for request, status in [(ask(auth=b""), b" 401 "), (ask(length=10**7), b" 413 ")]:
+            head, reply = http_exchange(server, request)  # sends no body: waits for the answer
+            assert head.startswith(b"|HTTP/1.0" + status) and reply["error"], head
+        assert time.monotonic() - t0 < 5  # answered, not left waiting for a body
 
 
 def test_kv_cache_bytes_matches_init_cache():
