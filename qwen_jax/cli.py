@@ -41,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         "'local' (default: localhost, 127.0.0.1, [::1], any port), origins such as "
         "http://192.168.1.5:3000, or '*' for any (vLLM's default)",
     )
-    serve.add_argument("--max-model-len", type=int, default=None)
-    serve.add_argument("--max-num-seqs", type=int, default=8, help="rows in the running batch")
-    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="tokens per sequence, prompt and reply (default: the model's "
+                       "context, at most 8192; 4096 for the demo model)")
+    serve.add_argument("--max-num-seqs", type=int, default=8,
+                       help="rows in the running batch (default: %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="waiting requests before 429 (default: %(default)s)")
     serve.add_argument(
         "--steps-per-call", type=int, default=None,
         help="decode steps per device call (default: 8 on an accelerator, where it saves host "
@@ -84,8 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None)
     gen.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     gen.add_argument("--quantize", choices=["none", "int8"], default="none", help=QUANTIZE_HELP)
-    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--max-tokens", type=_positive_int, default=64,
+                     help="at most this many tokens (default: %(default)s)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -826,14 +826,15 @@ def resolve_model(model: str | None) -> LoadedModel:
     return LoadedModel(path, hub.served_name_for(path), False)
 
 
-def _demo_banner(model_arg: str | None) -> str:
+def _demo_banner(model_arg: str | None, serving: bool = True) -> str:
     from qwen_jax import hub
 
     why = "no --model given and Qwen2.5-7B-Instruct is not in the local HF cache; " if (
         model_arg is None) else ""
+    what = "serving random weights" if serving else "random weights"
     return (
         "=" * 78 + "\n"
-        f"  DEMO MODEL: {why}serving random weights.\n"
+        f"  DEMO MODEL: {why}{what}.\n"
         "  Its output is NOISE (the tokenizer and chat template are real).\n"
         "  To serve real weights:\n"
         f"      {hub.download_command(hub.DEFAULT_MODEL_ID)}\n"
@@ -1000,14 +1001,19 @@ def generate_once(args: Any) -> int:
         return 2
     model, cfg, params, tokenizer, dtype = loaded
     if model.is_demo:
-        print(_demo_banner(args.model), file=sys.stderr)
+        print(_demo_banner(args.model, serving=False), file=sys.stderr)
     ids = tokenizer.encode(render_chat([{"role": "user", "content": args.prompt}]))
-    max_len = min(cfg.max_position_embeddings, len(ids) + args.max_tokens + 1)
+    context = cfg.max_position_embeddings
+    if len(ids) >= context:
+        return _fail(f"the prompt is {len(ids)} tokens; the model's context is {context}, "
+                     "which leaves no room for a reply")
+    max_tokens = min(args.max_tokens, context - len(ids))  # as the server clamps it
+    max_len = min(context, len(ids) + max_tokens + 1)
     engine = Engine(params, cfg, max_slots=1, max_len=max_len, vocab_limit=tokenizer.vocab_size)
     try:
         handle = engine.submit(GenerationRequest(
             prompt_ids=tuple(ids), sampling=SamplingParams(temperature=0.0),
-            max_tokens=args.max_tokens, stop_token_ids=tuple(tokenizer.eos_token_ids)))
+            max_tokens=max_tokens, stop_token_ids=tuple(tokenizer.eos_token_ids)))
         detok = tokenizer.detokenizer(skip_special_tokens=True)
         for ev in handle.events():
             if ev.token is not None and ev.token not in tokenizer.eos_token_ids:

@@ -118,3 +118,21 @@ def test_serve_and_generate_load_int8_weights_when_asked(demo_dir, monkeypatch, 
     assert is_quantized(params) == (quantize == "int8")
     if quantize == "int8":
         assert args.dtype == "bfloat16" and params.final_norm.dtype == "bfloat16"
+
+
+def test_generate_cli_refuses_bad_input_with_one_line(demo_dir, monkeypatch, capsys):
+    """No traceback: a max_tokens below 1 is argparse's error, a prompt that fills the
+    context is a one-line error; both exit 2."""
+    from qwen_jax import cli
+    from qwen_jax.config import PRESETS
+
+    monkeypatch.setenv("QWEN_JAX_CACHE", str(demo_dir.parent))
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["generate", "hi", "--model", "demo", "--max-tokens", bad])
+        assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    context = PRESETS["demo"].max_position_embeddings
+    code = cli.main(["generate", " a" * context, "--model", "demo", "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"the model's context is {context}" in err
+    assert err.count("\n") <= 12 and "Traceback" not in err  # the banner and one error line
