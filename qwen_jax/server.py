@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server: a plain WSGI app plus a threaded wsgiref server.
+"""The OpenAI-compatible HTTP server: a plain WSGI app (over httpd.py's threaded wsgiref server)
+and the `serve` / `generate` commands.
 
 Request path: body -> protocol.validate_chat_request -> chat_template.render_chat -> tokenize ->
 protocol.resolve_max_tokens -> engine.submit -> token events -> per-choice text pipeline
@@ -20,22 +21,17 @@ import hmac
 import json
 import logging
 import os
-import re
-import select
-import socket
-import socketserver
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import lru_cache
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from qwen_jax import protocol, responses
 from qwen_jax.chat_template import ChatTemplateError, render_chat
@@ -48,6 +44,7 @@ from qwen_jax.constrained import (
 )
 from qwen_jax.cors import LOCAL, CorsPolicy, parse_origins
 from qwen_jax.engine import GenerationRequest, QueueFullError, TokenEvent
+from qwen_jax.httpd import CLIENT_GONE, make_server, read_body
 from qwen_jax.quantize import is_quantized, quantize_option
 from qwen_jax.stop_strings import StopStringMatcher
 from qwen_jax.tool_calls import MarkupSplitter, StreamingToolCallParser, parse_tool_calls
@@ -354,41 +351,7 @@ class App:
         ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise protocol.unsupported_media_type(environ.get("CONTENT_TYPE"))
-        encoding = environ.get("HTTP_TRANSFER_ENCODING", "").strip().lower()
-        if encoding:
-            if encoding != "chunked":
-                raise protocol.invalid_request(
-                    f"Unsupported Transfer-Encoding {encoding!r}: send the body as is (with a "
-                    "Content-Length) or chunked.")
-            environ.get(SEND_CONTINUE, _nothing)()
-            raw = _read_chunked(environ["wsgi.input"], self.max_body_bytes)
-            return _parse_json(raw)
-        if not environ.get("CONTENT_LENGTH"):
-            raise protocol.length_required()
-        try:
-            length = int(environ["CONTENT_LENGTH"])
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise protocol.invalid_request("Invalid Content-Length header.")
-        if length > self.max_body_bytes:  # checked before keeping a byte of the body
-            if SEND_CONTINUE not in environ:  # else the client waits, and sends nothing
-                _discard(environ["wsgi.input"], length)
-            raise protocol.payload_too_large(self.max_body_bytes)
-        environ.get(SEND_CONTINUE, _nothing)()
-        try:
-            raw = environ["wsgi.input"].read(length) if length > 0 else b""
-        except OSError:  # the socket timed out (SOCKET_TIMEOUT_S) or was reset mid-body
-            raise protocol.invalid_request(
-                f"The request body did not arrive in full ({length} bytes announced by "
-                "Content-Length)."
-            ) from None
-        if len(raw) < length:  # the client closed its side early
-            raise protocol.invalid_request(
-                f"The request body has {len(raw)} bytes, fewer than its Content-Length of "
-                f"{length}."
-            )
-        return _parse_json(raw)
+        return _parse_json(read_body(environ, self.max_body_bytes))
 
     # -- chat completions --------------------------------------------------------------------
 
@@ -547,17 +510,6 @@ class App:
             meta["completion"] = sum(st.completion_tokens for st in states)  # for the log line
 
 
-# The environ key of a callable that says whether the client has closed its connection (set
-# by make_server's handler; other WSGI servers leave it out and nothing watches).
-CLIENT_GONE = "qwen_jax.client_gone"
-# The environ key of a callable that sends "100 Continue" (make_server's handler sets it when
-# the client asked with `Expect: 100-continue`): called once the body is wanted, after the
-# checks that could refuse the request without it.
-SEND_CONTINUE = "qwen_jax.send_continue"
-
-
-def _nothing() -> None:
-    pass
 CLIENT_POLL_S = 0.25
 
 
@@ -570,16 +522,6 @@ def _cancel_when_gone(handle, client_gone: Callable[[], bool], done: threading.E
             log.info("client closed the connection: request cancelled")
             handle.cancel()
             return
-
-
-def _socket_closed(sock: socket.socket) -> bool:
-    """Whether the peer has closed (or reset) this connection; data waiting to be read does not
-    count, and is left where it is."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):  # reset, or already closed on our side
-        return True
 
 
 class _EmptyHandle:
@@ -621,57 +563,6 @@ def _parse_json(raw: bytes) -> Any:
         raise protocol.malformed_json("it nests too deeply") from None
 
 
-# An oversized body is read and dropped up to this size before the 413 goes out: clients that
-# send the whole body before reading (Python's http.client, requests) would otherwise get a
-# broken pipe instead of the answer. Beyond it the connection is closed unread.
-DISCARD_MAX_BYTES = 64 * 1024 * 1024
-
-
-def _discard(stream: Any, length: int) -> None:
-    if length > DISCARD_MAX_BYTES:
-        return
-    try:
-        while length > 0 and (data := stream.read(min(length, 1 << 20))):
-            length -= len(data)
-    except OSError:  # timed out or reset: the 413 is all that is left to send
-        pass
-
-
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
-_MAX_TRAILER_LINES = 64
-
-
-def _read_chunked(stream: Any, limit: int) -> bytes:
-    """A `Transfer-Encoding: chunked` body (RFC 9112 7.1), at most `limit` bytes; wsgiref leaves
-    the decoding to the application. Chunk extensions and trailer fields are read and ignored."""
-    body, total = bytearray(), 0
-    try:
-        while True:
-            line = stream.readline(1024)
-            size_text = line.split(b";", 1)[0].strip()
-            if not line.endswith(b"\n") or not _CHUNK_SIZE.fullmatch(size_text):
-                raise protocol.invalid_request("Malformed chunked request body.")
-            size = int(size_text, 16)
-            if size == 0:
-                break
-            total += size
-            if total > DISCARD_MAX_BYTES:  # too large to read even to drop it: stop here
-                raise protocol.payload_too_large(limit)
-            data = stream.read(size)
-            if len(data) < size or stream.readline(3) not in (b"\r\n", b"\n"):
-                raise protocol.invalid_request("Malformed chunked request body.")
-            if total <= limit:  # past the limit, read on only to drop (see DISCARD_MAX_BYTES)
-                body += data
-        for _ in range(_MAX_TRAILER_LINES):  # trailer fields, up to an empty line
-            if stream.readline(8192) in (b"\r\n", b"\n", b""):
-                break
-    except OSError:  # timed out (SOCKET_TIMEOUT_S) or reset mid-body
-        raise protocol.invalid_request("The chunked request body did not arrive in full.") from None
-    if total > limit:
-        raise protocol.payload_too_large(limit)
-    return bytes(body)
-
-
 def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode()
 
@@ -690,107 +581,6 @@ class _LoggedStream:
             self._gen.close()
         finally:
             self._on_close()
-
-
-# ---------------------------------------------------------------------------------------------
-# The threaded HTTP server
-
-
-class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a stuck client never blocks shutdown
-    allow_reuse_address = True
-    # socketserver's default listen backlog is 5: in a burst of 40 clients some connections were
-    # reset or timed out before the accept loop reached them. Queue them (the kernel caps this
-    # at net.core.somaxconn); past the engine's queue they get a 429, not a dead socket.
-    request_queue_size = socket.SOMAXCONN
-
-
-# Seconds a connection may sit without sending or taking a byte: a client that announces a body
-# and never sends it, or stops reading a stream, frees its thread (and a stream's rows) after
-# this instead of holding them for ever. Generating a reply sends nothing for a while and does
-# not count: the clock runs only inside a socket read or write.
-SOCKET_TIMEOUT_S = 60.0
-
-
-class _ErrorLog:
-    """wsgiref's error stream, into the log: a client timing out (SOCKET_TIMEOUT_S) is one
-    warning line, anything else keeps its traceback."""
-
-    def __init__(self, timeout: float) -> None:
-        self._text, self._timeout = "", timeout
-
-    def write(self, text: str) -> None:
-        self._text += text
-
-    def flush(self) -> None:
-        text, self._text = self._text.strip(), ""
-        if text.splitlines() and text.splitlines()[-1].startswith("TimeoutError"):
-            log.warning("client stopped reading or sending for %g s: connection closed",
-                        self._timeout)
-        elif text:
-            log.error("%s", text)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass  # the app logs one line per request itself
-
-    def get_stderr(self) -> _ErrorLog:
-        return _ErrorLog(self.timeout)
-
-    def get_environ(self) -> dict[str, Any]:
-        environ = super().get_environ()
-        environ[CLIENT_GONE] = partial(_socket_closed, self.connection)
-        if self.headers.get("Content-Type") is None:
-            environ["CONTENT_TYPE"] = ""  # wsgiref fills in text/plain; say it was missing
-        # An HTTP/1.1 client that asks before sending its body (curl does above 1 MiB) would
-        # otherwise wait a second for this answer; http.server sends it only when it speaks 1.1.
-        expect = self.headers.get("Expect", "").lower()
-        if expect == "100-continue" and self.request_version >= "HTTP/1.1":
-            environ[SEND_CONTINUE] = self._send_continue
-        return environ
-
-    def _send_continue(self) -> None:
-        if not getattr(self, "_continued", False):
-            self._continued = True
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def parse_request(self) -> bool:
-        if not super().parse_request():
-            return False
-        if len(set(self.headers.get_all("Content-Length", []))) > 1:  # RFC 9112 6.3: ambiguous
-            self.send_error(HTTPStatus.BAD_REQUEST, "Conflicting Content-Length headers")
-            return False
-        return True
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None
-                   ) -> None:
-        """Requests http.server refuses before the app runs (a malformed request line, too many
-        or too long headers, a URL over 64 KiB) get an OpenAI error object too, not HTML."""
-        short = self.responses.get(code, ("Error", ""))[0]
-        body = _json_bytes(protocol.http_error(code, f"{message or short}.").to_dict())
-        log.warning("refused %r: %d %s", getattr(self, "requestline", "")[:200], code,
-                    message or short)
-        if getattr(self, "request_version", "HTTP/0.9") in ("HTTP/0.9", ""):
-            # An unparsable request line leaves http.server at HTTP/0.9, which sends a bare body
-            # without a status line; no such client exists, a broken one needs the status.
-            self.request_version = "HTTP/1.0"
-        self.close_connection = True
-        self.send_response(code, short)
-        self.send_header("Connection", "close")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if getattr(self, "command", None) != "HEAD":
-            self.wfile.write(body)
-
-
-def make_server(app: Callable, host: str, port: int, *,
-                socket_timeout: float = SOCKET_TIMEOUT_S) -> ThreadingWSGIServer:
-    handler = type("Handler", (_QuietHandler,), {"timeout": socket_timeout})
-    server = ThreadingWSGIServer((host, port), handler)
-    server.set_app(app)
-    return server
 
 
 # ---------------------------------------------------------------------------------------------

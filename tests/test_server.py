@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 from qwen_jax import hub
 from qwen_jax.engine import QueueFullError, TokenEvent
-from qwen_jax.server import kv_cache_bytes, make_app, make_server
+from qwen_jax.httpd import make_server
+from qwen_jax.server import kv_cache_bytes, make_app
 
 MODEL = "fake-model"
 

@@ -1,0 +1,247 @@
+"""The HTTP layer under the WSGI app (server.py): a threaded wsgiref server, its request
+handler, and reading a request body.
+
+The standard library's `wsgiref` speaks HTTP/1.0, one request per connection, and leaves some of
+HTTP to the application; this module does that part, so that server.py deals only in requests
+and replies:
+- request bodies: by Content-Length, or chunked (decoded here; neither is a 411); an oversized
+  one (up to DISCARD_MAX_BYTES) is read and dropped so that clients which send it all before
+  reading still get the 413;
+- `Expect: 100-continue` is answered once the app wants the body (SEND_CONTINUE), so a request
+  refused without it gets its answer instead;
+- the app can ask whether the client has gone (CLIENT_GONE), to cancel a reply nobody awaits;
+- what `http.server` refuses before the app runs (a malformed request line, too many or too
+  long headers, a URL over 64 KiB, conflicting Content-Length headers) is an OpenAI error object
+  with a status line, not its HTML page, and a warning in the log;
+- each socket read or write may wait at most SOCKET_TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import select
+import socket
+import socketserver
+from collections.abc import Callable
+from functools import partial
+from http import HTTPStatus
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from qwen_jax import protocol
+
+log = logging.getLogger("qwen_jax.server")  # one log for the server, app and HTTP alike
+
+# The environ key of a callable that says whether the client has closed its connection (set
+# by make_server's handler; other WSGI servers leave it out and nothing watches).
+CLIENT_GONE = "qwen_jax.client_gone"
+# The environ key of a callable that sends "100 Continue" (make_server's handler sets it when
+# the client asked with `Expect: 100-continue`): called once the body is wanted, after the
+# checks that could refuse the request without it.
+SEND_CONTINUE = "qwen_jax.send_continue"
+
+
+def socket_closed(sock: socket.socket) -> bool:
+    """Whether the peer has closed (or reset) this connection; data waiting to be read does not
+    count, and is left where it is."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or already closed on our side
+        return True
+
+
+def read_body(environ: dict[str, Any], limit: int) -> bytes:
+    """The request body, by Content-Length or chunked, at most `limit` bytes; protocol errors
+    (400, 411, 413) otherwise."""
+    send_continue = environ.get(SEND_CONTINUE, _nothing)
+    encoding = environ.get("HTTP_TRANSFER_ENCODING", "").strip().lower()
+    if encoding:
+        if encoding != "chunked":
+            raise protocol.invalid_request(
+                f"Unsupported Transfer-Encoding {encoding!r}: send the body as is (with a "
+                "Content-Length) or chunked.")
+        send_continue()
+        return _read_chunked(environ["wsgi.input"], limit)
+    if not environ.get("CONTENT_LENGTH"):
+        raise protocol.length_required()
+    try:
+        length = int(environ["CONTENT_LENGTH"])
+    except ValueError:
+        length = -1
+    if length < 0:
+        raise protocol.invalid_request("Invalid Content-Length header.")
+    if length > limit:  # checked before keeping a byte of the body
+        if SEND_CONTINUE not in environ:  # else the client waits, and sends nothing
+            _discard(environ["wsgi.input"], length)
+        raise protocol.payload_too_large(limit)
+    send_continue()
+    try:
+        raw = environ["wsgi.input"].read(length) if length > 0 else b""
+    except OSError:  # the socket timed out (SOCKET_TIMEOUT_S) or was reset mid-body
+        raise protocol.invalid_request(
+            f"The request body did not arrive in full ({length} bytes announced by "
+            "Content-Length)."
+        ) from None
+    if len(raw) < length:  # the client closed its side early
+        raise protocol.invalid_request(
+            f"The request body has {len(raw)} bytes, fewer than its Content-Length of {length}."
+        )
+    return raw
+
+
+def _nothing() -> None:
+    pass
+
+
+# An oversized body is read and dropped up to this size before the 413 goes out: clients that
+# send the whole body before reading (Python's http.client, requests) would otherwise get a
+# broken pipe instead of the answer. Beyond it the connection is closed unread.
+DISCARD_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _discard(stream: Any, length: int) -> None:
+    if length > DISCARD_MAX_BYTES:
+        return
+    try:
+        while length > 0 and (data := stream.read(min(length, 1 << 20))):
+            length -= len(data)
+    except OSError:  # timed out or reset: the 413 is all that is left to send
+        pass
+
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+_MAX_TRAILER_LINES = 64
+
+
+def _read_chunked(stream: Any, limit: int) -> bytes:
+    """A `Transfer-Encoding: chunked` body (RFC 9112 7.1), at most `limit` bytes; wsgiref leaves
+    the decoding to the application. Chunk extensions and trailer fields are read and ignored."""
+    body, total = bytearray(), 0
+    try:
+        while True:
+            line = stream.readline(1024)
+            size_text = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not _CHUNK_SIZE.fullmatch(size_text):
+                raise protocol.invalid_request("Malformed chunked request body.")
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            total += size
+            if total > DISCARD_MAX_BYTES:  # too large to read even to drop it: stop here
+                raise protocol.payload_too_large(limit)
+            data = stream.read(size)
+            if len(data) < size or stream.readline(3) not in (b"\r\n", b"\n"):
+                raise protocol.invalid_request("Malformed chunked request body.")
+            if total <= limit:  # past the limit, read on only to drop (see DISCARD_MAX_BYTES)
+                body += data
+        for _ in range(_MAX_TRAILER_LINES):  # trailer fields, up to an empty line
+            if stream.readline(8192) in (b"\r\n", b"\n", b""):
+                break
+    except OSError:  # timed out (SOCKET_TIMEOUT_S) or reset mid-body
+        raise protocol.invalid_request("The chunked request body did not arrive in full.") from None
+    if total > limit:
+        raise protocol.payload_too_large(limit)
+    return bytes(body)
+
+
+class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck client never blocks shutdown
+    allow_reuse_address = True
+    # socketserver's default listen backlog is 5: in a burst of 40 clients some connections were
+    # reset or timed out before the accept loop reached them. Queue them (the kernel caps this
+    # at net.core.somaxconn); past the engine's queue they get a 429, not a dead socket.
+    request_queue_size = socket.SOMAXCONN
+
+
+# Seconds a connection may sit without sending or taking a byte: a client that announces a body
+# and never sends it, or stops reading a stream, frees its thread (and a stream's rows) after
+# this instead of holding them for ever. Generating a reply sends nothing for a while and does
+# not count: the clock runs only inside a socket read or write.
+SOCKET_TIMEOUT_S = 60.0
+
+
+class _ErrorLog:
+    """wsgiref's error stream, into the log: a client timing out (SOCKET_TIMEOUT_S) is one
+    warning line, anything else keeps its traceback."""
+
+    def __init__(self, timeout: float) -> None:
+        self._text, self._timeout = "", timeout
+
+    def write(self, text: str) -> None:
+        self._text += text
+
+    def flush(self) -> None:
+        text, self._text = self._text.strip(), ""
+        if text.splitlines() and text.splitlines()[-1].startswith("TimeoutError"):
+            log.warning("client stopped reading or sending for %g s: connection closed",
+                        self._timeout)
+        elif text:
+            log.error("%s", text)
+
+
+class RequestHandler(WSGIRequestHandler):
+    """wsgiref's handler with what it leaves out (module docstring); one request per
+    connection."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # the app logs one line per request itself
+
+    def get_stderr(self) -> _ErrorLog:
+        return _ErrorLog(self.timeout)
+
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        environ[CLIENT_GONE] = partial(socket_closed, self.connection)
+        if self.headers.get("Content-Type") is None:
+            environ["CONTENT_TYPE"] = ""  # wsgiref fills in text/plain; say it was missing
+        # An HTTP/1.1 client that asks before sending its body (curl does above 1 MiB) would
+        # otherwise wait a second for this answer; http.server sends it only when it speaks 1.1.
+        expect = self.headers.get("Expect", "").lower()
+        if expect == "100-continue" and self.request_version >= "HTTP/1.1":
+            environ[SEND_CONTINUE] = self._send_continue
+        return environ
+
+    def _send_continue(self) -> None:
+        if not getattr(self, "_continued", False):
+            self._continued = True
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if len(set(self.headers.get_all("Content-Length", []))) > 1:  # RFC 9112 6.3: ambiguous
+            self.send_error(HTTPStatus.BAD_REQUEST, "Conflicting Content-Length headers")
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None
+                   ) -> None:
+        """Requests http.server refuses before the app runs (a malformed request line, too many
+        or too long headers, a URL over 64 KiB) get an OpenAI error object too, not HTML."""
+        short = self.responses.get(code, ("Error", ""))[0]
+        body = json.dumps(protocol.http_error(code, f"{message or short}.").to_dict()).encode()
+        log.warning("refused %r: %d %s", getattr(self, "requestline", "")[:200], code,
+                    message or short)
+        if getattr(self, "request_version", "HTTP/0.9") in ("HTTP/0.9", ""):
+            # An unparsable request line leaves http.server at HTTP/0.9, which sends a bare body
+            # without a status line; no such client exists, a broken one needs the status.
+            self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        self.send_response(code, short)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD":
+            self.wfile.write(body)
+
+
+def make_server(app: Callable, host: str, port: int, *,
+                socket_timeout: float = SOCKET_TIMEOUT_S) -> ThreadingWSGIServer:
+    handler = type("Handler", (RequestHandler,), {"timeout": socket_timeout})
+    server = ThreadingWSGIServer((host, port), handler)
+    server.set_app(app)
+    return server
