@@ -8,8 +8,9 @@ the same conversation. It works in two steps:
    content parts `[{"type": "text", "text": ...}]` joined with "\\n" (vLLM's convention),
    `developer` -> `system`, tool-call `arguments` JSON strings parsed into objects, `content: null`
    on assistant tool-call messages -> "". `name` and `tool_call_id` fields are accepted and, as in
-   the official template, not rendered. Anything the template cannot render raises
-   `ChatTemplateError` naming the offending message (`param` like "messages[2].content").
+   the official template, not rendered. Anything the template cannot render, and a `tool`
+   message that answers no tool call (the template would render it as a stray tool response),
+   raises `ChatTemplateError` naming the offending message (`param` like "messages[2].content").
 2. `render_chat` applies the template's rules:
    - a system turn first: the first message if it is a system message, else the default prompt;
      with tools, the `# Tools` section (each tool as JSON, one per line) is appended to it;
@@ -84,6 +85,10 @@ def _text(content: Any, param: str, *, allow_none: bool = False) -> str | None:
     raise ChatTemplateError(param, f"content must be {expected} of text parts")
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _tool_call(call: Any, param: str) -> dict:
     """An OpenAI tool call -> {"type": "function", "function": {"name", "arguments": object}}."""
     if not isinstance(call, Mapping):
@@ -98,13 +103,21 @@ def _tool_call(call: Any, param: str) -> dict:
         raise ChatTemplateError(f"{param}.function.name", "must be a non-empty string")
     arguments = function.get("arguments", {})
     if isinstance(arguments, str):
-        # OpenAI sends arguments as a JSON string; the template expects an object.
+        # OpenAI sends arguments as a JSON string; the template expects an object. The string
+        # escaped what the request's own checks look for, so the parsed value must also be
+        # writable as the JSON text of a prompt: no NaN/Infinity, no lone surrogate ("\ud800"),
+        # no nesting past the recursion limit.
+        where = f"{param}.function.arguments"
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
+            arguments = json.loads(arguments, parse_constant=_not_json) if arguments.strip() else {}
+            json.dumps(arguments, ensure_ascii=False, allow_nan=False).encode()
         except ValueError as exc:
+            raise ChatTemplateError(where, f"arguments are not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ChatTemplateError(where, "arguments nest too deeply") from None
+        except UnicodeEncodeError:
             raise ChatTemplateError(
-                f"{param}.function.arguments", f"arguments are not valid JSON ({exc})"
-            ) from None
+                where, "arguments contain a lone UTF-16 surrogate, which is not text") from None
     if not isinstance(arguments, Mapping):
         raise ChatTemplateError(f"{param}.function.arguments", "arguments must be a JSON object")
     out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}

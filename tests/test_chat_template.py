@@ -136,6 +136,22 @@ def test_tools_section():
             "non-empty",
         ),
         ([{"role": "assistant", "tool_calls": "f"}], "messages[0].tool_calls", "list"),
+        # What the arguments string hid from the request's own checks (each was a 500):
+        *[
+            (
+                [{"role": "assistant", "tool_calls": [{"function": {
+                    "name": "f", "arguments": arguments}}]}],
+                "messages[0].tool_calls[0].function.arguments",
+                fragment,
+            )
+            for arguments, fragment in [
+                ('{"a": "\\ud800"}', "surrogate"),  # the JSON escape of a lone surrogate
+                ('{"a":' + "[" * 100_000 + "]" * 100_000 + "}", "too deeply"),
+                ('{"a":' + "[" * 990 + "]" * 990 + "}", "too deeply"),
+                ('{"a": NaN}', "NaN is not JSON"),
+                ('{"a": 1e400}', "not valid JSON"),  # a float that becomes Infinity
+            ]
+        ],
     ],
 )
 def test_rejects_what_cannot_be_rendered(messages, param, fragment):

@@ -381,6 +381,20 @@ def test_text_json_can_carry_but_a_prompt_cannot_is_a_400(app, engine):
     assert not engine.requests  # none of them reached the engine
 
 
+def test_tool_call_arguments_that_cannot_be_a_prompt_are_a_400(app, engine):
+    """Escaped in an arguments string, a lone surrogate or deep nesting passes the body's
+    checks; rendering the prompt finds them: a 400 naming the field, not a 500."""
+    for arguments in ('{"a": "\\ud800"}', '{"a":' + "[" * 990 + "]" * 990 + "}"):
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                     "tool_calls": [{"id": "c", "type": "function",
+                                     "function": {"name": "f", "arguments": arguments}}]},
+                    {"role": "tool", "tool_call_id": "c", "content": "r"}]
+        status, _, raw = call(app, body=req(messages=messages, tools=TOOLS))
+        e = json.loads(raw)["error"]
+        assert status == 400 and e["param"] == "messages[1].tool_calls[0].function.arguments"
+    assert not engine.requests
+
+
 def test_engine_error_is_a_generic_500(app, engine):
     engine.error_at = 1
     status, _, raw = call(app, body=req())
