@@ -494,9 +494,13 @@ def _cut(x: jax.Array, k: jax.Array, p: jax.Array, candidates: int) -> jax.Array
     n_keep = jnp.sum(cum - probs < p[:, None], axis=-1)  # mass before a token < top_p: kept
     thr_p = jnp.where(p < 1, jnp.take_along_axis(
         vals, jnp.clip(n_keep - 1, 0, n - 1)[:, None], axis=-1)[:, 0], -jnp.inf)
-    exact = jnp.all((k <= n) & ((k > 0) | (p >= 1) | (cum[:, -1] >= p)))
-    return jax.lax.cond(exact, lambda: jnp.maximum(thr_k, thr_p),
-                        lambda: _cut_by_radix_select(x, k, p))
+    fast = jnp.maximum(thr_k, thr_p)
+    # Each row takes the candidates' threshold whenever they suffice for it, whatever its
+    # neighbours need: the two paths sum probabilities in different orders, and a top_p that
+    # falls within rounding of a prefix mass could otherwise keep a different set in a batch.
+    exact = (k <= n) & ((k > 0) | (p >= 1) | (cum[:, -1] >= p))
+    return jax.lax.cond(jnp.all(exact), lambda: fast,
+                        lambda: jnp.where(exact, fast, _cut_by_radix_select(x, k, p)))
 
 
 def _transform(x: jax.Array, batch: SamplingBatch, candidates: int) -> jax.Array:

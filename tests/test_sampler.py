@@ -352,6 +352,31 @@ def test_choices_and_unseeded_requests_differ_seeded_repeat():
     assert len({tuple(col) for col in unseeded.T}) == 8  # unseeded: all different
 
 
+def test_a_rows_top_p_cut_does_not_depend_on_a_neighbour_that_needs_the_exact_path():
+    """top_p at exact float32 prefix masses (the boundary cases): each row keeps the same set
+    alone and next to a flat row whose top_p the candidates cannot cover (the radix-select
+    fallback). Small sizes stand in for 1024 candidates of a 152k vocabulary."""
+    width, cands, rows = 32, 8, 400
+    rng = np.random.default_rng(0)
+    raw = rng.normal(0, 2.5, (rows, width)).astype(np.float32)
+    probs = np.exp(raw - raw.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+    prefix = np.cumsum(-np.sort(-probs, axis=-1), axis=-1, dtype=np.float32)
+    top_p = prefix[np.arange(rows), rng.integers(0, 4, rows)]
+    params = [SamplingParams(temperature=1.0, top_p=float(q), seed=2) for q in top_p]
+    flat = SamplingParams(temperature=1.0, top_p=0.99, seed=1)
+
+    def kept(logits, ps):
+        x = S.sampling_logits(jnp.asarray(logits), S.make_sampling_batch(ps, width),
+                              S.init_penalty_state(len(ps), width), vocab_limit=width,
+                              candidates=cands)
+        return np.isfinite(np.asarray(x))[:rows]
+
+    alone = kept(raw, params)
+    beside = kept(np.concatenate([raw, np.zeros((1, width), np.float32)]), params + [flat])
+    np.testing.assert_array_equal(alone, beside)
+
+
 def test_row_key_is_documented_fold_in():
     """Row key = fold_in(fold_in(PRNGKey(seed), choice), step)."""
     batch = S.make_sampling_batch([SamplingParams(seed=42)], V, choice_indices=[3])
