@@ -71,6 +71,15 @@ class QwenConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def context_length(self) -> int:
+        """Tokens the model attends over: max_position_embeddings, or with YaRN the original
+        context times its factor (as vLLM derives it: Qwen2.5's 32768 x 4 = 131072)."""
+        s = self.rope_scaling
+        if s is None:
+            return self.max_position_embeddings
+        return int(s.original_max_position_embeddings * s.factor)
+
+    @property
     def num_groups(self) -> int:
         """Query heads per key/value head (grouped-query attention)."""
         return self.num_attention_heads // self.num_key_value_heads
@@ -85,10 +94,19 @@ class QwenConfig:
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
         archs = d.get("architectures") or []
+        supported = ("qwen-jax runs dense Qwen2 / Qwen2.5 models (model_type 'qwen2', "
+                     "Qwen2ForCausalLM)")
         if model_type != "qwen2":
-            raise ConfigError(f"not a Qwen2 config: model_type is {model_type!r}, expected 'qwen2'")
+            raise ConfigError(f"model_type is {model_type!r}: {supported}")
         if archs and "Qwen2ForCausalLM" not in archs:
-            raise ConfigError(f"unsupported architecture {archs!r}, expected Qwen2ForCausalLM")
+            raise ConfigError(f"architectures is {archs!r}: {supported}")
+        quant = d.get("quantization_config")
+        if quant:  # AWQ / GPTQ / FP8 files hold packed or 8-bit tensors the loader cannot read
+            method = quant.get("quant_method", "pre-") if isinstance(quant, dict) else "pre-"
+            raise ConfigError(
+                f"{method}-quantized checkpoints are not supported (config.json has a "
+                "quantization_config): use the unquantized model, with --quantize int8 for "
+                "int8 weights")
         if d.get("use_sliding_window", False):
             raise ConfigError(
                 "use_sliding_window=true is not supported (no released Qwen2.5 uses it)"

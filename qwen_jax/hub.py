@@ -84,6 +84,9 @@ def resolve_model_dir(model: str, cache: Path | None = None) -> Path:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model dir")
         return path
+    if path.exists():
+        raise ModelNotFoundError(f"--model {model!r} is a file: give the snapshot directory that "
+                                 "holds config.json")
     if _HUB_ID.match(model):
         found = find_in_cache(model, cache)
         if found is not None:

@@ -684,10 +684,14 @@ def _load(args: Any):
     quantize = quantize_option(getattr(args, "quantize", None))
     if quantize and args.dtype == "auto":
         args.dtype = "bfloat16"  # the weights are int8 either way; bf16 halves the KV cache
-    args.dtype = choose_dtype(args.dtype, load_config(model.path))
+    cfg = load_config(model.path)
+    args.dtype = choose_dtype(args.dtype, cfg)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
+    tokenizer = load_tokenizer(model.path)  # before the weights: a missing one fails at once
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{model.path}: the tokenizer has {tokenizer.vocab_size} tokens, more "
+                         f"than the model's vocab_size {cfg.vocab_size}: not its tokenizer")
     cfg, params = load_checkpoint(model.path, dtype, quantize=quantize)
-    tokenizer = load_tokenizer(model.path)
     return model, cfg, params, tokenizer, dtype
 
 
@@ -739,12 +743,12 @@ def serve(args: Any) -> int:
     if model.is_demo:
         print(_demo_banner(args.model), flush=True)
     cap = DEMO_MAX_MODEL_LEN if model.is_demo else REAL_MAX_MODEL_LEN
-    max_len = args.max_model_len or min(cfg.max_position_embeddings, cap)
+    max_len = args.max_model_len or min(cfg.context_length, cap)
     if max_len < 2:
         return _fail("--max-model-len must be at least 2")
-    if max_len > cfg.max_position_embeddings:
-        print(f"warning: --max-model-len {max_len} is over the model's "
-              f"max_position_embeddings {cfg.max_position_embeddings}", file=sys.stderr)
+    if max_len > cfg.context_length:
+        print(f"warning: --max-model-len {max_len} is over the model's context of "
+              f"{cfg.context_length} tokens", file=sys.stderr)
     itemsize = 4 if args.dtype == "float32" else 2
     kv = kv_cache_bytes(cfg, max_len, args.max_num_seqs, itemsize)
     print(f"max_model_len {max_len} x {args.max_num_seqs} sequences: KV cache "
@@ -793,7 +797,7 @@ def generate_once(args: Any) -> int:
     if model.is_demo:
         print(_demo_banner(args.model, serving=False), file=sys.stderr)
     ids = tokenizer.encode(render_chat([{"role": "user", "content": args.prompt}]))
-    context = cfg.max_position_embeddings
+    context = cfg.context_length
     if len(ids) >= context:
         return _fail(f"the prompt is {len(ids)} tokens; the model's context is {context}, "
                      "which leaves no room for a reply")

@@ -8,6 +8,7 @@ weights plus one tensor.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ _HF_LAYER_NAMES = {
     "down_proj": "mlp.down_proj.weight",
 }
 _EMBED, _NORM, _LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+_FLOAT_DTYPES = ("F32", "F16", "BF16")  # as safetensors names them
+log = logging.getLogger(__name__)
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 
@@ -136,6 +139,11 @@ def load_checkpoint(
     np_dtype = _numpy_dtype(dtype)
     expected = expected_tensors(cfg)
     files = _weight_files(model_dir)
+    # A tied config whose files still hold an lm_head: read it, and use it if it differs from
+    # the embedding, as transformers does (it warns and does not tie them).
+    stored_head = cfg.tie_word_embeddings and _LM_HEAD in files
+    if stored_head:
+        expected[_LM_HEAD] = (("lm_head", None), expected[_EMBED][1])
     missing = [name for name in expected if name not in files]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -161,6 +169,12 @@ def load_checkpoint(
                         raise CheckpointError(
                             f"{path}: tensor {name} has shape {found}, expected {shape}"
                         )
+                    stored = f.get_slice(name).get_dtype()
+                    if stored not in _FLOAT_DTYPES:  # integer or 8-bit float: not plain weights
+                        raise CheckpointError(
+                            f"{path}: tensor {name} is stored as {stored}; only "
+                            f"{', '.join(_FLOAT_DTYPES)} weights are supported"
+                        )
                     target = host[(leaf, layer)]
                     target[...] = f.get_tensor(name)  # converts to the target dtype in place
                     bar.update(target.nbytes)
@@ -169,6 +183,14 @@ def load_checkpoint(
         except Exception as e:  # corrupt file, unknown dtype, ...
             raise CheckpointError(f"{path}: cannot read tensors ({e})") from e
     bar.finish()
+    if stored_head:
+        if np.array_equal(host[("lm_head", None)], host[("embed", None)]):
+            del host[("lm_head", None)]
+        else:
+            log.warning("%s: config.json ties the embeddings, but the checkpoint's lm_head.weight "
+                        "differs from the embedding: using it as its own output layer, as "
+                        "transformers does", model_dir)
+            cfg = cfg.replace(tie_word_embeddings=False)
 
     quantized = (*QUANTIZED_LAYER_WEIGHTS, "embed", "lm_head") if quantize else ()
     linear = (*LINEAR_LAYER_WEIGHTS, "lm_head")

@@ -38,6 +38,9 @@ def test_released_7b_config_parses_to_the_preset():
 def test_yarn_in_rope_scaling_form():
     cfg = QwenConfig.from_hf_dict({**QWEN25_7B_INSTRUCT, "rope_scaling": YARN_4X})
     assert cfg.rope_scaling == YarnScaling(factor=4.0, original_max_position_embeddings=32768)
+    # The context YaRN opens, as vLLM derives it (Qwen2.5's documented 131,072 tokens).
+    assert cfg.context_length == 131072 and cfg.max_position_embeddings == 32768
+    assert QwenConfig.from_hf_dict(QWEN25_7B_INSTRUCT).context_length == 32768
     assert cfg.rope_theta == 1e6
 
 
@@ -111,8 +114,11 @@ def test_demo_preset_is_small_with_the_real_vocab():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "llama"}, "not a Qwen2 config"),
-    ({"architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
+    ({"model_type": "llama"}, "model_type is 'llama': qwen-jax runs dense Qwen2 / Qwen2.5"),
+    ({"model_type": "qwen3"}, "model_type is 'qwen3'"),
+    ({"architectures": ["LlamaForCausalLM"]}, "architectures is .* dense Qwen2 / Qwen2.5"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "awq-quantized checkpoints"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "gptq-quantized .* --quantize int8"),
     ({"use_sliding_window": True}, "use_sliding_window"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
     ({"rope_scaling": {"type": "yarn"}}, "factor"),

@@ -136,3 +136,21 @@ def test_generate_cli_refuses_bad_input_with_one_line(demo_dir, monkeypatch, cap
     err = capsys.readouterr().err
     assert code == 2 and f"the model's context is {context}" in err
     assert err.count("\n") <= 12 and "Traceback" not in err  # the banner and one error line
+
+
+def test_a_tokenizer_larger_than_the_model_is_a_load_error(demo_dir, tiny_checkpoint, tmp_path,
+                                                           capsys):
+    """Another model's tokenizer beside the weights: refused at load, in one line, before the
+    weights are read (it would make every request a 400 blaming the client)."""
+    import shutil
+
+    from qwen_jax import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    for f in demo_dir.glob("tokenizer*"):
+        shutil.copy(f, model / f.name)
+    code = cli.main(["generate", "hi", "--model", str(model), "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the tokenizer has 151665 tokens, more than the model's vocab_size" in err
+    assert "loading weights" not in err and "Traceback" not in err

@@ -852,7 +852,7 @@ def test_hub_cache_location_from_env(tmp_path):
     assert hub.hf_hub_cache({}) == Path.home() / ".cache/huggingface/hub"
 
 
-def test_missing_model_names_the_download_command(tmp_path):
+def test_missing_model_names_the_download_command(tmp_path, monkeypatch):
     with pytest.raises(hub.ModelNotFoundError) as e:
         hub.resolve_model_dir("Qwen/Qwen2.5-7B-Instruct", tmp_path)
     assert "huggingface-cli download Qwen/Qwen2.5-7B-Instruct" in str(e.value)
@@ -861,6 +861,11 @@ def test_missing_model_names_the_download_command(tmp_path):
     assert hub.served_name_for(plain) == "plain"
     with pytest.raises(hub.ModelNotFoundError, match="config.json"):
         hub.resolve_model_dir(str(plain))
+    # A file, even one whose relative path looks like a hub id: not sent to the cache lookup.
+    (plain / "model.bin").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(hub.ModelNotFoundError, match="is a file"):
+        hub.resolve_model_dir("plain/model.bin", tmp_path)
 
 
 def test_serve_missing_model_exits_cleanly(tmp_path):

@@ -111,10 +111,10 @@ def test_not_qwen2(tmp_path, tiny_checkpoint):
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "llama",
                                                   "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(CheckpointError, match="not a Qwen2 config"):
+    with pytest.raises(CheckpointError, match="model_type is 'llama'"):
         load_checkpoint(ckpt)
     (ckpt / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2Model"]}))
-    with pytest.raises(CheckpointError, match="unsupported architecture"):
+    with pytest.raises(CheckpointError, match="architectures is"):
         load_checkpoint(ckpt)
 
 
@@ -132,6 +132,46 @@ def test_untied_config_without_lm_head(tmp_path, tiny_checkpoint):
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
     with pytest.raises(CheckpointError, match="lm_head.weight"):
+        load_checkpoint(ckpt)
+
+
+def test_a_tied_config_with_its_own_lm_head_uses_it_as_transformers_does(tmp_path,
+                                                                          tiny_checkpoint,
+                                                                          caplog):
+    """A tied config whose file also holds an lm_head: if it equals the embedding the model
+    stays tied; if not, it is the output layer (transformers warns and does not tie them)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    tensors = load_file(ckpt / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    save_file({**tensors, "lm_head.weight": embed.copy()}, ckpt / "model.safetensors")
+    cfg, params = load_checkpoint(ckpt, jnp.float32, progress=False)
+    assert cfg.tie_word_embeddings and params.lm_head is None
+
+    head = (np.random.default_rng(0).normal(size=embed.shape) * 0.02).astype(embed.dtype)
+    save_file({**tensors, "lm_head.weight": head}, ckpt / "model.safetensors")
+    cfg, params = load_checkpoint(ckpt, jnp.float32, progress=False)
+    assert not cfg.tie_word_embeddings and np.array_equal(params.lm_head, head)
+    assert any("differs from the embedding" in r.getMessage() for r in caplog.records)
+    ids = np.array([[1, 5, 9, 3, 7]], np.int32)
+    ours = np.asarray(forward(params, cfg, ids, np.arange(5, dtype=np.int32)[None])[0])
+    ref = Qwen2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stored", [np.int32, np.int8])
+def test_weights_stored_as_integers_are_refused(tmp_path, tiny_checkpoint, stored):
+    """Integer (or 8-bit float) tensors are packed or quantized data, not weights to cast."""
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    tensors = load_file(ckpt / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].astype(stored)
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight is stored as I(32|8); only F32"):
         load_checkpoint(ckpt)
 
 
