@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh clone:
-#   make serve   create .venv, install qwen-jax, start the API server (demo model unless MODEL=...)
+#   make serve   create .venv, install qwen-jax, start the API server (MODEL=...; without it a
+#                cached Qwen2.5-7B-Instruct, else the demo model)
 #   make test    create .venv, install qwen-jax with its test extras, run the whole suite
 PYTHON ?= python3
 VENV ?= .venv

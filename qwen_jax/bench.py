@@ -1,7 +1,7 @@
 """`qwen-jax bench`: prefill, time to first token, decode speed, memory and compile time.
 
 Everything is measured through the Engine (what the server runs). Unless --no-reference is
-given and transformers is importable, the same weights are saved as a Hugging Face checkpoint
+given (and if transformers is importable), the same weights are saved as a Hugging Face checkpoint
 and the same figures are measured for transformers (torch, CPU) in a child process, so the two
 runs do not share threads or memory. Prints a table and writes a JSON record (--json).
 """

@@ -3,7 +3,8 @@ and the `serve` / `generate` commands.
 
 Request path: body -> protocol.validate_chat_request -> chat_template.render_chat -> tokenize ->
 protocol.resolve_max_tokens -> engine.submit -> token events -> per-choice text pipeline
-(incremental detokenizer -> stop strings -> tool-call parser) -> JSON or server-sent events.
+(incremental detokenizer -> MarkupSplitter: message text vs tool-call markup -> stop strings on the
+text -> tool-call parser) -> JSON or server-sent events.
 
 Every client error is an OpenAI error object with the right status; anything unexpected is a 500
 with a generic message (the traceback goes to the log, never to the client).
