@@ -322,6 +322,10 @@ def test_models_list(api_target):
     obj = reply.json()
     assert_schema("ModelList", obj)
     assert api_target.model in [m["id"] for m in obj["data"]]
+    one = call(api_target, "GET", f"/models/{api_target.model}")
+    assert one.status == 200 and one.json()["id"] == api_target.model
+    assert_schema("Model", one.json())
+    assert "/v1/models/{model}" in SPEC["paths"]
 
 
 def test_health(api_target):
