@@ -164,12 +164,13 @@ def load_checkpoint(
             with safe_open(path, framework="numpy") as f:
                 for name in names:
                     (leaf, layer), shape = expected[name]
-                    found = tuple(f.get_slice(name).get_shape())
+                    stored_slice = f.get_slice(name)
+                    found = tuple(stored_slice.get_shape())
                     if found != shape:
                         raise CheckpointError(
                             f"{path}: tensor {name} has shape {found}, expected {shape}"
                         )
-                    stored = f.get_slice(name).get_dtype()
+                    stored = stored_slice.get_dtype()
                     if stored not in _FLOAT_DTYPES:  # integer or 8-bit float: not plain weights
                         raise CheckpointError(
                             f"{path}: tensor {name} is stored as {stored}; only "
