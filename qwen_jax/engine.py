@@ -469,7 +469,7 @@ class Engine:
         with self._cond:
             if self._closed or self._dead:
                 raise EngineClosedError(self._dead or "engine is closed")
-            if len(self._waiting) >= self.queue_size + self._free_slots_unlocked():
+            if not self._has_room_unlocked(request.n):
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(handle)
             self._cond.notify_all()
@@ -587,6 +587,19 @@ class Engine:
 
     def _free_slots_unlocked(self) -> int:
         return sum(r is None for r in self._slots)
+
+    def _has_room_unlocked(self, n: int) -> bool:
+        """Whether a request of `n` choices may join the queue. Requests the free slots would
+        take now (first in, first out, all of a request's choices at once) are not waiting;
+        the others are, and at most `queue_size` may. (Counting every free slot as room let
+        requests of several choices, which free slots cannot always take, pile up past it.)"""
+        free, waiting = self._free_slots_unlocked(), 0
+        for h in self._waiting:
+            if waiting == 0 and h.request.n <= free:
+                free -= h.request.n
+            else:
+                waiting += 1  # behind a request that does not fit, everything waits
+        return (waiting == 0 and n <= free) or waiting < self.queue_size
 
     def _spec(self, tree: Any) -> Any:
         return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)

@@ -189,6 +189,28 @@ def test_no_recompile_in_steady_state(params, chunk):
         eng.close()
 
 
+def test_the_queue_bound_counts_requests_that_cannot_start_whatever_their_n(params):
+    """With one of four slots busy, a request of four choices waits (three free slots cannot
+    take it), and so does everything behind it: queue_size 1 admits that one and refuses the
+    next, n=4 or n=1; once the slots free, the queued request runs."""
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, queue_size=1)
+    try:
+        busy = eng.submit(request(max_tokens=60))
+        assert next(busy.events(timeout=TIMEOUT)).finish_reason is None  # holds one slot
+        queued = eng.submit(request(max_tokens=3, n=4))
+        for n in (4, 1):
+            with pytest.raises(QueueFullError):
+                eng.submit(request(max_tokens=3, n=n))
+        busy.cancel()
+        evs = collect(queued)
+        assert [evs[c][-1].finish_reason for c in sorted(evs)] == ["length"] * 4
+        # With the slots free again, requests that fit start at once and do not count.
+        runs = [eng.submit(request(max_tokens=3, n=2)) for _ in range(2)]
+        assert all(collect(r)[0][-1].finish_reason == "length" for r in runs)
+    finally:
+        eng.close()
+
+
 def test_queue_bound_and_cancel_frees_slot(params):
     eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, queue_size=1)
     try:
