@@ -85,10 +85,6 @@ def _text(content: Any, param: str, *, allow_none: bool = False) -> str | None:
     raise ChatTemplateError(param, f"content must be {expected} of text parts")
 
 
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _tool_call(call: Any, param: str) -> dict:
     """An OpenAI tool call -> {"type": "function", "function": {"name", "arguments": object}}."""
     if not isinstance(call, Mapping):
@@ -105,12 +101,12 @@ def _tool_call(call: Any, param: str) -> dict:
     if isinstance(arguments, str):
         # OpenAI sends arguments as a JSON string; the template expects an object. The string
         # escaped what the request's own checks look for, so the parsed value must also be
-        # writable as the JSON text of a prompt: no NaN/Infinity, no lone surrogate ("\ud800"),
-        # no nesting past the recursion limit.
+        # writable as the text of a prompt: no lone surrogate ("\ud800"), no nesting past the
+        # recursion limit. (NaN and Infinity pass, as in the request body and in transformers.)
         where = f"{param}.function.arguments"
         try:
-            arguments = json.loads(arguments, parse_constant=_not_json) if arguments.strip() else {}
-            json.dumps(arguments, ensure_ascii=False, allow_nan=False).encode()
+            arguments = json.loads(arguments) if arguments.strip() else {}
+            json.dumps(arguments, ensure_ascii=False).encode()
         except ValueError as exc:
             raise ChatTemplateError(where, f"arguments are not valid JSON ({exc})") from None
         except RecursionError:

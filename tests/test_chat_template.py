@@ -148,8 +148,6 @@ def test_tools_section():
                 ('{"a": "\\ud800"}', "surrogate"),  # the JSON escape of a lone surrogate
                 ('{"a":' + "[" * 100_000 + "]" * 100_000 + "}", "too deeply"),
                 ('{"a":' + "[" * 990 + "]" * 990 + "}", "too deeply"),
-                ('{"a": NaN}', "NaN is not JSON"),
-                ('{"a": 1e400}', "not valid JSON"),  # a float that becomes Infinity
             ]
         ],
     ],
