@@ -261,14 +261,6 @@ class App:
             log.error("internal error on %s %s\n%s", method, path, traceback.format_exc())
             status, headers, body = 500, [], _json_bytes(protocol.server_error().to_dict())
         headers = headers + self.cors.response_headers(environ.get("HTTP_ORIGIN"))
-        if method == "HEAD" and isinstance(body, bytes):  # a GET's headers, without its body
-            start_response(
-                _status_line(status),
-                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-                + headers,
-            )
-            self._log(method, path, status, meta, t0)
-            return []
         if status == 204:  # no body, so no Content-Type or Content-Length either
             start_response(_status_line(status), headers)
             self._log(method, path, status, meta, t0)
@@ -280,7 +272,7 @@ class App:
                 + headers,
             )
             self._log(method, path, status, meta, t0)
-            return [body]
+            return [] if method == "HEAD" else [body]  # HEAD: a GET's headers, without its body
         start_response(
             _status_line(status),
             [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")] + headers,
