@@ -8,12 +8,12 @@ stream. A row that finishes (EOS, max_tokens, cancel, error) frees its slot imme
 How a request enters the batch: the prompt is prefilled into the request's first slot and copied
 to its other slots (one per choice, so n choices share one prefill); the prefill's last call also
 returns the logits at the prompt's last token, and the first new token of every choice is
-sampled from them by the ordinary sampling step of the next decode call, in which those rows
-skip the model (position -1; with no other busy row the call runs the sampler alone). Prefill
-and decode therefore share one sampling path, and the first token costs no extra model pass.
-A long prompt is prefilled in chunks of `prefill_chunk` tokens, one chunk per engine iteration
-with a decode call for the other rows in between, so its attention scores never exist all at
-once and the other streams keep going.
+sampled from them at once by the ordinary sampling program (no model pass) and streamed. Prefill
+and decode therefore share one sampling path, and a request's first token waits neither for the
+other prompts being prefilled nor for a decode call. Prompts are prefilled in calls of at most
+`prefill_chunk` tokens, the requests taking turns, with a decode call for the rows already
+generating after each chunk's worth: a long prompt's attention scores never exist all at once,
+a short prompt does not wait behind a long one, and the other streams keep going.
 A decode step runs only the busy rows (padded with free slots to a row bucket), gathered from
 and scattered back to their slots inside the compiled program. With lookahead (by default on an
 accelerator with several steps per call) the next decode call is dispatched, from the last tokens
@@ -152,14 +152,11 @@ class _Row:
     generated: int = 0  # tokens sampled so far (the sampler's step counter)
     constraint: Constraint | None = None
     ready: bool = True  # False while its prompt is being prefilled (not yet in decode calls)
-    # The prefill's logits at the last prompt token (already in the cache): the first token is
-    # sampled from them instead of a model pass. Cleared once that token's call is dispatched.
-    first_logits: Any = None
 
 
 @dataclass
 class _Prefill:
-    """A request whose prompt is being prefilled, one chunk per engine iteration."""
+    """A request whose prompt is being prefilled, one call per turn (_advance_prefills)."""
     handle: RequestHandle
     rows: list[tuple[int, _Row]]  # (slot, row) per choice; the prompt goes into the first slot
     ids: np.ndarray  # the prompt
@@ -172,7 +169,6 @@ class _Stats:
     compiles_after_warmup: int = 0
     decode_calls: int = 0
     decode_steps: int = 0
-    model_calls: int = 0  # decode calls that ran the model (not only the sampler)
     lookahead_calls: int = 0  # decode calls dispatched before the previous call's tokens streamed
     prefills: int = 0  # prompts prefilled
     prefill_calls: int = 0  # prefill chunks run
@@ -190,7 +186,6 @@ class _Call:
     positions: np.ndarray
     steps: np.ndarray
     k: int
-    first: bool = False  # some rows sampled their first token from prefill logits
 
 
 _SHARED_PROGRAMS: dict[tuple, Any] = {}
@@ -341,11 +336,12 @@ def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: Qwen
 
 def _sample_rows(logits, pstate, sbatch, slots, steps, allowed, *, vocab_limit: int):
     """One decode step's sampling half, for the rows `slots`: outputs shaped as _decode's for
-    one step, and the penalty state with the sampled tokens counted."""
+    one step, and the penalty state with the sampled tokens counted (not for rows at step -1:
+    padding that may be another request's row)."""
     ps = _gather_rows(pstate, slots)
     out = S.sample(logits, _gather_rows(sbatch, slots), ps, steps, allowed,
                    vocab_limit=vocab_limit)
-    ps = S.update_penalty_state(ps, out.tokens)
+    ps = S.update_penalty_state(ps, jnp.where(steps >= 0, out.tokens, -1))
     return jax.tree_util.tree_map(lambda x: x[None], out), _scatter_rows(pstate, ps, slots)
 
 
@@ -449,7 +445,9 @@ class Engine:
         self.stats = _Stats()
         self._warm = False
         self._slots: list[_Row | None] = [None] * max_slots
-        self._prefills: list[_Prefill] = []  # admitted requests still prefilling, oldest first
+        # Admitted requests still prefilling, in turn order (a request goes to the back after
+        # each of its prefill calls).
+        self._prefills: collections.deque[_Prefill] = collections.deque()
         self._dirty: set[int] = set()  # freed rows whose sampling params are stale
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._cond = threading.Condition()
@@ -664,8 +662,8 @@ class Engine:
                 self._handle_cancels()
                 self._admit()
                 with self._device_lock:
-                    # One chunk of each prompt being prefilled, then one decode call for the
-                    # rows already generating: a long prompt delays other streams by a chunk.
+                    # A chunk's worth of prefill, then one decode call for the rows already
+                    # generating: prompts delay other streams by about a chunk at a time.
                     self._advance_prefills()
                     if any(r is not None and r.ready for r in self._slots):
                         self._step()
@@ -720,35 +718,45 @@ class Engine:
             self._prefills.append(_Prefill(handle, rows, np.asarray(r.prompt_ids, np.int32)))
 
     def _advance_prefills(self) -> None:
-        """Run the next prefill chunk of every admitted request; a request whose prompt is
-        done gets its other choices' cache rows and its sampling rows, and joins decode."""
-        for p in list(self._prefills):
+        """Run prefill calls for the admitted requests in turn, until the next one would take
+        the calls this iteration past `prefill_chunk` padded tokens (one call always runs). A
+        request whose prompt is done gets its other choices' cache rows and its sampling rows,
+        streams its first tokens and joins decode. So the rows already generating get a token
+        between every chunk's worth of prefill, and, taking turns, a short prompt does not wait
+        behind a long one."""
+        budget, ran = self.prefill_chunk, False
+        while self._prefills:
+            p = self._prefills[0]
             if any(self._slots[i] is not row for i, row in p.rows):  # ended (engine failure)
-                self._prefills.remove(p)
+                self._prefills.popleft()
                 continue
             if len(p.handle.cancel_requested) == len(p.rows):  # no need to finish the prompt
-                self._prefills.remove(p)
+                self._prefills.popleft()
                 for i, _ in p.rows:
                     self._finish(i, None, "cancelled")
                 continue
+            plan = self._prefill_plan(len(p.ids))  # at least one call
+            size = plan[p.done][1]
+            if ran and size > budget:
+                return
+            self._prefills.popleft()
+            budget, ran = budget - size, True
             try:
-                plan = self._prefill_plan(len(p.ids))  # at least one call
                 logits = self._prefill_call(p.ids, p.rows[0][0], plan, p.done)
                 p.done += 1
                 if p.done == len(plan):
-                    self._prefills.remove(p)
                     self._join(p, logits)
+                else:
+                    self._prefills.append(p)  # its next call after the others' turns
             except Exception as e:  # e.g. invalid sampling params reaching the sampler
                 log.exception("prefill failed")
-                if p in self._prefills:
-                    self._prefills.remove(p)
                 for i, _ in p.rows:
                     self._finish(i, None, "error", f"{type(e).__name__}: {e}")
 
     def _join(self, p: _Prefill, logits: jax.Array) -> None:
         """The prompt of `p` is in its first slot: copy it to the other choices' slots, set
-        their sampling and penalty rows, and let them decode, their first token sampled from
-        `logits` (the prefill's, at the prompt's last token)."""
+        their sampling and penalty rows, stream their first tokens, sampled from `logits` (the
+        prefill's, at the prompt's last token), and let them decode."""
         r = p.handle.request
         seed = S.resolve_seed(r.sampling)  # one seed for all choices; they differ by choice
         first = p.rows[0][0]
@@ -759,9 +767,32 @@ class Engine:
             self.sbatch = S.set_row(self.sbatch, i, r.sampling, self.vocab_limit, c, seed=seed)
             self.pstate = S.set_penalty_row(self.pstate, i, p.ids)
         for c, (i, row) in enumerate(p.rows):
-            row.ready, row.first_logits = True, logits
+            row.ready = True
             if c in p.handle.cancel_requested:
                 self._finish(i, None, "cancelled")
+        self._first_tokens([i for i, row in p.rows if self._slots[i] is row], logits)
+
+    def _first_tokens(self, live: list[int], logits: jax.Array) -> None:
+        """Sample and stream the first token of the rows `live` (the choices of a request whose
+        prompt is done) from the prompt's last logits[1, V], at once: no model pass, and no
+        wait for the other prompts being prefilled or for the next decode call. The sampler runs
+        on a row bucket; its padding rows (other slots, at step -1) are neither counted nor
+        streamed."""
+        masks = self._grammar_masks(live)
+        live = [i for i in live if self._slots[i] is not None]
+        if not live:
+            return
+        R = self._row_bucket(len(live))
+        others = sorted(set(range(self.max_slots)) - set(live),
+                        key=lambda i: self._slots[i] is not None)
+        slots = np.asarray(live + others[: R - len(live)], np.int32)
+        steps = np.full(R, -1, np.int32)
+        steps[: len(live)] = 0
+        first = np.broadcast_to(np.asarray(logits, np.float32), (R, self.cfg.vocab_size))
+        outs, self.pstate = self._program("sample", R)(
+            first, self.pstate, self.sbatch, slots, steps, self._allowed(R, live, masks))
+        self._consume(_Call(outs, [(i, self._slots[i]) for i in live], slots,
+                            np.full(R, -1, np.int32), steps, 1))
 
     def _prefill_tokens(self, ids: np.ndarray, slot: int) -> None:
         """Write the keys and values of ids (positions 0..) into cache row `slot`."""
@@ -810,26 +841,10 @@ class Engine:
         rows = self._slots
         active = [i for i, r in enumerate(rows) if r is not None and r.ready]
 
-        # Host-side grammar masks (by slot), only when some row is constrained.
-        masks: dict[int, np.ndarray] = {}
-        constrained = [i for i in active if rows[i].constraint is not None]
-        if constrained:
-            for i in constrained:
-                try:
-                    m = np.asarray(rows[i].constraint.allowed_tokens(), bool)
-                    if m.ndim != 1 or len(m) > self.cfg.vocab_size:
-                        raise ValueError(f"allowed_tokens() returned shape {m.shape}")
-                    masks[i] = m
-                    if not m.any():
-                        if rows[i].constraint.is_finished():
-                            self._finish(i, None, "stop")
-                        else:
-                            raise ValueError("the grammar allows no token")
-                except Exception as e:
-                    self._fail_request(rows[i].handle, e)
-            active = [i for i in active if rows[i] is not None]
-            if not active:
-                return None
+        masks = self._grammar_masks(active)
+        active = [i for i in active if rows[i] is not None]
+        if not active:
+            return None
 
         # The busy rows first, padded to a row bucket with other slots, free ones first
         # (position -1: the model writes and attends nothing for them; a free row's sampling
@@ -841,33 +856,54 @@ class Engine:
         tokens = np.zeros(R, np.int32)
         positions = np.full(R, -1, np.int32)
         steps = np.zeros(R, np.int32)
-        first: dict[int, Any] = {}  # output row -> prefill logits of a row's first token
         for j, i in enumerate(active):
             tokens[j], positions[j], steps[j] = rows[i].next_token, rows[i].position, \
                 rows[i].generated
-            if rows[i].first_logits is not None:
-                # Its last prompt token is in the cache already: the model skips the row.
-                first[j], rows[i].first_logits = rows[i].first_logits, None
-                positions[j] = -1
-        if masks:
-            mask = np.ones((R, self.cfg.vocab_size), bool)
-            for j, i in enumerate(active):
-                if i in masks:
-                    mask[j] = False
-                    mask[j, : len(masks[i])] = masks[i]
-            allowed = jnp.asarray(mask)
-        else:
-            allowed = self._all_allowed(R)
-        # A grammar needs the host between tokens, as does a first token.
-        k = 1 if constrained or first else self._steps_for(
+        # A grammar needs the host between tokens.
+        k = 1 if masks else self._steps_for(
             [(rows[i], rows[i].generated, rows[i].position) for i in active])
         return self._dispatch([(i, rows[i]) for i in active], slots, tokens, positions, steps,
-                              allowed, k, first)
+                              self._allowed(R, active, masks), k)
+
+    def _grammar_masks(self, slots: Sequence[int]) -> dict[int, np.ndarray]:
+        """The allowed-token masks of the constrained rows among `slots` (by slot), from their
+        grammars on the host. A row whose grammar allows no token ends: "stop" if the grammar
+        is complete, else its request fails (as does one whose grammar raises)."""
+        masks: dict[int, np.ndarray] = {}
+        for i in slots:
+            row = self._slots[i]
+            if row is None or row.constraint is None:
+                continue
+            try:
+                m = np.asarray(row.constraint.allowed_tokens(), bool)
+                if m.ndim != 1 or len(m) > self.cfg.vocab_size:
+                    raise ValueError(f"allowed_tokens() returned shape {m.shape}")
+                if not m.any():
+                    if row.constraint.is_finished():
+                        self._finish(i, None, "stop")
+                        continue
+                    raise ValueError("the grammar allows no token")
+                masks[i] = m
+            except Exception as e:
+                self._fail_request(row.handle, e)
+        return masks
+
+    def _allowed(self, rows: int, slots: Sequence[int], masks: dict[int, np.ndarray]
+                 ) -> jax.Array:
+        """The [rows, V] allowed-token mask of a call whose first rows are `slots`."""
+        if not masks:
+            return self._all_allowed(rows)
+        mask = np.ones((rows, self.cfg.vocab_size), bool)
+        for j, i in enumerate(slots):
+            if i in masks:
+                mask[j] = False
+                mask[j, : len(masks[i])] = masks[i]
+        return jnp.asarray(mask)
 
     def _launch_next(self, call: _Call) -> _Call | None:
         """Dispatch the call that will follow `call` if nothing can change it: every busy row
         is in `call`, none is constrained or ends by length inside it, and no request waits."""
-        if call.first or any(r.constraint is not None for _, r in call.rows) or [
+        if any(r.constraint is not None for _, r in call.rows) or [
                 i for i, _ in call.rows] != [i for i, r in enumerate(self._slots) if r is not None]:
             return None
         with self._cond:
@@ -887,32 +923,21 @@ class Engine:
                               self._all_allowed(len(call.slots)), self._steps_for(after))
 
     def _dispatch(self, rows: list[tuple[int, _Row]], slots: np.ndarray, tokens: Any,
-                  positions: np.ndarray, steps: np.ndarray, allowed: jax.Array, k: int,
-                  first: dict[int, Any] | None = None) -> _Call:
-        """Dispatch a call of k steps; `first` maps output rows to the prefill logits their
-        (first) token is sampled from (k == 1), instead of the model's."""
+                  positions: np.ndarray, steps: np.ndarray, allowed: jax.Array, k: int) -> _Call:
+        """Dispatch a decode call of k steps."""
         kv_len = self._kv_bucket(max(int(positions.max()), 0) + k)
         if k == 1:
-            if first and len(first) == len(rows):  # no row needs the model
-                logits = np.zeros((len(slots), self.cfg.vocab_size), np.float32)
-            else:
-                logits, self.cache = self._program("forward", kv_len, len(slots))(
-                    self.params, self.cache, slots, tokens, positions)
-                self.stats.model_calls += 1
-            if first:
-                logits = np.array(logits)  # a writable host copy
-                for j, row_logits in first.items():
-                    logits[j] = np.asarray(row_logits)[0]
+            logits, self.cache = self._program("forward", kv_len, len(slots))(
+                self.params, self.cache, slots, tokens, positions)
             outs, self.pstate = self._program("sample", len(slots))(
                 logits, self.pstate, self.sbatch, slots, steps, allowed)
         else:
             outs, self.cache, self.pstate = self._program("decode", kv_len, k, len(slots))(
                 self.params, self.cache, self.pstate, self.sbatch, slots, tokens, positions,
                 steps, allowed)
-            self.stats.model_calls += 1
         self.stats.decode_calls += 1
         self.stats.decode_steps += k
-        return _Call(outs, rows, slots, positions, steps, k, bool(first))
+        return _Call(outs, rows, slots, positions, steps, k)
 
     def _all_allowed(self, rows: int) -> jax.Array:
         if rows not in self._all_true:

@@ -588,9 +588,8 @@ def test_concurrent_chunked_prefills_match_one_call_alone(engine, chunk16_engine
     assert together == alone
 
 
-def test_long_prefill_interleaves_with_decode(params, monkeypatch):
-    """While a long prompt is prefilled chunk by chunk, a stream already generating gets a
-    token between chunks instead of waiting for the whole prompt."""
+def _logged_emits(monkeypatch) -> list:
+    """(handle, token) of every event the engine emits, in order."""
     from qwen_jax.engine import RequestHandle
 
     order: list = []
@@ -601,6 +600,13 @@ def test_long_prefill_interleaves_with_decode(params, monkeypatch):
         emit(self, ev)
 
     monkeypatch.setattr(RequestHandle, "_emit", logged)
+    return order
+
+
+def test_long_prefill_interleaves_with_decode(params, monkeypatch):
+    """While a long prompt is prefilled chunk by chunk, a stream already generating gets a
+    token between chunks instead of waiting for the whole prompt."""
+    order = _logged_emits(monkeypatch)
     eng = Engine(params, CFG, max_slots=2, max_len=128, vocab_limit=250, prefill_chunk=16,
                  lookahead=False)
     try:
@@ -617,6 +623,51 @@ def test_long_prefill_interleaves_with_decode(params, monkeypatch):
         first_b = next(j for j, (h, _) in enumerate(since) if h is b)
         # One decode call of `a` per chunk of `b` (the last one decodes both).
         assert sum(h is a for h, _ in since[:first_b]) >= chunks - 1 >= 6
+    finally:
+        eng.close()
+
+
+def test_a_burst_streams_first_tokens_as_their_prompts_are_done(params, monkeypatch):
+    """Requests arriving together are prefilled about a chunk's worth per engine iteration:
+    the first one's first token streams before the last one's prompt is done, and a stream
+    already generating gets tokens in between (not one stall for the whole burst)."""
+    order = _logged_emits(monkeypatch)
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, prefill_chunk=16,
+                 lookahead=False)
+    try:
+        a = eng.submit(request(prompt=[1, 2, 3], max_tokens=40))
+        stream = a.events(timeout=TIMEOUT)
+        next(stream)
+        with eng._cond:  # all three wait together, so one iteration admits them all
+            burst = [eng.submit(request(prompt=list(range(10 + k, 26 + k)), max_tokens=2))
+                     for k in range(3)]
+        for h in burst:
+            assert len(tokens(collect(h)[0])) == 2
+        list(stream)
+        firsts = [next(j for j, (h, _) in enumerate(order) if h is b) for b in burst]
+        assert firsts == sorted(firsts)
+        # A 16-token prompt fills the 16-token budget: one prompt per iteration, each followed
+        # by a decode call that streams its first token and a token of `a`.
+        for j0, j1 in zip(firsts, firsts[1:]):
+            assert any(h is a for h, _ in order[j0:j1])
+    finally:
+        eng.close()
+
+
+def test_a_short_prompt_does_not_wait_behind_a_long_one(params, monkeypatch):
+    """Prompts being prefilled take turns: a short request that arrives while a long prompt is
+    prefilled chunk by chunk gets its first token before the long one does."""
+    order = _logged_emits(monkeypatch)
+    eng = Engine(params, CFG, max_slots=2, max_len=128, vocab_limit=250, prefill_chunk=16,
+                 lookahead=False)
+    try:
+        with eng._cond:
+            long = eng.submit(request(prompt=list(range(5, 105)), max_tokens=2))
+            short = eng.submit(request(prompt=[1, 2, 3], max_tokens=2))
+        assert len(eng._prefill_plan(100)) >= 6
+        collect(long), collect(short)
+        first = [next(j for j, (h, _) in enumerate(order) if h is x) for x in (short, long)]
+        assert first[0] < first[1]
     finally:
         eng.close()
 
@@ -703,22 +754,44 @@ def test_decode_padding_leaves_a_prefilling_row_alone(params):
         eng.close()
 
 
+def test_first_tokens_leave_the_padding_rows_penalty_counts_alone(params):
+    """A request of n=3 joining a 4-slot engine samples its first tokens on a 4-row bucket
+    padded with the slot of a row already generating: that row's penalty counts must still be
+    exactly its own tokens. (The engine is driven by hand, without its thread.)"""
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, start=False)
+    a = eng.submit(request(prompt=[1, 2, 3], max_tokens=50))
+    eng._admit()
+    eng._advance_prefills()  # a's first token
+    for _ in range(3):
+        eng._step()
+    b = eng.submit(request(prompt=[5, 6, 7], max_tokens=5, n=3))
+    eng._admit()
+    eng._advance_prefills()  # b's first tokens, on a's slot too
+    slot_a = next(i for i, r in enumerate(eng._slots) if r is not None and r.handle is a)
+    got_a = tokens(list(a._events))
+    assert len(got_a) == 4 and len(b._events) == 3
+    counts = np.asarray(eng.pstate.output_counts[slot_a])
+    assert counts.sum() == 4
+    assert all(counts[t] == got_a.count(t) for t in set(got_a))
+
+
 def test_first_token_is_sampled_from_the_prefill_logits(params):
-    """The first token of each choice comes from the prefill's logits at the last prompt token:
-    alone on the engine it costs no model pass, and each later token one. The tokens are the
-    cache-free forward's (greedy), for 1- and 20-token prompts and n=2. (In a busy batch the
-    new rows skip the model in that call: the batch-invariance tests cover it.)"""
+    """The first token of each choice comes from the prefill's logits at the last prompt token,
+    sampled as soon as the prompt is done: it costs no decode call, and each later token one.
+    The tokens are the cache-free forward's (greedy), for 1- and 20-token prompts and n=2. (In a
+    busy batch the sampler's padding rows are other requests' rows: the batch-invariance tests
+    cover it.)"""
     eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250)
     try:
         for prompt in ([17], list(range(3, 23))):
-            calls = eng.stats.model_calls
+            calls = eng.stats.decode_calls
             got = run(eng, prompt=prompt, max_tokens=1, n=2)
-            assert eng.stats.model_calls == calls  # the sampler alone
+            assert eng.stats.decode_calls == calls  # the sampler alone
             assert [tokens(got[c]) for c in range(2)] == [
                 argmax_continuation(params, prompt, 1)] * 2
-            calls = eng.stats.model_calls
+            calls = eng.stats.decode_calls
             assert tokens(run(eng, prompt=prompt, max_tokens=4)[0]) == argmax_continuation(
                 params, prompt, 4)
-            assert eng.stats.model_calls - calls == 3
+            assert eng.stats.decode_calls - calls == 3
     finally:
         eng.close()
