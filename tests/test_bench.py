@@ -68,3 +68,32 @@ def test_bench_rejects_a_bad_prefill_chunk():
     assert res.returncode != 0
     assert "--prefill-chunk must be a power of two >= 16, got 24" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def _serving_benchmark():
+    """benchmarks/serving.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "serving.py"
+    spec = importlib.util.spec_from_file_location("serving_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_serving_benchmark_measures_streams_through_the_api(live_server):
+    """benchmarks/serving.py against the live test server: each reply runs to max_tokens (the
+    end-of-turn ban holds), one stamp per streamed token, and its figures are consistent."""
+    sv = _serving_benchmark()
+    target = sv.Target(live_server.base_url, api_key=live_server.api_key)
+    assert target.model == live_server.model  # the server's first model, from GET /models
+    one = sv.stream_chat(target, 0, 5, 6)
+    assert one["tokens"] == 6 and 1 <= len(one["stamps"]) <= 6
+    assert one["sent"] < one["stamps"][0] <= one["stamps"][-1]
+    res = sv.run(target, [1, 2], words=5, max_tokens=4, rounds=1)
+    assert [r["concurrency"] for r in res["burst"]] == [1, 2]
+    for r in res["burst"]:
+        assert r["output_tok_s"] > 0 and 0 < r["ttft_mean_s"] <= r["ttft_max_s"]
+    (both,) = res["running_plus_burst"]
+    assert both["concurrency"] == 2 and 0 < both["ttft_mean_s"] <= both["ttft_max_s"]
