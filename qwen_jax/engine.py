@@ -788,7 +788,9 @@ class Engine:
         slots = np.asarray(live + others[: R - len(live)], np.int32)
         steps = np.full(R, -1, np.int32)
         steps[: len(live)] = 0
-        first = np.broadcast_to(np.asarray(logits, np.float32), (R, self.cfg.vocab_size))
+        # One row (n=1) takes the logits as they are, on the device; more repeat them.
+        first = logits if R == 1 else np.broadcast_to(np.asarray(logits, np.float32),
+                                                       (R, self.cfg.vocab_size))
         outs, self.pstate = self._program("sample", R)(
             first, self.pstate, self.sbatch, slots, steps, self._allowed(R, live, masks))
         self._consume(_Call(outs, [(i, self._slots[i]) for i in live], slots,
