@@ -13,11 +13,15 @@ and `StreamingToolCallParser` (deltas), is per block:
   closing tag never comes (generation stopped early).
 - A block is a *call* when its inside is one JSON object with a non-empty string `name` and an
   object `arguments` (absent means `{}`) and, when `tools` are given, `name` is one of their
-  function names. Otherwise a closed block's raw text, tags included, is ordinary content (the
+  function names. The call's `arguments` string is the object's text as the model wrote it: a
+  number too large for a float stays as written (re-encoding it would give `Infinity`, which is
+  not JSON). Otherwise a closed block's raw text, tags included, is ordinary content (the
   model wrote it; the client should see it), and an unclosed one is dropped: generation ended
   half-way through a call (max_tokens), and half a call is neither a call nor message text.
   Nothing here raises on model output: malformed JSON or an unknown name just comes back as
   content.
+- With `max_calls` (1 for `parallel_tool_calls: false`, as vLLM does it), calls after that many
+  are dropped, like an unclosed block.
 - Content is all text outside calls and dropped blocks, with whitespace removed where it touches
   one of them and at the start of the output (a stream cannot take back whitespace it has sent
   before a call appears, so it holds whitespace back until it knows). `content` is None when
@@ -88,7 +92,29 @@ def parse_block(inner: str, names: frozenset[str] | None) -> tuple[str, str] | N
         return None
     if names is not None and name not in names:
         return None
-    return name, json.dumps(arguments, ensure_ascii=False)
+    return name, _member_text(inner, "arguments") or "{}"
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _member_text(obj_text: str, key: str) -> str | None:
+    """The source text of member `key`'s value in `obj_text`, a JSON object that json.loads
+    has accepted (the last one of that key, as json.loads keeps); None if absent."""
+    decode = json.JSONDecoder().raw_decode
+    i = _SPACE.match(obj_text, obj_text.index("{") + 1).end()
+    found = None
+    while obj_text.startswith('"', i):
+        name, i = json.decoder.scanstring(obj_text, i + 1)
+        i = _SPACE.match(obj_text, obj_text.index(":", i) + 1).end()
+        _, end = decode(obj_text, i)
+        if name == key:
+            found = obj_text[i:end]
+        i = _SPACE.match(obj_text, end).end()
+        if not obj_text.startswith(",", i):
+            break
+        i = _SPACE.match(obj_text, i + 1).end()
+    return found
 
 
 def _call(name: str, arguments: str, call_id: str) -> dict:
@@ -99,6 +125,7 @@ def parse_tool_calls(
     text: str,
     tools: Sequence[Mapping[str, Any]] | None = None,
     *,
+    max_calls: int | None = None,
     id_factory: Callable[[], str] = new_call_id,
 ) -> ParsedOutput:
     """Split a finished generation into content and OpenAI tool calls (the rule is above)."""
@@ -123,7 +150,8 @@ def parse_tool_calls(
     calls: list[dict] = []
     for i, (kind, value) in enumerate(items):
         if kind == "call":
-            calls.append(_call(*value, id_factory()))
+            if max_calls is None or len(calls) < max_calls:
+                calls.append(_call(*value, id_factory()))
             continue
         if kind == "cut":
             continue
@@ -154,9 +182,11 @@ class StreamingToolCallParser:
         self,
         tools: Sequence[Mapping[str, Any]] | None = None,
         *,
+        max_calls: int | None = None,
         id_factory: Callable[[], str] = new_call_id,
     ) -> None:
         self._names = tool_names(tools)
+        self._max_calls = max_calls
         self._new_id = id_factory
         self._buf = ""  # undecided text: a possible tag prefix, or an open block's inside
         self._in_block = False
@@ -227,6 +257,8 @@ class StreamingToolCallParser:
             return
         name, arguments = call
         self._held_ws, self._drop_ws = "", True
+        if self._max_calls is not None and self._index >= self._max_calls:
+            return  # dropped: whitespace around it goes as around a call
         head = {"name": name, "arguments": ""}
         out.append(
             {

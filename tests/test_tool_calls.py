@@ -36,8 +36,8 @@ def call(name, arguments, call_id):
     }
 
 
-def parse(text, tools=None):
-    return parse_tool_calls(text, tools, id_factory=counter_ids())
+def parse(text, tools=None, max_calls=None):
+    return parse_tool_calls(text, tools, max_calls=max_calls, id_factory=counter_ids())
 
 
 # -- the per-block rule, on examples ------------------------------------------------------------
@@ -107,6 +107,38 @@ def test_a_block_cut_off_is_dropped_not_content():
         assert streamed == ParsedOutput("Sure:", []) and START not in json.dumps(deltas)
 
 
+def test_arguments_are_the_models_text_and_stay_json():
+    """A number too large for a float is kept as written: re-encoding the parsed value would
+    give `Infinity`, which is not JSON; escapes, number forms and key order stay too."""
+    args = '{"price": 3488857E189222, "tiny": 1e-400, "x": 1.50, "s": "\\u00e9\\n", "n": -0}'
+    text = f'<tool_call>\n{{"name": "f", "arguments": {args}}}\n</tool_call>'
+
+    def no_constants(name):
+        raise ValueError(name)
+
+    for got in (parse(text), run_stream([text[:40], text[40:]])[0]):
+        (c,) = got.tool_calls
+        assert c["function"]["arguments"] == args
+        json.loads(c["function"]["arguments"], parse_constant=no_constants)  # strict JSON
+    # Absent arguments are {}; a repeated key counts once, the last, as in json.loads.
+    assert parse('<tool_call>{"name": "f"}</tool_call>').tool_calls[0]["function"][
+        "arguments"] == "{}"
+    dup = '<tool_call>{"arguments": {"a": 1}, "name": "f", "arguments": {"b": [2, {}]} }' \
+          "</tool_call>"
+    assert parse(dup).tool_calls[0]["function"]["arguments"] == '{"b": [2, {}]}'
+
+
+def test_max_calls_keeps_the_first_calls_only():
+    """parallel_tool_calls false: calls after the first are dropped, with the whitespace
+    around them; the text around them stays content."""
+    two = ("Sure.\n<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"c\": 1}}\n</tool_call>\n"
+           "<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"c\": 2}}\n</tool_call>\nBye")
+    for got in (parse(two, WEATHER, max_calls=1), run_stream(list(two), WEATHER, 1)[0]):
+        assert got.content == "Sure.Bye"
+        assert [c["function"]["arguments"] for c in got.tool_calls] == ['{"c": 1}']
+    assert len(parse(two, WEATHER).tool_calls) == 2
+
+
 def test_unknown_name_is_accepted_without_tools():
     out = parse('<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>')
     assert [c["function"]["name"] for c in out.tool_calls] == ["nope"]
@@ -128,9 +160,9 @@ def test_mixed_valid_and_malformed_blocks():
 # -- streaming ----------------------------------------------------------------------------------
 
 
-def run_stream(chunks, tools=None):
+def run_stream(chunks, tools=None, max_calls=None):
     """Feed chunks; rebuild (content, calls) the way an OpenAI client does from the deltas."""
-    parser = StreamingToolCallParser(tools, id_factory=counter_ids())
+    parser = StreamingToolCallParser(tools, max_calls=max_calls, id_factory=counter_ids())
     deltas = [d for chunk in chunks for d in parser.feed(chunk)] + parser.finish()
     content, calls = "", []
     for delta in deltas:
@@ -178,11 +210,18 @@ def _split(text, cuts):
 
 
 @settings(max_examples=400, deadline=None)
-@given(text=_texts, cuts=st.lists(st.integers(0, 400), max_size=20), with_tools=st.booleans())
-def test_stream_equals_parse_for_any_split(text, cuts, with_tools):
+@given(text=_texts, cuts=st.lists(st.integers(0, 400), max_size=20), with_tools=st.booleans(),
+       max_calls=st.sampled_from([None, 1, 2]))
+def test_stream_equals_parse_for_any_split(text, cuts, with_tools, max_calls):
     tools = WEATHER if with_tools else None
-    streamed, _ = run_stream(_split(text, cuts), tools)
-    assert streamed == parse(text, tools)
+    streamed, _ = run_stream(_split(text, cuts), tools, max_calls)
+    whole = parse(text, tools, max_calls)
+    assert streamed == whole
+    if max_calls is not None:  # the first calls of the unlimited parse, the same content
+        unlimited = parse(text, tools)
+        assert whole.content == unlimited.content
+        assert [c["function"] for c in whole.tool_calls] == [
+            c["function"] for c in unlimited.tool_calls[:max_calls]]
 
 
 @settings(max_examples=100, deadline=None)
