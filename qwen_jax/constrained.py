@@ -15,6 +15,13 @@ Forced tool calls (tool_choice "required" or a named function) follow Qwen2.5's 
     <tool_call>\n{"name": "<fn>", "arguments": {...}}\n</tool_call>
 with `<tool_call>` / `</tool_call>` as their single added tokens; several calls separated by "\n"
 when parallel_tool_calls and tool_choice is "required"; then EOS.
+
+Schemas are compiled leniently (llguidance's `lenient`: keywords it cannot enforce, such as
+`uniqueItems` or `not`, are ignored, the rest enforced) unless the request says `strict: true`
+(on `response_format.json_schema` or on the function), where such a keyword is a 400 instead:
+strict asks for output that follows the whole schema. Tool schemas are checked so whatever the
+tool_choice (`check_tool_schemas`): an invalid schema (an unknown type, a `$ref` to nothing) is a
+400 even where no call is forced, as OpenAI answers it.
 """
 
 from __future__ import annotations
@@ -61,11 +68,17 @@ def build_ll_tokenizer(
     return llguidance.LLTokenizer(_backend_json(tokenizer), eos_token=eos_token_ids or None)
 
 
-def _json_grammar(schema: dict, param: str = "response_format.json_schema.schema") -> str:
+def _options(strict: bool) -> dict[str, Any]:
+    return JSON_OPTIONS if strict else {**JSON_OPTIONS, "lenient": True}
+
+
+def _json_grammar(schema: dict, param: str = "response_format.json_schema.schema", *,
+                  strict: bool = False) -> str:
     """The grammar of a JSON schema, checked: a schema llguidance cannot compile is an error
     naming `param` (its own message, without the grammar it was wrapped in)."""
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema,
+                                                                defaults=_options(strict))
     except ValueError as e:
         raise ConstraintError(f"invalid JSON schema: {e}", param) from e
     error = llguidance.LLMatcher.validate_grammar(grammar)  # no tokenizer needed: ~0.2 ms
@@ -75,10 +88,16 @@ def _json_grammar(schema: dict, param: str = "response_format.json_schema.schema
 
 
 def check_tool_schemas(tools: list[dict] | tuple[dict, ...]) -> None:
-    """Each tool's parameters must be a JSON schema the grammar compiler takes, whatever the
-    tool_choice (OpenAI checks them too): a bad one is named before anything is generated."""
+    """Each tool's parameters must be a JSON schema the grammar compiler takes (leniently,
+    unless the function is strict), whatever the tool_choice: a bad one is named before
+    anything is generated."""
     for i, tool in enumerate(tools):
-        _json_grammar(_function_parameters(tool), f"tools[{i}].function.parameters")
+        _json_grammar(_function_parameters(tool), f"tools[{i}].function.parameters",
+                      strict=_is_strict(tool))
+
+
+def _is_strict(tool: dict) -> bool:
+    return tool["function"].get("strict") is True
 
 
 def _function_parameters(tool: dict) -> dict:
@@ -100,7 +119,8 @@ def tool_call_lark(tools: list[dict], *, several: bool) -> str:
              "body: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
     for i, tool in enumerate(tools):
         head = json.dumps(f'{{"name": {json.dumps(tool["function"]["name"])}, "arguments": ')
-        schema = {"x-guidance": JSON_OPTIONS, **_function_parameters(tool)}  # theirs win
+        schema = {"x-guidance": _options(_is_strict(tool)),
+                  **_function_parameters(tool)}  # their own "x-guidance" wins
         lines += [f'call_{i}: {head} args_{i} "}}"', f"args_{i}: %json {json.dumps(schema)}"]
     return "\n".join(lines)
 
@@ -142,7 +162,7 @@ def grammar_for(
                 "response_format.json_schema.schema must be an object",
                 "response_format.json_schema.schema",
             )
-        return _json_grammar(schema)
+        return _json_grammar(schema, strict=spec.get("strict") is True)
     raise ConstraintError(f"unsupported response_format type {kind!r}", "response_format.type")
 
 

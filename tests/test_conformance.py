@@ -251,6 +251,11 @@ def check_completion(body: dict, reply: Reply) -> None:
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
     assert u["prompt_tokens"] > 0 and u["completion_tokens"] <= n * limit
     stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
+    # Grammar-constrained output ends where its grammar does: stop strings are not matched.
+    rf = (body.get("response_format") or {}).get("type")
+    forced = body.get("tools") and body.get("tool_choice") not in (None, "none", "auto")
+    if rf in ("json_object", "json_schema") or forced:
+        stops = []
     for c in obj["choices"]:
         content = c["message"]["content"] or ""
         assert not any(s in content for s in stops), (stops, content)

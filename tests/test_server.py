@@ -704,6 +704,48 @@ def test_a_tool_schema_the_grammar_cannot_take_is_a_400_whatever_the_choice(app,
     assert not engine.requests
 
 
+UNIQUE = {"type": "object", "properties": {
+    "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "none", "required", "named"])
+def test_keywords_the_grammar_cannot_enforce_need_strict_to_be_refused(app, engine, tool_choice):
+    """uniqueItems (pydantic's Set) is valid JSON Schema that llguidance cannot enforce: a
+    function's schema with it is taken (the rest enforced) unless the function is strict."""
+    choice = {"type": "function", "function": {"name": "h"}} if tool_choice == "named" \
+        else tool_choice
+    for strict in (False, True):
+        tool = {"type": "function", "function": {"name": "h", "parameters": UNIQUE,
+                                                 **({"strict": True} if strict else {})}}
+        status, _, raw = call(app, body=req(tools=[*TOOLS, tool], tool_choice=choice))
+        if strict:
+            e = json.loads(raw)["error"]
+            assert status == 400 and e["param"] == "tools[2].function.parameters", e
+            assert "uniqueItems" in e["message"]
+        else:
+            assert status == 200, raw
+
+
+def test_a_json_schema_keyword_the_grammar_cannot_enforce_needs_strict_to_be_refused(app,
+                                                                                     engine):
+    for strict in (False, True):
+        rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": UNIQUE,
+                                                     "strict": strict}}
+        status, _, raw = call(app, body=req(response_format=rf))
+        assert status == (400 if strict else 200), raw
+        if strict:
+            assert "uniqueItems" in json.loads(raw)["error"]["message"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_of_auto_output(app, engine):
+    engine.texts = [CALL_TEXT + "\n" + CALL_TEXT.replace('"x": 1', '"x": 2')]
+    for parallel, expected in ((True, [("f", {"x": 1}), ("f", {"x": 2})]),
+                               (False, [("f", {"x": 1})])):
+        whole, streamed = tool_reply(app, parallel_tool_calls=parallel)
+        assert whole[1] == streamed[1] == expected
+        assert whole[2] == streamed[2] == "tool_calls"
+
+
 def test_a_bad_json_schema_names_the_schema(app, engine):
     rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
     status, _, raw = call(app, body=req(response_format=rf))
