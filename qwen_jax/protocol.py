@@ -596,6 +596,14 @@ def validate_chat_request(
         (stream_options or {}).get("include_usage"), "stream_options.include_usage", False
     )
     tools = _tools(body.get("tools"))
+    # OpenAI's deprecated function calling: refused rather than ignored, or the model would
+    # never see the functions and answer in text as if there were none.
+    if body.get("functions") not in (None, []) or isinstance(body.get("function_call"), dict):
+        field = "functions" if body.get("functions") not in (None, []) else "function_call"
+        raise invalid_request(
+            f"'{field}' (OpenAI's deprecated function calling) is not supported: use 'tools' "
+            "and 'tool_choice'.", field
+        )
     return ChatRequest(
         model=model,
         messages=messages,

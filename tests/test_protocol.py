@@ -61,6 +61,17 @@ def test_null_means_default_and_unknown_fields_are_ignored():
     assert ok(metadata={"a": 1}, service_tier="auto", store=False) == ok()
 
 
+def test_deprecated_function_calling_is_refused_not_ignored():
+    fn = {"name": "f", "parameters": {"type": "object"}}
+    for fields, param in (({"functions": [fn]}, "functions"),
+                          ({"function_call": {"name": "f"}}, "function_call"),
+                          ({"functions": [fn], "function_call": "auto"}, "functions")):
+        e = err({**BASE, **fields})
+        assert e.status == 400 and e.param == param and "'tools'" in e.message
+    # Empty or no-op values, as some clients send them, pass.
+    assert ok(functions=[], function_call="none") == ok(functions=None, function_call="auto")
+
+
 def test_fields_are_carried():
     r = ok(
         temperature=0.7,
