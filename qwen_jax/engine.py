@@ -476,8 +476,11 @@ class Engine:
     def warmup(self, prompt_lengths: Sequence[int] | None = None,
                kv_lens: Sequence[int] | None = None, rows: Sequence[int] | None = None) -> None:
         """Compile prefill for the buckets of `prompt_lengths` (default: every bucket) and decode
-        for the kv_len buckets of the cache lengths `kv_lens` and the row buckets of `rows` busy
-        rows (defaults: all); afterwards any compile is logged as a warning."""
+        for the kv_len buckets of the cache lengths `kv_lens` and every row bucket up to that of
+        max(`rows`) busy rows (defaults: all): requests arriving together join one or a few at a
+        time, so their batch passes through the smaller buckets, and each request's first
+        tokens are sampled on the bucket of its n. Afterwards any compile is logged as a
+        warning."""
         lengths = list(prompt_lengths) if prompt_lengths is not None else self._all_buckets()
         prefills = sorted({(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)})
         kvs = sorted({self._kv_bucket(n) for n in kv_lens} if kv_lens is not None
@@ -487,8 +490,8 @@ class Engine:
             for b, kv in prefills:
                 self._program("prefill", b, kv)
             self._program("copy")
-            row_buckets = self.row_buckets if rows is None else sorted(
-                {self._row_bucket(n) for n in rows})
+            row_buckets = self.row_buckets if rows is None else [
+                r for r in self.row_buckets if r <= self._row_bucket(max(rows))]
             for r in row_buckets:
                 self._program("sample", r)
                 for kv in kvs:
@@ -821,6 +824,8 @@ class Engine:
         while the host streams (it is dropped for rows that finish or are cancelled meanwhile)."""
         self._reset_free_rows()
         call, self._inflight = self._inflight, None
+        if call is not None and all(self._slots[i] is not r for i, r in call.rows):
+            call = None  # every row it was dispatched for has ended: nothing to stream
         if call is None:
             call = self._launch()
             if call is None:
@@ -880,7 +885,7 @@ class Engine:
                 m = np.asarray(row.constraint.allowed_tokens(), bool)
                 if m.ndim != 1 or len(m) > self.cfg.vocab_size:
                     raise ValueError(f"allowed_tokens() returned shape {m.shape}")
-                if not m.any():
+                if not m[: self.vocab_limit].any():  # the sampler draws below vocab_limit
                     if row.constraint.is_finished():
                         self._finish(i, None, "stop")
                         continue

@@ -300,6 +300,68 @@ def test_constraint_mask_is_respected(engine):
     assert out[0][-1].finish_reason == out[1][-1].finish_reason == "stop"
 
 
+def test_a_grammar_allowing_only_ids_past_the_vocab_limit_is_an_error(engine):
+    """The sampler draws below vocab_limit (250): a mask allowing only id 252 allows nothing."""
+    class Only252(OnlyTokens):
+        def allowed_tokens(self) -> np.ndarray:
+            m = np.zeros(CFG.vocab_size, bool)
+            m[252] = True
+            return m
+
+    out = run(engine, prompt=[4, 4], max_tokens=5, constraints=[Only252([252], 9)])
+    assert tokens(out[0]) == [] and out[0][-1].finish_reason == "error"
+    assert "allows no token" in out[0][-1].error
+
+
+def tick(eng: Engine) -> None:
+    """One iteration of the engine loop, by hand (an engine made with start=False)."""
+    eng._handle_cancels()
+    eng._admit()
+    eng._advance_prefills()
+    if any(r is not None and r.ready for r in eng._slots):
+        eng._step()
+
+
+def test_a_burst_after_warmup_compiles_nothing(params):
+    """warmup(rows=[4]) covers what four requests arriving together run: they join over
+    several iterations (one 16-token prompt per 16-token budget), so decode passes through the
+    1- and 2-row buckets, and each first token is sampled on the 1-row bucket. (max_len 40:
+    programs of their own, not compiled by other tests' engines of this shape.)"""
+    eng = Engine(params, CFG, max_slots=4, max_len=40, vocab_limit=250, prefill_chunk=16)
+    try:
+        eng.warmup(prompt_lengths=[16], kv_lens=range(1, 40), rows=[4])
+        with eng._cond:
+            burst = [eng.submit(request(prompt=list(range(k, 16 + k)), max_tokens=4))
+                     for k in range(4)]
+        for h in burst:
+            assert len(tokens(collect(h)[0])) == 4
+        assert eng.stats.compiles_after_warmup == 0
+    finally:
+        eng.close()
+
+
+def test_lookahead_drops_a_call_whose_rows_all_ended(params):
+    """A call dispatched ahead for a row that then ends (stop token) must not stand in for the
+    next request's first decode call: the iteration it joins in also decodes it."""
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, steps_per_call=4,
+                 lookahead=True, start=False)
+
+    def until_done(h):
+        for _ in range(200):
+            tick(eng)
+            if not h._open:
+                return tokens(list(h._events))
+        raise AssertionError("not done")
+
+    ref = until_done(eng.submit(request(prompt=[1, 2, 3], max_tokens=20)))
+    until_done(eng.submit(request(prompt=[1, 2, 3], max_tokens=20,
+                                  stop_token_ids=(ref[6],))))
+    assert eng._inflight is not None  # dispatched ahead for the row that stopped
+    h = eng.submit(request(prompt=[4, 5, 6], max_tokens=20))
+    tick(eng)
+    assert len(tokens(list(h._events))) > 1  # its first token and a decode call's
+
+
 def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch):
     """Warm-up runs every decode program it compiles once, and the prefill programs of
     one-chunk prompts (their first run on the CPU sets up YNNPACK's operators, 0.3-0.65 s at
@@ -327,7 +389,8 @@ def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch):
         state = [np.asarray(a) for a in jax.tree.leaves((eng.cache, eng.pstate))]
         monkeypatch.setattr(Engine, "_program", counting)
         eng.warmup(prompt_lengths=[8, 40], kv_lens=[5, 300], rows=[1, 4])
-        kvs, rows = sorted({eng._kv_bucket(n) for n in (5, 300)}), [1, 4]
+        # rows=[1, 4]: every row bucket up to 4's (a burst passes through them all).
+        kvs, rows = sorted({eng._kv_bucket(n) for n in (5, 300)}), [1, 2, 4]
         assert len(kvs) == 2
         expected = collections.Counter()
         for r in rows:
