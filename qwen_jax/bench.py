@@ -124,24 +124,41 @@ def _parse_lengths(text: str) -> list[int]:
 
 
 def _decode_rate(engine, prompts: list[list[int]], max_tokens: int) -> float:
-    """Aggregate decode tokens/s while all `prompts` are in the batch together.
+    """Aggregate decode tokens/s while all `prompts` are in the batch together: from the moment
+    the last of them has its first token to the last token of the first to finish (requests
+    sent together join a few per engine iteration, so the first ones are a few tokens ahead),
+    every decode step in between carries all of them: the rows times that row's steps, over
+    that time.
 
-    This thread blocks on the event streams rather than polling them: with two cores, a polling
-    loop takes CPU time from XLA's threads (batch-1 decode measured 22 instead of 27 tok/s)."""
+    One thread per stream blocks on its events, stamping each token as it arrives; with two
+    cores, a polling loop would take CPU time from XLA's threads (batch-1 decode measured 22
+    instead of 27 tok/s)."""
+    import threading
+
     from qwen_jax.engine import GenerationRequest
     from qwen_jax.sampler import SamplingParams
 
     greedy = SamplingParams(temperature=0.0)
     handles = [engine.submit(GenerationRequest(tuple(p), greedy, max_tokens)) for p in prompts]
-    streams = [h.events(timeout=600.0) for h in handles]
-    # Start the clock once every row has its first token (prefills done), stop at the end.
-    for s in streams:
-        next(s)
-    t0, tok0 = time.perf_counter(), engine.stats.tokens
-    for s in streams:
-        for _ in s:
-            pass
-    return (engine.stats.tokens - tok0) / (time.perf_counter() - t0)
+    stamps: list[list[float]] = [[] for _ in handles]
+
+    def read(k: int) -> None:
+        for ev in handles[k].events(timeout=600.0):
+            if ev.token is not None:
+                stamps[k].append(time.perf_counter())
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(len(handles))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    start = max(s[0] for s in stamps)
+    first_done = min(stamps, key=lambda s: s[-1])
+    steps = sum(1 for t in first_done if t > start)
+    if steps == 0:
+        raise ValueError(f"{max_tokens} decode tokens are too few for {len(prompts)} rows to "
+                         "decode together (the first ended before the last joined)")
+    return len(prompts) * steps / (first_done[-1] - start)
 
 
 def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
