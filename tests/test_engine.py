@@ -340,6 +340,22 @@ def test_a_burst_after_warmup_compiles_nothing(params):
         eng.close()
 
 
+def test_the_first_request_after_warmup_compiles_nothing(params):
+    """Warm-up also runs what a join runs besides the engine's programs (the sampling and
+    penalty row updates, jitted on first use, and the copy of n > 1): the first requests, n=1
+    and n=2, compile nothing in this process. (max_slots 3: row shapes no other test made.)"""
+    eng = Engine(params, CFG, max_slots=3, max_len=64, vocab_limit=250)
+    try:
+        eng.warmup(prompt_lengths=[3], kv_lens=range(1, 64), rows=[3])
+        before = backend_compile_count()
+        assert len(tokens(run(eng, prompt=[1, 2, 3], max_tokens=4)[0])) == 4
+        assert [len(tokens(c)) for c in run(eng, prompt=[3, 2, 1], max_tokens=2, n=2,
+                                             sampling=SAMPLED).values()] == [2, 2]
+        assert backend_compile_count() == before
+    finally:
+        eng.close()
+
+
 def test_lookahead_drops_a_call_whose_rows_all_ended(params):
     """A call dispatched ahead for a row that then ends (stop token) must not stand in for the
     next request's first decode call: the iteration it joins in also decodes it."""
@@ -392,7 +408,7 @@ def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch):
         # rows=[1, 4]: every row bucket up to 4's (a burst passes through them all).
         kvs, rows = sorted({eng._kv_bucket(n) for n in (5, 300)}), [1, 2, 4]
         assert len(kvs) == 2
-        expected = collections.Counter()
+        expected = collections.Counter({("copy",): 1})  # a free row onto itself
         for r in rows:
             expected[("sample", r)] = len(kvs)
             for kv in kvs:
