@@ -81,6 +81,7 @@ class GenerationRequest:
     constraints: Sequence[Constraint] | None = None  # one per choice
     logprobs: bool = False
     top_logprobs: int = 0
+    min_tokens: int = 0  # stop_token_ids cannot be sampled before this many tokens (vLLM's)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,12 @@ class _Call:
     positions: np.ndarray
     steps: np.ndarray
     k: int
+
+
+def _banning_stops(row: _Row, ahead: int = 0) -> bool:
+    """Whether the row's stop tokens are banned at its next token (`ahead` tokens on)."""
+    r = row.handle.request
+    return bool(r.stop_token_ids) and row.generated + ahead < r.min_tokens
 
 
 _SHARED_PROGRAMS: dict[tuple, Any] = {}
@@ -579,6 +586,8 @@ class Engine:
             raise ValueError(f"need one constraint per choice ({r.n}), got {len(r.constraints)}")
         if not 0 <= r.top_logprobs <= TOP_LOGPROBS_MAX:
             raise ValueError(f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}]")
+        if not isinstance(r.min_tokens, int) or not 0 <= r.min_tokens <= r.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {r.min_tokens!r}")
 
     def _prefill_plan(self, n: int) -> list[tuple[int, int, int]]:
         return prefill_plan(n, self.prefill_chunk, self.max_len)
@@ -790,7 +799,7 @@ class Engine:
         wait for the other prompts being prefilled or for the next decode call. The sampler runs
         on a row bucket; its padding rows (other slots, at step -1) are neither counted nor
         streamed."""
-        masks = self._grammar_masks(live)
+        masks = self._masks(live)
         live = [i for i in live if self._slots[i] is not None]
         if not live:
             return
@@ -857,7 +866,7 @@ class Engine:
         rows = self._slots
         active = [i for i, r in enumerate(rows) if r is not None and r.ready]
 
-        masks = self._grammar_masks(active)
+        masks = self._masks(active)
         active = [i for i in active if rows[i] is not None]
         if not active:
             return None
@@ -875,11 +884,27 @@ class Engine:
         for j, i in enumerate(active):
             tokens[j], positions[j], steps[j] = rows[i].next_token, rows[i].position, \
                 rows[i].generated
-        # A grammar needs the host between tokens.
+        # A grammar (or a min_tokens ban) needs the host between tokens.
         k = 1 if masks else self._steps_for(
             [(rows[i], rows[i].generated, rows[i].position) for i in active])
         return self._dispatch([(i, rows[i]) for i in active], slots, tokens, positions, steps,
                               self._allowed(R, active, masks), k)
+
+    def _masks(self, slots: Sequence[int]) -> dict[int, np.ndarray]:
+        """The allowed-token masks of the rows among `slots` that need one (by slot): a grammar's
+        (`_grammar_masks`), and, below a request's min_tokens, its stop tokens banned (unless
+        they are all its grammar allows: the grammar wins)."""
+        masks = self._grammar_masks(slots)
+        for i in slots:
+            row = self._slots[i]
+            if row is None or not _banning_stops(row):
+                continue
+            m = masks.get(i)
+            m = np.ones(self.cfg.vocab_size, bool) if m is None else m.copy()
+            banned = m.copy()
+            banned[[t for t in row.handle.request.stop_token_ids if t < len(m)]] = False
+            masks[i] = banned if banned[: self.vocab_limit].any() else m
+        return masks
 
     def _grammar_masks(self, slots: Sequence[int]) -> dict[int, np.ndarray]:
         """The allowed-token masks of the constrained rows among `slots` (by slot), from their
@@ -919,7 +944,7 @@ class Engine:
     def _launch_next(self, call: _Call) -> _Call | None:
         """Dispatch the call that will follow `call` if nothing can change it: every busy row
         is in `call`, none is constrained or ends by length inside it, and no request waits."""
-        if any(r.constraint is not None for _, r in call.rows) or [
+        if any(r.constraint is not None or _banning_stops(r, call.k) for _, r in call.rows) or [
                 i for i, _ in call.rows] != [i for i, r in enumerate(self._slots) if r is not None]:
             return None
         with self._cond:

@@ -196,12 +196,14 @@ _OWN_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "max_tokens": (0, 1_000_000, True, True),
     "max_completion_tokens": (0, 1_000_000, True, True),
     "top_logprobs": (0, 20, True, True),
+    "min_tokens": (0, 1_000_000, True, True),
 }
 REQUEST_RANGES: dict[str, tuple[float, float, bool, bool]] = {**_OWN_RANGES, **SAMPLING_RANGES}
 INTEGER_FIELDS = frozenset(
-    {"n", "max_tokens", "max_completion_tokens", "top_logprobs", "seed", "top_k"}
+    {"n", "max_tokens", "max_completion_tokens", "top_logprobs", "seed", "top_k", "min_tokens"}
 )
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 1024
 TOOL_CHOICE_MODES = ("none", "auto", "required")
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 _SAMPLING_FIELDS = (
@@ -250,6 +252,11 @@ class ChatRequest:
     logprobs: bool
     top_logprobs: int
     user: str | None
+    # vLLM's sampling extensions: stop at these ids too; never stop at EOS; no stop (token or
+    # string) before this many tokens (clamped to max_tokens).
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
     def to_body(self) -> dict:
         """A request body that validates back to this ChatRequest (for tests and logging)."""
@@ -278,6 +285,9 @@ class ChatRequest:
             "parallel_tool_calls": self.parallel_tool_calls,
             "response_format": self.response_format,
             "user": self.user,
+            "stop_token_ids": list(self.stop_token_ids) or None,
+            "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens,
         }
         return body
 
@@ -381,6 +391,29 @@ def _stop(value: object) -> tuple[str, ...]:
         if not isinstance(s, str) or not s:
             raise invalid_request("Each stop sequence must be a non-empty string.", "stop")
     return tuple(stops)
+
+
+def _stop_token_ids(value: object, vocab_limit: int | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_STOP_TOKEN_IDS:
+        raise invalid_request(
+            f"'stop_token_ids' must be an array of at most {MAX_STOP_TOKEN_IDS} token ids.",
+            "stop_token_ids",
+        )
+    ids = []
+    for t in value:
+        if isinstance(t, float) and t.is_integer():
+            t = int(t)  # JSON has one number type
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (
+                vocab_limit is not None and t >= vocab_limit):
+            bound = "" if vocab_limit is None else f" below {vocab_limit}"
+            raise invalid_request(
+                f"'stop_token_ids' must hold token ids (integers >= 0{bound}), got {t!r}.",
+                "stop_token_ids",
+            )
+        ids.append(t)
+    return tuple(dict.fromkeys(ids))
 
 
 def _sampling(body: dict, vocab_limit: int | None) -> SamplingParams:
@@ -622,6 +655,9 @@ def validate_chat_request(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         user=_optional_string(body.get("user"), "user"),
+        stop_token_ids=_stop_token_ids(body.get("stop_token_ids"), vocab_limit),
+        ignore_eos=_optional_bool(body.get("ignore_eos"), "ignore_eos", False),
+        min_tokens=get("min_tokens") or 0,
     )
 
 

@@ -135,6 +135,7 @@ class ChoiceState:
     want_logprobs: bool
     top_logprobs: int
     token_text: TokenText | None
+    min_tokens: int = 0  # stop strings are not matched in the text of the first min_tokens
     text: str = ""  # everything emitted so far (after stop strings), tool-call markup included
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -181,7 +182,8 @@ class ChoiceState:
                 # Held-back text cannot grow into a stop string across a tag: release it.
                 deltas += self._route(self.stops.flush() + piece, final=False)
                 continue
-            safe, hit = self.stops.push(piece)
+            safe, hit = (self.stops.push(piece) if self.completion_tokens > self.min_tokens
+                         else (piece, False))
             if hit:
                 return deltas + self._route(safe, final=True), True
             deltas += self._route(safe, final=False)
@@ -369,10 +371,12 @@ class App:
                                                  self.max_model_len)
         meta["prompt"] = len(prompt_ids)
         constraints = self._constraints(req, tools)
+        stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else self.eos_ids)
         gen = GenerationRequest(
             prompt_ids=tuple(prompt_ids), sampling=req.sampling, max_tokens=max_tokens, n=req.n,
-            stop_token_ids=tuple(sorted(self.eos_ids)), constraints=constraints,
+            stop_token_ids=tuple(sorted(stop_ids)), constraints=constraints,
             logprobs=req.logprobs, top_logprobs=req.top_logprobs,
+            min_tokens=min(req.min_tokens, max_tokens),
         )
         try:
             # max_tokens 0 (allowed by the API) asks for nothing: answer without the engine.
@@ -428,6 +432,7 @@ class App:
             want_logprobs=req.logprobs,
             top_logprobs=req.top_logprobs,
             token_text=self.token_text if req.logprobs else None,
+            min_tokens=req.min_tokens,
         )
 
     @staticmethod

@@ -146,6 +146,10 @@ def valid_requests(draw, model: str) -> dict:
                 "logit_bias": st.dictionaries(
                     st.integers(0, 100).map(str), st.floats(-100, 100, **finite), max_size=2
                 ),
+                # vLLM's extensions
+                "stop_token_ids": st.lists(st.integers(0, 100), max_size=3),
+                "ignore_eos": st.booleans(),
+                "min_tokens": st.integers(0, 8),
             },
         )
     )
@@ -218,6 +222,11 @@ INVALID = [
     ("logit_bias", _set("logit_bias", {"not-a-token": 1}), 400),
     ("logit_bias", _set("logit_bias", {"1": 101}), 400),
     ("user", _set("user", 12), 400),
+    ("stop_token_ids", _set("stop_token_ids", [-1]), 400),
+    ("stop_token_ids", _set("stop_token_ids", "7"), 400),
+    ("ignore_eos", _set("ignore_eos", "yes"), 400),
+    ("min_tokens", _set("min_tokens", -1), 400),
+    ("functions", _set("functions", [WEATHER["function"]]), 400),
     ("messages", _set("messages", []), 400),
     ("messages", _set("messages", "hello"), 400),
     ("messages", _set("messages", [{"content": "no role"}]), 400),
@@ -239,6 +248,18 @@ INVALID = [
 # --------------------------------------------------------------------------- the checks
 
 
+def _matched_stops(body: dict) -> list[str]:
+    """The stop strings the reply's text must not contain: none where a grammar constrains the
+    output (JSON modes, forced tool calls), which ends where its grammar does, and none with
+    min_tokens."""
+    stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
+    rf = (body.get("response_format") or {}).get("type")
+    forced = body.get("tools") and body.get("tool_choice") not in (None, "none", "auto")
+    # Nor in the text of the first min_tokens tokens, which a reply does not mark.
+    free = rf in ("json_object", "json_schema") or forced or body.get("min_tokens")
+    return [] if free else stops
+
+
 def check_completion(body: dict, reply: Reply) -> None:
     assert reply.status == 200, reply.body[:500]
     assert reply.content_type.startswith("application/json")
@@ -250,12 +271,7 @@ def check_completion(body: dict, reply: Reply) -> None:
     u = obj["usage"]
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
     assert u["prompt_tokens"] > 0 and u["completion_tokens"] <= n * limit
-    stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
-    # Grammar-constrained output ends where its grammar does: stop strings are not matched.
-    rf = (body.get("response_format") or {}).get("type")
-    forced = body.get("tools") and body.get("tool_choice") not in (None, "none", "auto")
-    if rf in ("json_object", "json_schema") or forced:
-        stops = []
+    stops = _matched_stops(body)
     for c in obj["choices"]:
         content = c["message"]["content"] or ""
         assert not any(s in content for s in stops), (stops, content)
@@ -288,7 +304,7 @@ def check_stream(body: dict, reply: Reply) -> None:
         u = last["usage"]
         assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
     assert all(c.get("usage") is None for c in chunks)
-    stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
+    stops = _matched_stops(body)
     for index in range(n):
         mine = [ch for c in chunks for ch in c["choices"] if ch["index"] == index]
         assert mine, f"no chunk for choice {index}"

@@ -364,6 +364,21 @@ def assert_error(status, headers, raw, expected, param=None):
     return err
 
 
+def test_vllm_ignore_eos_and_min_tokens(client, live_server, qwen_tokenizer):
+    """With the end-of-turn token forced (logit_bias +100), a reply is that one token; with
+    ignore_eos it runs to max_tokens (the token is not text); with min_tokens 3 the token is
+    banned for three tokens and ends the fourth."""
+    force = {str(i): 100 for i in qwen_tokenizer.eos_token_ids}
+
+    def reply(**extra):
+        r = chat(client, live_server, max_tokens=6, logit_bias=force, extra_body=extra)
+        return r.usage.completion_tokens, r.choices[0].finish_reason
+
+    assert reply() == (1, "stop")
+    assert reply(ignore_eos=True) == (6, "length")
+    assert reply(min_tokens=3) == (4, "stop")
+
+
 def test_error_statuses(live_server):
     ok = {"model": live_server.model, "messages": HELLO, "max_tokens": 1}
     post = "/v1/chat/completions"

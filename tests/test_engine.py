@@ -125,6 +125,24 @@ def test_length_and_stop(engine, params):
     assert evs[-1].finish_reason == "stop" and evs[-1].token == ref[k]
 
 
+def test_min_tokens_bans_the_stop_tokens_until_then(engine, params):
+    """vLLM's min_tokens: the stop tokens are not sampled before that many tokens; later they
+    end the choice as usual. (Both engines: with lookahead no call may be dispatched ahead
+    without the ban while it holds.)"""
+    prompt = [9, 8, 7, 6]
+    ref = tokens(run(engine, prompt=prompt, max_tokens=12)[0])  # greedy
+    stop = ref[1]
+    evs = run(engine, prompt=prompt, max_tokens=12, stop_token_ids=(stop,), min_tokens=5)[0]
+    got = tokens(evs)
+    assert stop not in got[:5] and len(got) >= 5
+    if ref[0] != stop:
+        assert got[0] == ref[0]  # the ban changes nothing before the first stop token
+    assert evs[-1].finish_reason == ("stop" if stop in got else "length")
+    assert stop not in got[:-1]  # a sampled stop token ends the choice
+    with pytest.raises(ValueError, match="min_tokens"):
+        engine.submit(request(max_tokens=3, min_tokens=4))
+
+
 def test_logprobs_and_top_logprobs(engine):
     evs = run(engine, prompt=[4, 5], max_tokens=4, logprobs=True, top_logprobs=5)[0]
     for e in evs:

@@ -100,6 +100,26 @@ def test_fields_are_carried():
     assert (r.logprobs, r.top_logprobs, r.user) == (True, 5, "u-1")
 
 
+def test_vllm_extensions_are_carried_and_checked():
+    r = ok(stop_token_ids=[7, 3.0, 7], ignore_eos=True, min_tokens=4)
+    assert (r.stop_token_ids, r.ignore_eos, r.min_tokens) == ((7, 3), True, 4)
+    assert (ok().stop_token_ids, ok().ignore_eos, ok().min_tokens) == ((), False, 0)
+    for fields, param in (({"stop_token_ids": 5}, "stop_token_ids"),
+                          ({"stop_token_ids": [-1]}, "stop_token_ids"),
+                          ({"stop_token_ids": [True]}, "stop_token_ids"),
+                          ({"stop_token_ids": [1.5]}, "stop_token_ids"),
+                          ({"stop_token_ids": [0] * 1025}, "stop_token_ids"),
+                          ({"ignore_eos": 1}, "ignore_eos"),
+                          ({"min_tokens": -1}, "min_tokens"),
+                          ({"min_tokens": 2.5}, "min_tokens")):
+        assert err({**BASE, **fields}).param == param
+    # Token ids past the model's vocabulary are refused when the server knows its size.
+    e = err({**BASE, "stop_token_ids": [300]}, vocab_limit=300)
+    assert e.param == "stop_token_ids" and "300" in e.message
+    assert validate_chat_request({**BASE, "stop_token_ids": [299]}, served_model_name=MODEL,
+                                 vocab_limit=300).stop_token_ids == (299,)
+
+
 def test_max_completion_tokens_wins():
     assert ok(max_tokens=5, max_completion_tokens=9).max_tokens == 9
     assert ok(max_completion_tokens=9).max_tokens == 9

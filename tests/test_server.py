@@ -746,6 +746,31 @@ def test_parallel_tool_calls_false_keeps_the_first_call_of_auto_output(app, engi
         assert whole[2] == streamed[2] == "tool_calls"
 
 
+def test_vllm_stop_extensions_reach_the_engine(app, engine, qwen_tokenizer):
+    eos = set(qwen_tokenizer.eos_token_ids)
+    for fields, stops, min_tokens in (({}, eos, 0),
+                                      ({"stop_token_ids": [5, 9]}, eos | {5, 9}, 0),
+                                      ({"ignore_eos": True, "stop_token_ids": [5]}, {5}, 0),
+                                      ({"min_tokens": 3, "max_tokens": 8}, eos, 3),
+                                      ({"min_tokens": 30, "max_tokens": 8}, eos, 8)):
+        assert call(app, body=req(**fields))[0] == 200
+        sent = engine.requests[-1]
+        assert set(sent.stop_token_ids) == stops and sent.min_tokens == min_tokens
+
+
+@pytest.mark.parametrize("min_tokens, content", [(0, "Hell"), (1, "Hello w"),
+                                                 (2, "Hello world")])
+def test_stop_strings_wait_for_min_tokens(app, engine, min_tokens, content):
+    """"Hello world" is two tokens; a stop string is matched from token min_tokens + 1 on."""
+    engine.texts = ["Hello world"]
+    for stream in (False, True):
+        body = req(stop=["o"], min_tokens=min_tokens, stream=stream)
+        raw = call(app, body=body)[2]
+        got = streamed_content(sse(raw))[0] if stream else \
+            json.loads(raw)["choices"][0]["message"]["content"]
+        assert got == content
+
+
 def test_a_bad_json_schema_names_the_schema(app, engine):
     rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
     status, _, raw = call(app, body=req(response_format=rf))
