@@ -700,6 +700,14 @@ def _logged_emits(monkeypatch) -> list:
     return order
 
 
+def _generating(eng: Engine, max_tokens: int):
+    """A request generating on `eng` (its first token read): (handle, its event stream)."""
+    a = eng.submit(request(prompt=[1, 2, 3], max_tokens=max_tokens))
+    stream = a.events(timeout=TIMEOUT)
+    next(stream)
+    return a, stream
+
+
 def test_long_prefill_interleaves_with_decode(params, monkeypatch):
     """While a long prompt is prefilled chunk by chunk, a stream already generating gets a
     token between chunks instead of waiting for the whole prompt."""
@@ -707,9 +715,7 @@ def test_long_prefill_interleaves_with_decode(params, monkeypatch):
     eng = Engine(params, CFG, max_slots=2, max_len=128, vocab_limit=250, prefill_chunk=16,
                  lookahead=False)
     try:
-        a = eng.submit(request(prompt=[1, 2, 3], max_tokens=60))
-        stream = a.events(timeout=TIMEOUT)
-        next(stream)
+        a, stream = _generating(eng, 60)
         order.append("submitted")
         b = eng.submit(request(prompt=list(range(5, 105)), max_tokens=3))
         chunks = len(eng._prefill_plan(99))
@@ -732,9 +738,7 @@ def test_a_burst_streams_first_tokens_as_their_prompts_are_done(params, monkeypa
     eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, prefill_chunk=16,
                  lookahead=False)
     try:
-        a = eng.submit(request(prompt=[1, 2, 3], max_tokens=40))
-        stream = a.events(timeout=TIMEOUT)
-        next(stream)
+        a, stream = _generating(eng, 40)
         with eng._cond:  # all three wait together, so one iteration admits them all
             burst = [eng.submit(request(prompt=list(range(10 + k, 26 + k)), max_tokens=2))
                      for k in range(3)]
