@@ -19,7 +19,7 @@ when parallel_tool_calls and tool_choice is "required"; then EOS.
 Schemas are compiled leniently (llguidance's `lenient`: keywords it cannot enforce, such as
 `uniqueItems` or `not`, are ignored, the rest enforced) unless the request says `strict: true`
 (on `response_format.json_schema` or on the function), where such a keyword is a 400 instead:
-strict asks for output that follows the whole schema. Tool schemas are checked so whatever the
+strict asks for output that follows the whole schema. Tool schemas are checked whatever the
 tool_choice (`check_tool_schemas`): an invalid schema (an unknown type, a `$ref` to nothing) is a
 400 even where no call is forced, as OpenAI answers it.
 """

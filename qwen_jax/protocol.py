@@ -258,6 +258,11 @@ class ChatRequest:
     ignore_eos: bool = False
     min_tokens: int = 0
 
+    @property
+    def max_tool_calls(self) -> int | None:
+        """At most this many tool calls in a reply (None: any)."""
+        return None if self.parallel_tool_calls else 1
+
     def to_body(self) -> dict:
         """A request body that validates back to this ChatRequest (for tests and logging)."""
         s = self.sampling
@@ -631,11 +636,12 @@ def validate_chat_request(
     tools = _tools(body.get("tools"))
     # OpenAI's deprecated function calling: refused rather than ignored, or the model would
     # never see the functions and answer in text as if there were none.
-    if body.get("functions") not in (None, []) or isinstance(body.get("function_call"), dict):
-        field = "functions" if body.get("functions") not in (None, []) else "function_call"
+    legacy = ("functions" if body.get("functions") not in (None, []) else
+              "function_call" if isinstance(body.get("function_call"), dict) else None)
+    if legacy:
         raise invalid_request(
-            f"'{field}' (OpenAI's deprecated function calling) is not supported: use 'tools' "
-            "and 'tool_choice'.", field
+            f"'{legacy}' (OpenAI's deprecated function calling) is not supported: use 'tools' "
+            "and 'tool_choice'.", legacy
         )
     return ChatRequest(
         model=model,

@@ -425,8 +425,8 @@ class App:
             # Grammar-constrained output (JSON modes, forced calls) ends where its grammar does:
             # a stop string would cut it short and still say "stop", as if it were complete.
             stops=StopStringMatcher(() if constrained else req.stop),
-            tool_parser=StreamingToolCallParser(
-                tools, max_calls=None if req.parallel_tool_calls else 1) if parse_tools else None,
+            tool_parser=StreamingToolCallParser(tools, max_calls=req.max_tool_calls)
+            if parse_tools else None,
             markup=MarkupSplitter() if parse_tools else None,
             eos_ids=self.eos_ids,
             want_logprobs=req.logprobs,
@@ -465,8 +465,7 @@ class App:
             content: str | None = st.text
             calls = None
             if st.tool_parser is not None:
-                parsed = parse_tool_calls(st.text, list(req.tools),
-                                          max_calls=None if req.parallel_tool_calls else 1)
+                parsed = parse_tool_calls(st.text, list(req.tools), max_calls=req.max_tool_calls)
                 content, calls = parsed.content, parsed.tool_calls or None
             reason = st.finish_reason
             if calls and reason == "stop":
