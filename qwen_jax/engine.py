@@ -900,7 +900,8 @@ class Engine:
             if row is None or not _banning_stops(row):
                 continue
             m = masks.get(i)
-            m = np.ones(self.cfg.vocab_size, bool) if m is None else m.copy()
+            if m is None:
+                m = np.ones(self.cfg.vocab_size, bool)
             banned = m.copy()
             banned[[t for t in row.handle.request.stop_token_ids if t < len(m)]] = False
             masks[i] = banned if banned[: self.vocab_limit].any() else m
