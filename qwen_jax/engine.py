@@ -1010,6 +1010,10 @@ class Engine:
             finish = "length"
         if row.constraint is not None and finish != "stop":
             try:
+                # A complete grammar allows only its end (EOS), which is not a stop token under
+                # ignore_eos: once it took that token, the choice has ended all the same.
+                if row.constraint.is_finished():
+                    finish = "stop"
                 row.constraint.advance(tok)
             except Exception as e:
                 self._fail_request(row.handle, e)

@@ -377,6 +377,15 @@ def test_vllm_ignore_eos_and_min_tokens(client, live_server, qwen_tokenizer):
     assert reply() == (1, "stop")
     assert reply(ignore_eos=True) == (6, "length")
     assert reply(min_tokens=3) == (4, "stop")
+    # A complete grammar still ends the choice under ignore_eos: `{"a": true}` or false, then
+    # its end token, well before max_tokens.
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
+              "additionalProperties": False}
+    r = chat(client, live_server, max_tokens=40, extra_body={"ignore_eos": True},
+             response_format={"type": "json_schema",
+                              "json_schema": {"name": "a", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 40
+    assert json.loads(r.choices[0].message.content)["a"] in (True, False)
 
 
 def test_error_statuses(live_server):

@@ -296,6 +296,26 @@ class OnlyTokens:
         return len(self.seen) >= self.length
 
 
+class EndsLikeLlguidance(OnlyTokens):
+    """Token 5 `length` times, then only the end token 7, allowed again and again once taken
+    (as llguidance keeps allowing EOS after a complete grammar)."""
+
+    def allowed_tokens(self) -> np.ndarray:
+        m = np.zeros(250, bool)
+        m[5 if len(self.seen) < self.length else 7] = True
+        return m
+
+    def advance(self, token: int) -> None:
+        self.seen.append(token)
+
+
+def test_a_complete_grammar_ends_the_choice_without_stop_tokens(engine):
+    """ignore_eos leaves no stop token: the grammar's end token still ends the choice."""
+    out = run(engine, prompt=[1, 2], max_tokens=10, stop_token_ids=(),
+              constraints=[EndsLikeLlguidance([5], 2)])
+    assert tokens(out[0]) == [5, 5, 7] and out[0][-1].finish_reason == "stop"
+
+
 def test_error_in_one_request_keeps_serving(engine):
     other = engine.submit(request(prompt=[1, 1, 2], max_tokens=12))
     bad = run(engine, prompt=[4, 4], max_tokens=10, n=2,
