@@ -637,7 +637,8 @@ def validate_chat_request(
     # OpenAI's deprecated function calling: refused rather than ignored, or the model would
     # never see the functions and answer in text as if there were none.
     legacy = ("functions" if body.get("functions") not in (None, []) else
-              "function_call" if isinstance(body.get("function_call"), dict) else None)
+              "function_call" if body.get("function_call") not in (None, "none", "auto")
+              else None)
     if legacy:
         raise invalid_request(
             f"'{legacy}' (OpenAI's deprecated function calling) is not supported: use 'tools' "

@@ -65,7 +65,9 @@ def test_deprecated_function_calling_is_refused_not_ignored():
     fn = {"name": "f", "parameters": {"type": "object"}}
     for fields, param in (({"functions": [fn]}, "functions"),
                           ({"function_call": {"name": "f"}}, "function_call"),
-                          ({"functions": [fn], "function_call": "auto"}, "functions")):
+                          ({"functions": [fn], "function_call": "auto"}, "functions"),
+                          ({"function_call": "bogus"}, "function_call"),
+                          ({"function_call": []}, "function_call")):
         e = err({**BASE, **fields})
         assert e.status == 400 and e.param == param and "'tools'" in e.message
     # Empty or no-op values, as some clients send them, pass.
