@@ -23,9 +23,15 @@ logit bias, penalties; then greedy, or temperature, min_p, top_k and/or top_p, s
    Ties at a cut-off are all kept (vLLM's top_k does the same; its top_p breaks ties by sort order).
 
 Randomness. A row's key at generation step s is `fold_in(fold_in(PRNGKey(seed), choice), s)`,
-computed from nothing but the row's own seed, choice index and step, so a seeded request gives the
-same tokens whatever else shares the batch, and the `n` choices of a request differ. A request
-without a seed gets a fresh random seed drawn on the host (`resolve_seed`) when its row is built.
+computed from nothing but the row's own seed, choice index and step, so given the same logits a
+seeded row draws the same tokens whatever else shares the batch, and the `n` choices of a request
+differ. (The logits themselves come from a model program compiled per row bucket, and XLA may
+round a row's result differently in a 4-row program than in a 1-row one: at the demo shape a
+seeded request's logits differed by one bf16 step, 0.004, at one of 28 steps in a 4-row batch,
+and its draw there changed; in float32, by one float32 step. So a sampled request is reproducible
+alone, and in a busy batch up to such rare draws at a boundary; vLLM does not promise batch
+invariance either.) A request without a seed gets a fresh random seed drawn on the host
+(`resolve_seed`) when its row is built.
 
 Speed (CPU, V = 151936). Sorting a row costs ~70 ms, so nothing here sorts the vocabulary on the
 common path: greedy-only batches skip sampling (`lax.cond`); penalties are skipped when no row
