@@ -124,11 +124,11 @@ def _parse_lengths(text: str) -> list[int]:
 
 
 def _decode_rate(engine, prompts: list[list[int]], max_tokens: int) -> float:
-    """Aggregate decode tokens/s while all `prompts` are in the batch together: from the moment
-    the last of them has its first token to the last token of the first to finish (requests
-    sent together join a few per engine iteration, so the first ones are a few tokens ahead),
-    every decode step in between carries all of them: the rows times that row's steps, over
-    that time.
+    """Aggregate decode tokens/s while all `prompts` are in the batch together: between the
+    moment the last of them has its first token and the last token of the first to finish
+    (requests sent together join a few per engine iteration, so the first ones are a few tokens
+    ahead), every decode step carries all of them, so the rate is the rows times the steps the
+    first to finish took in that window, over its length.
 
     One thread per stream blocks on its events, stamping each token as it arrives; with two
     cores, a polling loop would take CPU time from XLA's threads (batch-1 decode measured 22
