@@ -803,10 +803,8 @@ class Engine:
         live = [i for i in live if self._slots[i] is not None]
         if not live:
             return
-        R = self._row_bucket(len(live))
-        others = sorted(set(range(self.max_slots)) - set(live),
-                        key=lambda i: self._slots[i] is not None)
-        slots = np.asarray(live + others[: R - len(live)], np.int32)
+        slots = self._padded_slots(live)
+        R = len(slots)
         steps = np.full(R, -1, np.int32)
         steps[: len(live)] = 0
         # One row (n=1) takes the logits as they are, on the device; more repeat them.
@@ -871,13 +869,10 @@ class Engine:
         if not active:
             return None
 
-        # The busy rows first, padded to a row bucket with other slots, free ones first
-        # (position -1: the model writes and attends nothing for them; a free row's sampling
-        # params are greedy, and a row still prefilling gets its own when it joins).
-        R = self._row_bucket(len(active))
-        others = sorted(set(range(self.max_slots)) - set(active),
-                        key=lambda i: rows[i] is not None)
-        slots = np.asarray(active + others[: R - len(active)], np.int32)
+        # Padding rows at position -1: the model writes and attends nothing for them; a free
+        # row's sampling params are greedy, and a row still prefilling gets its own when it joins.
+        slots = self._padded_slots(active)
+        R = len(slots)
         tokens = np.zeros(R, np.int32)
         positions = np.full(R, -1, np.int32)
         steps = np.zeros(R, np.int32)
@@ -889,6 +884,13 @@ class Engine:
             [(rows[i], rows[i].generated, rows[i].position) for i in active])
         return self._dispatch([(i, rows[i]) for i in active], slots, tokens, positions, steps,
                               self._allowed(R, active, masks), k)
+
+    def _padded_slots(self, busy: list[int]) -> np.ndarray:
+        """The slots of a call: `busy` first, padded to their row bucket with other slots, free
+        ones first."""
+        others = sorted(set(range(self.max_slots)) - set(busy),
+                        key=lambda i: self._slots[i] is not None)
+        return np.asarray(busy + others[: self._row_bucket(len(busy)) - len(busy)], np.int32)
 
     def _masks(self, slots: Sequence[int]) -> dict[int, np.ndarray]:
         """The allowed-token masks of the rows among `slots` that need one (by slot): a grammar's
