@@ -155,9 +155,48 @@ def _from_cache(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return x.astype(dtype)
 
 
+def _halves(x: jax.Array, combine, pad: float, axis: int) -> jax.Array:
+    """Reduce `axis` (kept, as size 1) by combining its halves elementwise, repeatedly
+    (x[:n/2] with x[n/2:]), after padding it to a power of two with `pad`."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    width = 1 << (n - 1).bit_length()  # the next power of two
+    if width > n:
+        x = jnp.pad(x, [(0, width - n if a == axis else 0) for a in range(x.ndim)],
+                    constant_values=pad)
+    while width > 1:
+        width //= 2
+        x = combine(jax.lax.slice_in_dim(x, 0, width, axis=axis),
+                    jax.lax.slice_in_dim(x, width, 2 * width, axis=axis))
+    return x
+
+
+def fixed_order_sum(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Sum over `axis` (kept, as size 1) in an order fixed by this code, not by the compiler.
+
+    A row's sum is the same whether it is alone or one of many rows: XLA compiles `jnp.sum` for
+    the whole shape, and on the CPU the order in which it adds a row's elements can change with
+    the number of rows, so one request's logits differed in their last bits between batches of
+    different sizes (a seeded reply diverged beside 2 others: ARCHITECTURE.md, Sampling). Here the
+    halves are added elementwise, repeatedly: an elementwise add rounds the same wherever it
+    runs. Zeros appended to a row (the padding up to a power of two, keys past a row's position
+    in a longer cache bucket) change nothing: x + 0 == x."""
+    return _halves(x, jnp.add, 0.0, axis)
+
+
+def fixed_order_max(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Maximum over `axis` (kept) without a reduction op. A maximum is exact in any order; this
+    is for what sits next to it: XLA's CPU backend hands a reduction and the elementwise ops
+    fused with it to YNNPACK for some batch shapes and not others, and YNNPACK's exp rounds ~2%
+    of values differently than XLA's (the softmax's exp of a 2-row decode step against a 1-row
+    one)."""
+    return _halves(x, jnp.maximum, -jnp.inf, axis)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    mean_square = fixed_order_sum(x32 * x32) / x.shape[-1]
+    normed = x32 * jax.lax.rsqrt(mean_square + eps)
     return weight * normed.astype(x.dtype)
 
 
@@ -344,7 +383,14 @@ def _attend(
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (hd**-0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if t == 1:
+        # Decode, where rows of other requests share the batch: a batch-invariant softmax.
+        exps = jnp.exp(scores - fixed_order_max(scores))
+        probs = (exps / fixed_order_sum(exps)).astype(v.dtype)
+    else:
+        # A prompt (prefilled alone): XLA's softmax keeps the scores in place, where the sum's
+        # tree of slices would write more score-sized arrays.
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     # Accumulated in float32 and rounded once, as torch's bf16 matmul does.
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v, preferred_element_type=jnp.float32)
     return out.astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
