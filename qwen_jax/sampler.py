@@ -25,13 +25,19 @@ logit bias, penalties; then greedy, or temperature, min_p, top_k and/or top_p, s
 Randomness. A row's key at generation step s is `fold_in(fold_in(PRNGKey(seed), choice), s)`,
 computed from nothing but the row's own seed, choice index and step, so given the same logits a
 seeded row draws the same tokens whatever else shares the batch, and the `n` choices of a request
-differ. (The logits themselves come from a model program compiled per row bucket, and XLA may
-round a row's result differently in a 4-row program than in a 1-row one: at the demo shape a
-seeded request's logits differed by one bf16 step, 0.004, at one of 28 steps in a 4-row batch,
-and its draw there changed; in float32, by one float32 step. So a sampled request is reproducible
-alone, and in a busy batch up to such rare draws at a boundary; vLLM does not promise batch
-invariance either.) A request without a seed gets a fresh random seed drawn on the host
-(`resolve_seed`) when its row is built.
+differ. The logits do not depend on the batch either wherever the model's arithmetic allows: a
+decode row's sums have an order of their own (model.fixed_order_sum: XLA's sums rounded a row
+differently with the batch's shape, and a seeded request diverged in a 4-row batch), and the
+weight products must read each row in one order for every row count. On the CPU they do for
+bf16 weights under the AVX512-BF16 plan (cpu_matmul.py: YNNPACK for every row count; under the
+AVX2 plan 1-4 rows take another path than 5+) and for int8 weights (exact integer sums, or one
+matrix-vector product per row). They do not for float32 weights, where XLA multiplies one row
+by its matrix-vector code and 2+ rows by a matrix product: a seeded float32 request's logprobs
+differ in their last bits between a one-row call and a busy one, so a sampled reply can diverge
+(padding one row to two would halve float32 decode). Not measured on a GPU, whose matmul
+libraries choose kernels by shape. (vLLM does not promise batch invariance by default.)
+A request without a seed gets a fresh random seed drawn on the host (`resolve_seed`) when its
+row is built.
 
 Speed (CPU, V = 151936). Sorting a row costs ~70 ms, so nothing here sorts the vocabulary on the
 common path: greedy-only batches skip sampling (`lax.cond`); penalties are skipped when no row
