@@ -21,9 +21,9 @@ still on the device, before the host streams the previous call's tokens.
 
 Everything on device has static shapes: prefill is compiled once per power-of-two length bucket
 up to the chunk and once per `kv_len` bucket of the chunks after it; a one-step decode runs the
-model (compiled per power-of-two `kv_len` bucket >= DECODE_MIN_KV and row bucket), then the
-sampler (per row bucket); several steps per call run as one program per (`kv_len`, steps, row
-bucket). Nothing recompiles in steady state.
+model (compiled per row bucket: it reads the cache in chunks of DECODE_KV_CHUNK keys, as many as
+its rows' positions need), then the sampler (per row bucket); several steps per call run as one
+program per (steps, row bucket). Nothing recompiles in steady state.
 """
 
 from __future__ import annotations
@@ -51,9 +51,12 @@ from qwen_jax.model import KVCache, forward, init_cache
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
-# Decode attends to a power-of-two prefix of the cache of at least this length: below it the
-# attention is cheap next to reading the weights, and each bucket is another compiled program.
-DECODE_MIN_KV = 256
+# Decode reads the cache in chunks of this many keys, in a loop as long as the longest row needs
+# (model._attend_in_chunks): one compiled program for every cache length. At the 0.5B shape a
+# one-row step took as long as with a cache bucket of the row's length (chunks of 512: no faster),
+# and an 8-row step at positions 700 and 3000 took 117 and 235 ms instead of 136 and 288 (a
+# bucket reads up to twice the keys needed).
+DECODE_KV_CHUNK = 256
 TOP_LOGPROBS_MAX = 20
 
 
@@ -333,11 +336,11 @@ def _scatter_rows(tree: Any, part: Any, slots) -> Any:
     return jax.tree_util.tree_map(lambda full, p: full.at[slots].set(p), tree, part)
 
 
-def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: QwenConfig,
-                  kv_len: int):
+def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: QwenConfig):
     """One decode step's model half: logits[R, V] of tokens[R] at positions[R] in the R cache
     rows `slots`, and the cache with their keys/values written."""
-    return forward(params, cfg, tokens[:, None], positions[:, None], cache, kv_len=kv_len,
+    return forward(params, cfg, tokens[:, None], positions[:, None], cache,
+                   kv_chunk=DECODE_KV_CHUNK,
                    logits_at=jnp.zeros(tokens.shape, jnp.int32), cache_rows=slots)
 
 
@@ -353,7 +356,7 @@ def _sample_rows(logits, pstate, sbatch, slots, steps, allowed, *, vocab_limit: 
 
 
 def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allowed, *,
-            cfg: QwenConfig, kv_len: int, vocab_limit: int, num_steps: int):
+            cfg: QwenConfig, vocab_limit: int, num_steps: int):
     """`num_steps` decode steps for the R cache rows `slots` (distinct): feed tokens[R] at
     positions[R], sample, repeat. Running only the busy rows matters on a CPU, where a step costs
     about as much per row as a batch-1 step."""
@@ -362,8 +365,7 @@ def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allo
 
     def step(carry, _):
         cache, ps, tokens, positions, steps = carry
-        logits, cache = _forward_rows(params, cache, slots, tokens, positions, cfg=cfg,
-                                      kv_len=kv_len)
+        logits, cache = _forward_rows(params, cache, slots, tokens, positions, cfg=cfg)
         out = S.sample(logits, sb, ps, steps, allowed, vocab_limit=vocab_limit)
         ps = S.update_penalty_state(ps, out.tokens)
         # A padding row (position -1) stays out of the cache for all the call's steps.
@@ -438,13 +440,13 @@ class Engine:
                                donate_argnums=(1,)),
             "copy": jax.jit(_copy_row, donate_argnums=(0,)),
             "decode": jax.jit(partial(_decode, cfg=cfg, vocab_limit=self.vocab_limit),
-                              static_argnames=("kv_len", "num_steps"), donate_argnums=(1, 2)),
-            # One step per call runs as two programs: the model (one per kv_len and row
-            # bucket) and the sampler (one per row bucket only), instead of a sampler compiled
-            # into every decode program: at the 0.5B shape on the CPU, warming up max_len 2048
-            # and 1 and 8 rows took 44 s instead of 71 s and held 307 instead of 419 MiB.
-            "forward": jax.jit(partial(_forward_rows, cfg=cfg), static_argnames=("kv_len",),
-                               donate_argnums=(1,)),
+                              static_argnames=("num_steps",), donate_argnums=(1, 2)),
+            # One step per call runs as two programs, the model and the sampler (one of each
+            # per row bucket), instead of a sampler compiled into every decode program: at the
+            # 0.5B shape on the CPU, when the model was compiled per cache bucket too, warming up
+            # max_len 2048 and 1 and 8 rows took 44 s instead of 71 s and held 307 instead of
+            # 419 MiB.
+            "forward": jax.jit(partial(_forward_rows, cfg=cfg), donate_argnums=(1,)),
             "sample": jax.jit(partial(_sample_rows, vocab_limit=self.vocab_limit),
                               donate_argnums=(1,)),
         }
@@ -481,17 +483,14 @@ class Engine:
         return handle
 
     def warmup(self, prompt_lengths: Sequence[int] | None = None,
-               kv_lens: Sequence[int] | None = None, rows: Sequence[int] | None = None) -> None:
+               rows: Sequence[int] | None = None) -> None:
         """Compile prefill for the buckets of `prompt_lengths` (default: every bucket) and decode
-        for the kv_len buckets of the cache lengths `kv_lens` and every row bucket up to that of
-        max(`rows`) busy rows (defaults: all): requests arriving together join one or a few at a
-        time, so their batch passes through the smaller buckets, and each request's first
-        tokens are sampled on the bucket of its n. Afterwards any compile is logged as a
-        warning."""
+        for every row bucket up to that of max(`rows`) busy rows (default: all): requests
+        arriving together join one or a few at a time, so their batch passes through the
+        smaller buckets, and each request's first tokens are sampled on the bucket of its n.
+        Afterwards any compile is logged as a warning."""
         lengths = list(prompt_lengths) if prompt_lengths is not None else self._all_buckets()
         prefills = sorted({(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)})
-        kvs = sorted({self._kv_bucket(n) for n in kv_lens} if kv_lens is not None
-                     else self._all_kv_buckets())
         t0 = time.perf_counter()
         with self._device_lock:
             for b, kv in prefills:
@@ -501,16 +500,15 @@ class Engine:
                 r for r in self.row_buckets if r <= self._row_bucket(max(rows))]
             for r in row_buckets:
                 self._program("sample", r)
-                for kv in kvs:
-                    self._program("forward", kv, r)
-                    if self.steps_per_call > 1:
-                        self._program("decode", kv, self.steps_per_call, r)
-            self._run_programs_once(prefills, kvs, row_buckets)
+                self._program("forward", r)
+                if self.steps_per_call > 1:
+                    self._program("decode", self.steps_per_call, r)
+            self._run_programs_once(prefills, row_buckets)
             self._warm = True
         self.stats.extra["warmup_s"] = time.perf_counter() - t0
         release_freed_memory()
 
-    def _run_programs_once(self, prefills: Sequence[tuple[int, int]], kvs: Sequence[int],
+    def _run_programs_once(self, prefills: Sequence[tuple[int, int]],
                            row_buckets: Sequence[int]) -> None:
         """Run each decode program once, and each prefill program of a one-chunk prompt, on
         idle input: decode rows at position -1 and prefill tokens at positions past max_len
@@ -539,16 +537,14 @@ class Engine:
             slots, zeros = np.arange(r, dtype=np.int32), np.zeros(r, np.int32)
             idle = np.full(r, -1, np.int32)
             allowed = self._all_allowed(r)
-            for kv in kvs:
-                logits, self.cache = self._program("forward", kv, r)(
-                    self.params, self.cache, slots, zeros, idle)
-                _, self.pstate = self._program("sample", r)(
-                    logits, self.pstate, self.sbatch, slots, zeros, allowed)
-                if self.steps_per_call > 1:
-                    _, self.cache, self.pstate = self._program("decode", kv, self.steps_per_call,
-                                                               r)(
-                        self.params, self.cache, self.pstate, self.sbatch, slots, zeros, idle,
-                        zeros, allowed)
+            logits, self.cache = self._program("forward", r)(
+                self.params, self.cache, slots, zeros, idle)
+            _, self.pstate = self._program("sample", r)(
+                logits, self.pstate, self.sbatch, slots, zeros, allowed)
+            if self.steps_per_call > 1:
+                _, self.cache, self.pstate = self._program("decode", self.steps_per_call, r)(
+                    self.params, self.cache, self.pstate, self.sbatch, slots, zeros, idle,
+                    zeros, allowed)
         self.pstate = saved
         jax.block_until_ready((self.cache, self.pstate))
 
@@ -595,12 +591,6 @@ class Engine:
     def _all_buckets(self) -> list[int]:
         return all_buckets(self.max_len)
 
-    def _kv_bucket(self, n: int) -> int:
-        return pow2_bucket(n, DECODE_MIN_KV, self.max_len)
-
-    def _all_kv_buckets(self) -> list[int]:
-        return sorted({self._kv_bucket(n) for n in self._all_buckets()})
-
     def _row_bucket(self, busy: int) -> int:
         return next(r for r in self.row_buckets if r >= busy)
 
@@ -635,7 +625,7 @@ class Engine:
         elif kind == "copy":
             args = (self.cache, i32, i32)
         elif kind == "forward":
-            row = jax.ShapeDtypeStruct((key[1],), jnp.int32)
+            row = jax.ShapeDtypeStruct((key[0],), jnp.int32)
             args = (self.params, self.cache, row, row, row)
         elif kind == "sample":
             row = jax.ShapeDtypeStruct((key[0],), jnp.int32)
@@ -643,8 +633,8 @@ class Engine:
                     self.pstate, self.sbatch, row, row,
                     jax.ShapeDtypeStruct((key[0], self.cfg.vocab_size), jnp.bool_))
         else:
-            row = jax.ShapeDtypeStruct((key[2],), jnp.int32)
-            mask = jax.ShapeDtypeStruct((key[2], self.cfg.vocab_size), jnp.bool_)
+            row = jax.ShapeDtypeStruct((key[1],), jnp.int32)
+            mask = jax.ShapeDtypeStruct((key[1], self.cfg.vocab_size), jnp.bool_)
             args = (self.params, self.cache, self.pstate, self.sbatch, row, row, row, row, mask)
         specs = tuple(map(self._spec, args))
         # Engines of one shape in one process (tests, the benchmark) share compiled programs.
@@ -652,9 +642,8 @@ class Engine:
         prog = _SHARED_PROGRAMS.get(shared_key)
         if prog is None:
             t0 = time.perf_counter()
-            static = (dict(kv_len=key[0], num_steps=key[1]) if kind == "decode" else
-                      dict(kv_len=key[1]) if kind == "prefill" else
-                      dict(kv_len=key[0]) if kind == "forward" else {})
+            static = (dict(num_steps=key[0]) if kind == "decode" else
+                      dict(kv_len=key[1]) if kind == "prefill" else {})
             prog = _SHARED_PROGRAMS[shared_key] = self._jit[kind].lower(*specs, **static).compile()
             self.stats.compiles += 1
             self.stats.extra["compile_s"] = self.stats.extra.get("compile_s", 0.0) + (
@@ -969,14 +958,13 @@ class Engine:
     def _dispatch(self, rows: list[tuple[int, _Row]], slots: np.ndarray, tokens: Any,
                   positions: np.ndarray, steps: np.ndarray, allowed: jax.Array, k: int) -> _Call:
         """Dispatch a decode call of k steps."""
-        kv_len = self._kv_bucket(max(int(positions.max()), 0) + k)
         if k == 1:
-            logits, self.cache = self._program("forward", kv_len, len(slots))(
+            logits, self.cache = self._program("forward", len(slots))(
                 self.params, self.cache, slots, tokens, positions)
             outs, self.pstate = self._program("sample", len(slots))(
                 logits, self.pstate, self.sbatch, slots, steps, allowed)
         else:
-            outs, self.cache, self.pstate = self._program("decode", kv_len, k, len(slots))(
+            outs, self.cache, self.pstate = self._program("decode", k, len(slots))(
                 self.params, self.cache, self.pstate, self.sbatch, slots, tokens, positions,
                 steps, allowed)
         self.stats.decode_calls += 1

@@ -396,6 +396,54 @@ def _attend(
     return out.astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
 
 
+
+def _attend_in_chunks(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, rows: jax.Array,
+                      positions: jax.Array, cfg: QwenConfig, chunk: int) -> jax.Array:
+    """q[B,T,H,hd] at positions[B,T] attending to cache rows `rows` up to each position ->
+    [B,T,H*hd], reading the cache `chunk` keys at a time, as many chunks as the largest position
+    needs: a loop whose length is data, so one compiled program serves every cache length
+    (instead of one per length bucket, each ~30-60 MiB of code at the 0.5B shape).
+
+    Online softmax: each chunk rescales the running maximum, denominator and weighted sum of
+    values. A chunk past a row's position adds exactly nothing to that row (its scores are
+    masked, exp(masked - max) == 0, the rescale is exp(0) == 1), so a row's result does not
+    depend on the other rows' positions either. A row at position -1 (padding) averages chunk
+    0 instead of producing NaN."""
+    b, t, _, hd = q.shape
+    dtype, max_len = q.dtype, cache_k.shape[1]
+    chunk = min(chunk, max_len)
+    kv, groups = cfg.num_key_value_heads, cfg.num_groups
+    q = q.reshape(b, t, kv, groups, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, hd]
+
+    def read(cache: jax.Array, start: jax.Array) -> jax.Array:  # -> [B, KV, chunk, hd]
+        part = jax.lax.dynamic_slice_in_dim(cache, start, chunk, axis=1)[rows]
+        return _from_cache(part, dtype).transpose(0, 2, 1, 3)
+
+    def step(j, carry):
+        top, total, acc = carry
+        # The last chunk may start earlier (a cache length that is no multiple of the chunk):
+        # keys before j * chunk were counted by chunk j - 1.
+        start = jnp.minimum(j * chunk, max_len - chunk)
+        keys = start + jnp.arange(chunk)
+        visible = (keys >= j * chunk)[None, None] & (keys[None, None] <= positions[:, :, None])
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q, read(cache_k, start),
+                            preferred_element_type=jnp.float32) * (hd**-0.5)
+        scores = jnp.where(visible[:, None, None], scores, _MASKED)
+        new_top = jnp.maximum(top, fixed_order_max(scores))
+        exps = jnp.exp(scores - new_top)
+        scale = jnp.exp(top - new_top)
+        total = total * scale + fixed_order_sum(exps)
+        acc = acc * scale + jnp.einsum("bkgts,bksd->bkgtd", exps.astype(dtype),
+                                       read(cache_v, start), preferred_element_type=jnp.float32)
+        return new_top, total, acc
+
+    chunks = jnp.maximum(jnp.max(positions), 0) // chunk + 1
+    init = (jnp.full((b, kv, groups, t, 1), _MASKED, jnp.float32),
+            jnp.zeros((b, kv, groups, t, 1), jnp.float32),
+            jnp.zeros((b, kv, groups, t, hd), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, chunks, step, init)
+    return (acc / total).astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
+
 def _qkv(x: jax.Array, p: LayerParams, cos: jax.Array, sin: jax.Array, cfg: QwenConfig):
     b, t, _ = x.shape
     hd = cfg.head_dim
@@ -419,6 +467,7 @@ def forward(
     cache: KVCache | None = None,
     *,
     kv_len: int | None = None,
+    kv_chunk: int | None = None,
     logits_at: jax.Array | None = None,
     cache_rows: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
@@ -427,7 +476,9 @@ def forward(
     With a cache, token row b uses cache row `cache_rows[b]` (default: b; rows must be distinct):
     the key/value of token (b, t) is written at cache index positions[b, t] of that row
     (positions outside [0, max_len) are dropped) and query (b, t) attends to cache indices
-    j <= positions[b, t], j < kv_len. Without a cache: causal attention over the T tokens.
+    j <= positions[b, t], j < kv_len. With `kv_chunk` instead of kv_len, it reads the cache in
+    chunks of that many keys, as many as max(positions) needs (decode: one program for every
+    cache length). Without a cache: causal attention over the T tokens.
     `logits_at[B]` returns logits only at those token indices ([B, V] instead of [B, T, V]).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -443,6 +494,8 @@ def forward(
         new_cache = None
     else:
         max_len = cache.k[0].shape[1]
+        if kv_chunk is not None and (kv_len is not None or kv_chunk < 1):
+            raise ValueError("kv_chunk >= 1, and not with kv_len")
         kv_len = max_len if kv_len is None else kv_len
         if not 0 < kv_len <= max_len:
             raise ValueError(f"kv_len {kv_len} must be in [1, {max_len}]")
@@ -462,9 +515,15 @@ def forward(
             cv = _cache_write(cache.v[i], rows, write_pos, _to_cache(v, cache.v[i].dtype))
             new_k.append(ck)
             new_v.append(cv)
-            k = _from_cache(ck[read_rows, :kv_len], dtype)
-            v = _from_cache(cv[read_rows, :kv_len], dtype)
-        x = x + _linear(_attend(q, k, v, mask, cfg), p.o_proj)
+            if kv_chunk is not None:
+                attended = _attend_in_chunks(q, ck, cv, rows, positions, cfg, kv_chunk)
+            else:
+                k = _from_cache(ck[read_rows, :kv_len], dtype)
+                v = _from_cache(cv[read_rows, :kv_len], dtype)
+                attended = _attend(q, k, v, mask, cfg)
+        else:
+            attended = _attend(q, k, v, mask, cfg)
+        x = x + _linear(attended, p.o_proj)
         x = x + _mlp(rms_norm(x, p.post_norm, eps), p)
 
     if cache is not None:

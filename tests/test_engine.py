@@ -182,7 +182,7 @@ def test_batch_invariance(engine, seed, prompt):
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
 def test_batch_invariance_at_real_widths(weights):
     """A seeded request's tokens and logprobs are bit-identical alone and beside 1, 3 and 7
-    other requests (decode row buckets 2, 4 and 8; cache buckets 256 to 1024), at the 0.5B
+    other requests (decode row buckets 2, 4 and 8; up to 3 cache chunks for its 1), at the 0.5B
     shape's widths and vocabulary (2 of its 24 layers). Until the model's row sums had an order
     of their own (model.fixed_order_sum), XLA's sums rounded differently with the batch's shape,
     and here the bf16 logprobs differed from token 15 beside 7 others; the tiny model of
@@ -213,8 +213,8 @@ def test_batch_invariance_at_real_widths(weights):
             for h in others:
                 collect(h)
             assert busy == alone, companions
-        # The request shared decode calls of 2, 4 and 8 rows over the longest cache bucket.
-        assert {("forward", 1024, r) for r in (2, 4, 8)} <= set(eng._programs)
+        # The request shared decode calls of 2, 4 and 8 rows.
+        assert {("forward", r) for r in (2, 4, 8)} <= set(eng._programs)
     finally:
         eng.close()
 
@@ -412,7 +412,7 @@ def test_a_burst_after_warmup_compiles_nothing(params):
     programs of their own, not compiled by other tests' engines of this shape.)"""
     eng = Engine(params, CFG, max_slots=4, max_len=40, vocab_limit=250, prefill_chunk=16)
     try:
-        eng.warmup(prompt_lengths=[16], kv_lens=range(1, 40), rows=[4])
+        eng.warmup(prompt_lengths=[16], rows=[4])
         with eng._cond:
             burst = [eng.submit(request(prompt=list(range(k, 16 + k)), max_tokens=4))
                      for k in range(4)]
@@ -429,7 +429,7 @@ def test_the_first_request_after_warmup_compiles_nothing(params):
     and n=2, compile nothing in this process. (max_slots 3: row shapes no other test made.)"""
     eng = Engine(params, CFG, max_slots=3, max_len=64, vocab_limit=250)
     try:
-        eng.warmup(prompt_lengths=[3], kv_lens=range(1, 64), rows=[3])
+        eng.warmup(prompt_lengths=[3], rows=[3])
         before = backend_compile_count()
         assert len(tokens(run(eng, prompt=[1, 2, 3], max_tokens=4)[0])) == 4
         assert [len(tokens(c)) for c in run(eng, prompt=[3, 2, 1], max_tokens=2, n=2,
@@ -487,15 +487,12 @@ def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch):
         first = tokens(run(eng, **kw)[0])
         state = [np.asarray(a) for a in jax.tree.leaves((eng.cache, eng.pstate))]
         monkeypatch.setattr(Engine, "_program", counting)
-        eng.warmup(prompt_lengths=[8, 40], kv_lens=[5, 300], rows=[1, 4])
-        # rows=[1, 4]: every row bucket up to 4's (a burst passes through them all).
-        kvs, rows = sorted({eng._kv_bucket(n) for n in (5, 300)}), [1, 2, 4]
-        assert len(kvs) == 2
+        eng.warmup(prompt_lengths=[8, 40], rows=[1, 4])
+        # rows=[1, 4]: every row bucket up to 4's (a burst passes through them all); one decode
+        # program of each kind per row bucket, whatever the cache length.
         expected = collections.Counter({("copy",): 1})  # a free row onto itself
-        for r in rows:
-            expected[("sample", r)] = len(kvs)
-            for kv in kvs:
-                expected[("forward", kv, r)] = expected[("decode", kv, 3, r)] = 1
+        for r in [1, 2, 4]:
+            expected[("sample", r)] = expected[("forward", r)] = expected[("decode", 3, r)] = 1
         # A 40-token prompt is prefilled in chunks of 16 over longer caches: not run.
         prefills = {(b, kv) for n in (8, 40) for _, b, kv in eng._prefill_plan(n)}
         assert any(kv > 16 for _, kv in prefills)
@@ -537,7 +534,7 @@ def test_multi_step_decode_matches_single_step(params, engine):
                  lookahead=engine.lookahead)
     try:
         for sampling in (SAMPLED, GREEDY):
-            # One kv_len bucket (max_len 64): one extra compile per row bucket.
+            # One extra compile per row bucket (the 4-step program).
             kw = dict(prompt=[8, 6, 7], sampling=sampling, max_tokens=8, n=2)
             one, four = run(engine, **kw), run(eng, **kw)
             assert {c: tokens(v) for c, v in one.items()} == {c: tokens(v) for c, v in
@@ -608,7 +605,7 @@ def test_decode_runs_only_the_busy_rows(params):
     try:
         assert eng.row_buckets == [1, 2, 4]
         def rows_used() -> set[int]:  # row buckets of the programs run so far (one step/call)
-            return ({key[2] for key in eng._programs if key[0] == "forward"}
+            return ({key[1] for key in eng._programs if key[0] == "forward"}
                     | {key[1] for key in eng._programs if key[0] == "sample"})
 
         alone = tokens(run(eng, prompt=[5, 9, 2], max_tokens=6)[0])
