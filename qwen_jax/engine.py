@@ -21,9 +21,10 @@ still on the device, before the host streams the previous call's tokens.
 
 Everything on device has static shapes: prefill is compiled once per power-of-two length bucket
 up to the chunk and once per `kv_len` bucket of the chunks after it; a one-step decode runs the
-model (compiled per row bucket: it reads the cache in chunks of DECODE_KV_CHUNK keys, as many as
-its rows' positions need), then the sampler (per row bucket); several steps per call run as one
-program per (steps, row bucket). Nothing recompiles in steady state.
+model (compiled per row bucket; on the CPU it reads the cache in chunks of DECODE_KV_CHUNK keys,
+as many as its rows' positions need, elsewhere it is compiled per power-of-two `kv_len` bucket
+>= DECODE_MIN_KV too), then the sampler (per row bucket); several steps per call run as one
+program per (`kv_len`, steps, row bucket). Nothing recompiles in steady state.
 """
 
 from __future__ import annotations
@@ -51,12 +52,17 @@ from qwen_jax.model import KVCache, forward, init_cache
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
-# Decode reads the cache in chunks of this many keys, in a loop as long as the longest row needs
-# (model._attend_in_chunks): one compiled program for every cache length. At the 0.5B shape a
-# one-row step took as long as with a cache bucket of the row's length (chunks of 512: no faster),
-# and an 8-row step at positions 700 and 3000 took 117 and 235 ms instead of 136 and 288 (a
-# bucket reads up to twice the keys needed).
+# On the CPU decode reads the cache in chunks of this many keys, in a loop as long as the longest
+# row needs (model._attend_in_chunks): one compiled program for every cache length. At the 0.5B
+# shape a one-row step took as long as with a cache bucket of the row's length (chunks of 512: no
+# faster), and an 8-row step at positions 700 and 3000 took 117 and 235 ms instead of 136 and 288
+# (a bucket reads up to twice the keys needed).
 DECODE_KV_CHUNK = 256
+# Elsewhere decode attends to a power-of-two prefix of the cache of at least this length: a GPU
+# runtime reads a data-dependent loop's predicate back on the host at every iteration (as it does
+# for the sampler's lax.cond, engine.lookahead), which the chunk loop would do per layer and
+# chunk; so one program per bucket there (not measured on a GPU: none was lent).
+DECODE_MIN_KV = 256
 TOP_LOGPROBS_MAX = 20
 
 
@@ -336,11 +342,13 @@ def _scatter_rows(tree: Any, part: Any, slots) -> Any:
     return jax.tree_util.tree_map(lambda full, p: full.at[slots].set(p), tree, part)
 
 
-def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: QwenConfig):
+def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: QwenConfig,
+                  kv_len: int | None):
     """One decode step's model half: logits[R, V] of tokens[R] at positions[R] in the R cache
-    rows `slots`, and the cache with their keys/values written."""
-    return forward(params, cfg, tokens[:, None], positions[:, None], cache,
-                   kv_chunk=DECODE_KV_CHUNK,
+    rows `slots`, and the cache with their keys/values written. kv_len None: the cache is read
+    in chunks of DECODE_KV_CHUNK keys."""
+    return forward(params, cfg, tokens[:, None], positions[:, None], cache, kv_len=kv_len,
+                   kv_chunk=DECODE_KV_CHUNK if kv_len is None else None,
                    logits_at=jnp.zeros(tokens.shape, jnp.int32), cache_rows=slots)
 
 
@@ -356,7 +364,7 @@ def _sample_rows(logits, pstate, sbatch, slots, steps, allowed, *, vocab_limit: 
 
 
 def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allowed, *,
-            cfg: QwenConfig, vocab_limit: int, num_steps: int):
+            cfg: QwenConfig, kv_len: int | None, vocab_limit: int, num_steps: int):
     """`num_steps` decode steps for the R cache rows `slots` (distinct): feed tokens[R] at
     positions[R], sample, repeat. Running only the busy rows matters on a CPU, where a step costs
     about as much per row as a batch-1 step."""
@@ -365,7 +373,8 @@ def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allo
 
     def step(carry, _):
         cache, ps, tokens, positions, steps = carry
-        logits, cache = _forward_rows(params, cache, slots, tokens, positions, cfg=cfg)
+        logits, cache = _forward_rows(params, cache, slots, tokens, positions, cfg=cfg,
+                                      kv_len=kv_len)
         out = S.sample(logits, sb, ps, steps, allowed, vocab_limit=vocab_limit)
         ps = S.update_penalty_state(ps, out.tokens)
         # A padding row (position -1) stays out of the cache for all the call's steps.
@@ -388,7 +397,7 @@ class Engine:
                  steps_per_call: int = 1, prefill_chunk: int | None = None,
                  cache_dtype: Any = None,
                  row_buckets: Sequence[int] | None = None, lookahead: bool | None = None,
-                 start: bool = True) -> None:
+                 chunked_decode: bool | None = None, start: bool = True) -> None:
         """`row_buckets`: the decode batch sizes compiled (busy rows are padded up to the next
         one). Default: every power of two below max_slots on the CPU, where a step costs about
         as much per row as a batch-1 step; 1 and max_slots on an accelerator, where a decode
@@ -404,7 +413,11 @@ class Engine:
         dispatching thread held inside the call for most of each step, waiting in a `lax.cond`
         of the sampler, whose predicate the GPU runtime reads on the host), nor on the CPU,
         where it made no measurable difference at the 0.5B shape (bf16, 5 alternating pairs)
-        and a call that a stop token makes useless costs a whole step of both cores."""
+        and a call that a stop token makes useless costs a whole step of both cores.
+
+        `chunked_decode`: decode reads the cache in chunks (one program per row bucket) rather
+        than a power-of-two prefix of it (one per prefix length too). Default: on the CPU
+        (DECODE_KV_CHUNK, DECODE_MIN_KV say why)."""
         if max_slots < 1 or max_len < 2 or queue_size < 0 or steps_per_call < 1:
             raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
         if prefill_chunk is None:
@@ -424,6 +437,9 @@ class Engine:
         if lookahead is None:
             lookahead = jax.default_backend() != "cpu" and steps_per_call > 1
         self.lookahead = lookahead
+        if chunked_decode is None:
+            chunked_decode = jax.default_backend() == "cpu"
+        self.chunked_decode = chunked_decode
         self._inflight: _Call | None = None  # the call dispatched ahead (lookahead)
         if cache_dtype is None:
             cache_dtype = params.final_norm.dtype  # the activation dtype, also for int8 weights
@@ -440,13 +456,14 @@ class Engine:
                                donate_argnums=(1,)),
             "copy": jax.jit(_copy_row, donate_argnums=(0,)),
             "decode": jax.jit(partial(_decode, cfg=cfg, vocab_limit=self.vocab_limit),
-                              static_argnames=("num_steps",), donate_argnums=(1, 2)),
-            # One step per call runs as two programs, the model and the sampler (one of each
-            # per row bucket), instead of a sampler compiled into every decode program: at the
-            # 0.5B shape on the CPU, when the model was compiled per cache bucket too, warming up
-            # max_len 2048 and 1 and 8 rows took 44 s instead of 71 s and held 307 instead of
-            # 419 MiB.
-            "forward": jax.jit(partial(_forward_rows, cfg=cfg), donate_argnums=(1,)),
+                              static_argnames=("kv_len", "num_steps"), donate_argnums=(1, 2)),
+            # One step per call runs as two programs: the model (one per kv_len and row
+            # bucket) and the sampler (one per row bucket only), instead of a sampler compiled
+            # into every decode program: at the 0.5B shape on the CPU, when the model was
+            # compiled per cache bucket there too, warming up max_len 2048 and 1 and 8 rows took
+            # 44 s instead of 71 s and held 307 instead of 419 MiB.
+            "forward": jax.jit(partial(_forward_rows, cfg=cfg), static_argnames=("kv_len",),
+                               donate_argnums=(1,)),
             "sample": jax.jit(partial(_sample_rows, vocab_limit=self.vocab_limit),
                               donate_argnums=(1,)),
         }
@@ -500,9 +517,10 @@ class Engine:
                 r for r in self.row_buckets if r <= self._row_bucket(max(rows))]
             for r in row_buckets:
                 self._program("sample", r)
-                self._program("forward", r)
-                if self.steps_per_call > 1:
-                    self._program("decode", self.steps_per_call, r)
+                for kv in self._decode_kvs():
+                    self._program("forward", kv, r)
+                    if self.steps_per_call > 1:
+                        self._program("decode", kv, self.steps_per_call, r)
             self._run_programs_once(prefills, row_buckets)
             self._warm = True
         self.stats.extra["warmup_s"] = time.perf_counter() - t0
@@ -537,14 +555,16 @@ class Engine:
             slots, zeros = np.arange(r, dtype=np.int32), np.zeros(r, np.int32)
             idle = np.full(r, -1, np.int32)
             allowed = self._all_allowed(r)
-            logits, self.cache = self._program("forward", r)(
-                self.params, self.cache, slots, zeros, idle)
-            _, self.pstate = self._program("sample", r)(
-                logits, self.pstate, self.sbatch, slots, zeros, allowed)
-            if self.steps_per_call > 1:
-                _, self.cache, self.pstate = self._program("decode", self.steps_per_call, r)(
-                    self.params, self.cache, self.pstate, self.sbatch, slots, zeros, idle,
-                    zeros, allowed)
+            for kv in self._decode_kvs():
+                logits, self.cache = self._program("forward", kv, r)(
+                    self.params, self.cache, slots, zeros, idle)
+                _, self.pstate = self._program("sample", r)(
+                    logits, self.pstate, self.sbatch, slots, zeros, allowed)
+                if self.steps_per_call > 1:
+                    _, self.cache, self.pstate = self._program(
+                        "decode", kv, self.steps_per_call, r)(
+                        self.params, self.cache, self.pstate, self.sbatch, slots, zeros, idle,
+                        zeros, allowed)
         self.pstate = saved
         jax.block_until_ready((self.cache, self.pstate))
 
@@ -591,6 +611,14 @@ class Engine:
     def _all_buckets(self) -> list[int]:
         return all_buckets(self.max_len)
 
+    def _decode_kv(self, n: int) -> int | None:
+        """The kv_len a decode call over cache length n is compiled for (None: chunked)."""
+        return None if self.chunked_decode else pow2_bucket(n, DECODE_MIN_KV, self.max_len)
+
+    def _decode_kvs(self) -> list[int | None]:
+        return sorted({self._decode_kv(n) for n in self._all_buckets()},
+                      key=lambda kv: kv or 0)
+
     def _row_bucket(self, busy: int) -> int:
         return next(r for r in self.row_buckets if r >= busy)
 
@@ -613,7 +641,7 @@ class Engine:
     def _spec(self, tree: Any) -> Any:
         return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
-    def _program(self, kind: str, *key: int) -> Any:
+    def _program(self, kind: str, *key: int | None) -> Any:
         """The compiled program for (kind, *key), compiling it on first use."""
         prog = self._programs.get((kind, *key))
         if prog is not None:
@@ -625,7 +653,7 @@ class Engine:
         elif kind == "copy":
             args = (self.cache, i32, i32)
         elif kind == "forward":
-            row = jax.ShapeDtypeStruct((key[0],), jnp.int32)
+            row = jax.ShapeDtypeStruct((key[1],), jnp.int32)
             args = (self.params, self.cache, row, row, row)
         elif kind == "sample":
             row = jax.ShapeDtypeStruct((key[0],), jnp.int32)
@@ -633,8 +661,8 @@ class Engine:
                     self.pstate, self.sbatch, row, row,
                     jax.ShapeDtypeStruct((key[0], self.cfg.vocab_size), jnp.bool_))
         else:
-            row = jax.ShapeDtypeStruct((key[1],), jnp.int32)
-            mask = jax.ShapeDtypeStruct((key[1], self.cfg.vocab_size), jnp.bool_)
+            row = jax.ShapeDtypeStruct((key[2],), jnp.int32)
+            mask = jax.ShapeDtypeStruct((key[2], self.cfg.vocab_size), jnp.bool_)
             args = (self.params, self.cache, self.pstate, self.sbatch, row, row, row, row, mask)
         specs = tuple(map(self._spec, args))
         # Engines of one shape in one process (tests, the benchmark) share compiled programs.
@@ -642,8 +670,9 @@ class Engine:
         prog = _SHARED_PROGRAMS.get(shared_key)
         if prog is None:
             t0 = time.perf_counter()
-            static = (dict(num_steps=key[0]) if kind == "decode" else
-                      dict(kv_len=key[1]) if kind == "prefill" else {})
+            static = (dict(kv_len=key[0], num_steps=key[1]) if kind == "decode" else
+                      dict(kv_len=key[1]) if kind == "prefill" else
+                      dict(kv_len=key[0]) if kind == "forward" else {})
             prog = _SHARED_PROGRAMS[shared_key] = self._jit[kind].lower(*specs, **static).compile()
             self.stats.compiles += 1
             self.stats.extra["compile_s"] = self.stats.extra.get("compile_s", 0.0) + (
@@ -958,13 +987,14 @@ class Engine:
     def _dispatch(self, rows: list[tuple[int, _Row]], slots: np.ndarray, tokens: Any,
                   positions: np.ndarray, steps: np.ndarray, allowed: jax.Array, k: int) -> _Call:
         """Dispatch a decode call of k steps."""
+        kv_len = self._decode_kv(max(int(positions.max()), 0) + k)
         if k == 1:
-            logits, self.cache = self._program("forward", len(slots))(
+            logits, self.cache = self._program("forward", kv_len, len(slots))(
                 self.params, self.cache, slots, tokens, positions)
             outs, self.pstate = self._program("sample", len(slots))(
                 logits, self.pstate, self.sbatch, slots, steps, allowed)
         else:
-            outs, self.cache, self.pstate = self._program("decode", k, len(slots))(
+            outs, self.cache, self.pstate = self._program("decode", kv_len, k, len(slots))(
                 self.params, self.cache, self.pstate, self.sbatch, slots, tokens, positions,
                 steps, allowed)
         self.stats.decode_calls += 1

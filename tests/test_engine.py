@@ -214,7 +214,7 @@ def test_batch_invariance_at_real_widths(weights):
                 collect(h)
             assert busy == alone, companions
         # The request shared decode calls of 2, 4 and 8 rows.
-        assert {("forward", r) for r in (2, 4, 8)} <= set(eng._programs)
+        assert {("forward", None, r) for r in (2, 4, 8)} <= set(eng._programs)
     finally:
         eng.close()
 
@@ -492,7 +492,8 @@ def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch):
         # program of each kind per row bucket, whatever the cache length.
         expected = collections.Counter({("copy",): 1})  # a free row onto itself
         for r in [1, 2, 4]:
-            expected[("sample", r)] = expected[("forward", r)] = expected[("decode", 3, r)] = 1
+            expected[("sample", r)] = 1
+            expected[("forward", None, r)] = expected[("decode", None, 3, r)] = 1
         # A 40-token prompt is prefilled in chunks of 16 over longer caches: not run.
         prefills = {(b, kv) for n in (8, 40) for _, b, kv in eng._prefill_plan(n)}
         assert any(kv > 16 for _, kv in prefills)
@@ -528,6 +529,32 @@ def test_multi_step_decode_matches_single_step_with_int8_weights(params):
         for e in engines:
             e.close()
 
+
+
+@pytest.mark.parametrize("steps, lookahead", [(1, False), (4, True)])
+def test_decode_over_cache_buckets_matches_chunks(params, steps, lookahead):
+    """The accelerator's decode (chunked_decode=False: the cache read as a power-of-two prefix,
+    one program per prefix length) gives the CPU default's tokens (the cache read in chunks),
+    one step per call and, as on a GPU, four with lookahead, across a bucket boundary (256)."""
+    prompt = [(7 * i) % 250 for i in range(240)]
+    kw = dict(prompt=prompt, max_tokens=30, n=2, logprobs=True)
+    engines = [Engine(params, CFG, max_slots=4, max_len=512, vocab_limit=250,
+                      steps_per_call=steps, lookahead=lookahead, chunked_decode=chunked)
+               for chunked in (True, False)]
+    try:
+        for sampling in (SAMPLED, GREEDY):
+            chunks, buckets = (run(e, sampling=sampling, **kw) for e in engines)
+            for c in (0, 1):
+                assert tokens(buckets[c]) == tokens(chunks[c])
+                np.testing.assert_allclose([e.logprob for e in buckets[c]],
+                                           [e.logprob for e in chunks[c]], atol=1e-4)
+        assert {key[1] for key in engines[1]._programs if key[0] in ("forward", "decode")} == {
+            256, 512}
+        assert {key[1] for key in engines[0]._programs if key[0] in ("forward", "decode")} == {
+            None}
+    finally:
+        for e in engines:
+            e.close()
 
 def test_multi_step_decode_matches_single_step(params, engine):
     eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, steps_per_call=4,
@@ -605,7 +632,7 @@ def test_decode_runs_only_the_busy_rows(params):
     try:
         assert eng.row_buckets == [1, 2, 4]
         def rows_used() -> set[int]:  # row buckets of the programs run so far (one step/call)
-            return ({key[1] for key in eng._programs if key[0] == "forward"}
+            return ({key[2] for key in eng._programs if key[0] == "forward"}
                     | {key[1] for key in eng._programs if key[0] == "sample"})
 
         alone = tokens(run(eng, prompt=[5, 9, 2], max_tokens=6)[0])
