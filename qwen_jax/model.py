@@ -396,7 +396,6 @@ def _attend(
     return out.astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
 
 
-
 def _attend_in_chunks(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, rows: jax.Array,
                       positions: jax.Array, cfg: QwenConfig, chunk: int) -> jax.Array:
     """q[B,T,H,hd] at positions[B,T] attending to cache rows `rows` up to each position ->
@@ -407,8 +406,8 @@ def _attend_in_chunks(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, rows
     Online softmax: each chunk rescales the running maximum, denominator and weighted sum of
     values. A chunk past a row's position adds exactly nothing to that row (its scores are
     masked, exp(masked - max) == 0, the rescale is exp(0) == 1), so a row's result does not
-    depend on the other rows' positions either. A row at position -1 (padding) averages chunk
-    0 instead of producing NaN."""
+    depend on the other rows' positions either. A row at position -1 (padding) sees every key
+    masked and averages the values read instead of producing NaN."""
     b, t, _, hd = q.shape
     dtype, max_len = q.dtype, cache_k.shape[1]
     chunk = min(chunk, max_len)
@@ -443,6 +442,7 @@ def _attend_in_chunks(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, rows
             jnp.zeros((b, kv, groups, t, hd), jnp.float32))
     _, total, acc = jax.lax.fori_loop(0, chunks, step, init)
     return (acc / total).astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
+
 
 def _qkv(x: jax.Array, p: LayerParams, cos: jax.Array, sin: jax.Array, cfg: QwenConfig):
     b, t, _ = x.shape

@@ -324,7 +324,7 @@ def test_cpu_multi_step_decode_copies_weights_unless_int8_levels(plan, weights, 
         pstate = jax.eval_shape(lambda: S.init_penalty_state(rows, cfg.vocab_size))
         ids = jax.ShapeDtypeStruct((rows,), jnp.int32)
         allowed = jax.ShapeDtypeStruct((rows, cfg.vocab_size), jnp.bool_)
-        program = jax.jit(lambda *a: _decode(*a, cfg=cfg, vocab_limit=cfg.vocab_size,
+        program = jax.jit(lambda *a: _decode(*a, cfg=cfg, kv_len=None, vocab_limit=cfg.vocab_size,
                                              num_steps=4))
         hlo = program.lower(params, cache, pstate, sbatch, ids, ids, ids, ids,
                             allowed).compile().as_text()
