@@ -102,7 +102,7 @@ def engine_decode(params, cfg, context: int, steps: int, batch: int, steps_per_c
                  steps_per_call=steps_per_call, lookahead=lookahead)
     rng = np.random.default_rng(0)
     t = time.perf_counter()
-    eng.warmup(prompt_lengths=[context], rows=[batch])
+    eng.warmup(prompt_lengths=[context], kv_lens=range(context, max_len + 1), rows=[batch])
     compile_s = time.perf_counter() - t
     out = {}
     try:

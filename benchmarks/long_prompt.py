@@ -38,7 +38,8 @@ def measure(params, cfg, prompt: list[int], chunk: int, max_len: int) -> dict:
     eng = Engine(params, cfg, max_slots=4, max_len=max_len, prefill_chunk=chunk)
     try:
         t = time.perf_counter()
-        eng.warmup(prompt_lengths=[len(prompt), len(prompt) + 1, 16], rows=[1, 2, 3])
+        eng.warmup(prompt_lengths=[len(prompt), len(prompt) + 1, 16], kv_lens=range(1, max_len),
+                   rows=[1, 2, 3])
         out: dict = {"chunk": chunk, "compile_s": time.perf_counter() - t}
         release_freed_memory()
 

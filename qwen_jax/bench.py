@@ -176,7 +176,9 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
                     steps_per_call=steps_per_call, prefill_chunk=prefill_chunk)
     try:
         t = time.perf_counter()
-        engine.warmup(prompt_lengths=lengths, rows=[1, batch])
+        # Every cache length decode can reach; warmup maps them to its kv_len buckets.
+        reach = range(1, max(lengths) + decode_tokens + steps_per_call + 1)
+        engine.warmup(prompt_lengths=lengths, kv_lens=reach, rows=[1, batch])
         out["compile_s"] = time.perf_counter() - t
         out["compiles"] = engine.stats.compiles
         weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))

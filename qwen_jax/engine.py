@@ -500,14 +500,17 @@ class Engine:
         return handle
 
     def warmup(self, prompt_lengths: Sequence[int] | None = None,
-               rows: Sequence[int] | None = None) -> None:
+               kv_lens: Sequence[int] | None = None, rows: Sequence[int] | None = None) -> None:
         """Compile prefill for the buckets of `prompt_lengths` (default: every bucket) and decode
-        for every row bucket up to that of max(`rows`) busy rows (default: all): requests
-        arriving together join one or a few at a time, so their batch passes through the
-        smaller buckets, and each request's first tokens are sampled on the bucket of its n.
+        for every row bucket up to that of max(`rows`) busy rows (default: all) and, unless
+        decode is chunked, for the kv_len buckets of the cache lengths `kv_lens` (default: all):
+        requests arriving together join one or a few at a time, so their batch passes through
+        the smaller buckets, and each request's first tokens are sampled on the bucket of its n.
         Afterwards any compile is logged as a warning."""
         lengths = list(prompt_lengths) if prompt_lengths is not None else self._all_buckets()
         prefills = sorted({(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)})
+        kvs = sorted({self._decode_kv(n) for n in kv_lens or self._all_buckets()},
+                     key=lambda kv: kv or 0)
         t0 = time.perf_counter()
         with self._device_lock:
             for b, kv in prefills:
@@ -517,17 +520,17 @@ class Engine:
                 r for r in self.row_buckets if r <= self._row_bucket(max(rows))]
             for r in row_buckets:
                 self._program("sample", r)
-                for kv in self._decode_kvs():
+                for kv in kvs:
                     self._program("forward", kv, r)
                     if self.steps_per_call > 1:
                         self._program("decode", kv, self.steps_per_call, r)
-            self._run_programs_once(prefills, row_buckets)
+            self._run_programs_once(prefills, kvs, row_buckets)
             self._warm = True
         self.stats.extra["warmup_s"] = time.perf_counter() - t0
         release_freed_memory()
 
     def _run_programs_once(self, prefills: Sequence[tuple[int, int]],
-                           row_buckets: Sequence[int]) -> None:
+                           kvs: Sequence[int | None], row_buckets: Sequence[int]) -> None:
         """Run each decode program once, and each prefill program of a one-chunk prompt, on
         idle input: decode rows at position -1 and prefill tokens at positions past max_len
         (no key or value is written, no token is kept). The first run of a compiled program on
@@ -555,7 +558,7 @@ class Engine:
             slots, zeros = np.arange(r, dtype=np.int32), np.zeros(r, np.int32)
             idle = np.full(r, -1, np.int32)
             allowed = self._all_allowed(r)
-            for kv in self._decode_kvs():
+            for kv in kvs:
                 logits, self.cache = self._program("forward", kv, r)(
                     self.params, self.cache, slots, zeros, idle)
                 _, self.pstate = self._program("sample", r)(
@@ -614,10 +617,6 @@ class Engine:
     def _decode_kv(self, n: int) -> int | None:
         """The kv_len a decode call over cache length n is compiled for (None: chunked)."""
         return None if self.chunked_decode else pow2_bucket(n, DECODE_MIN_KV, self.max_len)
-
-    def _decode_kvs(self) -> list[int | None]:
-        return sorted({self._decode_kv(n) for n in self._all_buckets()},
-                      key=lambda kv: kv or 0)
 
     def _row_bucket(self, busy: int) -> int:
         return next(r for r in self.row_buckets if r >= busy)

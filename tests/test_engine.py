@@ -556,6 +556,17 @@ def test_decode_over_cache_buckets_matches_chunks(params, steps, lookahead):
         for e in engines:
             e.close()
 
+
+def test_bucketed_decode_warms_up_the_cache_lengths_asked_for(params):
+    """warmup(kv_lens=) limits bucketed decode (an accelerator's) to the buckets of those cache
+    lengths; chunked decode has one program per row bucket whatever they are."""
+    for chunked, want in [(False, {256}), (True, {None})]:
+        eng = Engine(params, CFG, max_slots=2, max_len=512, vocab_limit=250,
+                     chunked_decode=chunked, start=False)
+        eng.warmup(prompt_lengths=[16], kv_lens=[5, 200], rows=[1])
+        assert {key[1:] for key in eng._programs if key[0] == "forward"} == {
+            (kv, 1) for kv in want}
+
 def test_multi_step_decode_matches_single_step(params, engine):
     eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, steps_per_call=4,
                  lookahead=engine.lookahead)
