@@ -17,7 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen_jax.config import PRESETS
-from qwen_jax.model import _attend, fixed_order_max, fixed_order_sum, rms_norm
+from qwen_jax.model import (
+    _attend,
+    _attend_in_chunks,
+    fixed_order_max,
+    fixed_order_sum,
+    rms_norm,
+)
 
 sum_last = jax.jit(fixed_order_sum)
 
@@ -74,18 +80,28 @@ def test_rms_norm_of_a_row_does_not_depend_on_the_batch(rows, dtype):
             np.testing.assert_array_equal(batched[i], np.asarray(norm(x[i:i + 1]))[0])
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["cache-bucket", "chunks"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_decode_attention_of_a_row_does_not_depend_on_the_batch(dtype):
-    """One decode step's attention at the 0.5B head shape over a 256-key cache bucket: a row's
-    output alone equals its output in a batch of 2 or 8."""
+def test_decode_attention_of_a_row_does_not_depend_on_the_batch(dtype, chunked):
+    """One decode step's attention at the 0.5B head shape over 256 cached keys, as a cache bucket
+    (an accelerator's decode) and in chunks (the CPU's): a row's output alone equals its output
+    in a batch of 2 or 8."""
     cfg = PRESETS["0.5b"]
-    attend = jax.jit(lambda q, k, v, m: _attend(q, k, v, m, cfg).astype(jnp.float32))
+    if chunked:
+        def attend(q, k, v, pos):
+            rows = jnp.arange(q.shape[0])
+            return _attend_in_chunks(q, k, v, rows, pos, cfg, 128).astype(jnp.float32)
+    else:
+        def attend(q, k, v, pos):
+            mask = jnp.arange(k.shape[1])[None, None] <= pos[:, :, None]
+            return _attend(q, k, v, mask, cfg).astype(jnp.float32)
+    attend = jax.jit(attend)
     rng = np.random.default_rng(0)
     for _ in range(6):
         q = jnp.asarray(rng.standard_normal((8, 1, 14, 64)) * 3, dtype)
         k, v = (jnp.asarray(rng.standard_normal((8, 256, 2, 64)), dtype) for _ in "kv")
-        mask = jnp.asarray(np.arange(256)[None, None] <= rng.integers(0, 256, (8, 1, 1)))
-        alone = np.asarray(attend(q[:1], k[:1], v[:1], mask[:1]))[0]
+        pos = jnp.asarray(rng.integers(0, 256, (8, 1)), jnp.int32)
+        alone = np.asarray(attend(q[:1], k[:1], v[:1], pos[:1]))[0]
         for rows in (2, 8):
-            batched = np.asarray(attend(q[:rows], k[:rows], v[:rows], mask[:rows]))[0]
+            batched = np.asarray(attend(q[:rows], k[:rows], v[:rows], pos[:rows]))[0]
             np.testing.assert_array_equal(batched, alone)
