@@ -20,11 +20,12 @@ accelerator with several steps per call) the next decode call is dispatched, fro
 still on the device, before the host streams the previous call's tokens.
 
 Everything on device has static shapes: prefill is compiled once per power-of-two length bucket
-up to the chunk and once per `kv_len` bucket of the chunks after it; a one-step decode runs the
-model (compiled per row bucket; on the CPU it reads the cache in chunks of DECODE_KV_CHUNK keys,
-as many as its rows' positions need, elsewhere it is compiled per power-of-two `kv_len` bucket
->= DECODE_MIN_KV too), then the sampler (per row bucket); several steps per call run as one
-program per (`kv_len`, steps, row bucket). Nothing recompiles in steady state.
+up to the chunk, and the chunks after the first once more (on the CPU, where attention reads the
+cache in chunks of KV_CHUNK keys, as many as the positions need) or once per power-of-two
+`kv_len` bucket (elsewhere); a one-step decode runs the model (compiled per row bucket, and
+elsewhere than on the CPU per `kv_len` bucket >= DECODE_MIN_KV too), then the sampler (per row
+bucket); several steps per call run as one program per (`kv_len`, steps, row bucket). Nothing
+recompiles in steady state.
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ from qwen_jax.model import KVCache, forward, init_cache
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
-# On the CPU decode reads the cache in chunks of this many keys, in a loop as long as the longest
-# row needs (model._attend_in_chunks): one compiled program for every cache length. At the 0.5B
-# shape a one-row step took as long as with a cache bucket of the row's length (chunks of 512: no
-# faster), and an 8-row step at positions 700 and 3000 took 117 and 235 ms instead of 136 and 288
-# (a bucket reads up to twice the keys needed).
-DECODE_KV_CHUNK = 256
+# On the CPU attention reads the cache in chunks of this many keys, in a loop as long as the
+# longest row needs (model._attend_in_chunks): one compiled program for every cache length, in
+# decode and in the prefill calls after a prompt's first. At the 0.5B shape a one-row decode step
+# took as long as with a cache bucket of the row's length (chunks of 512: no faster), and an
+# 8-row step at positions 700 and 3000 took 117 and 235 ms instead of 136 and 288 (a bucket reads
+# up to twice the keys needed); a 512-token prefill call at offsets 512, 1536 and 3584 took 0.70,
+# 0.97 and 1.43 s instead of 0.69, 1.10 and 1.90.
+KV_CHUNK = 256
 # Elsewhere decode attends to a power-of-two prefix of the cache of at least this length: a GPU
 # runtime reads a data-dependent loop's predicate back on the host at every iteration (as it does
 # for the sampler's lax.cond, engine.lookahead), which the chunk loop would do per layer and
@@ -315,12 +318,14 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
 
 
 def _prefill(params, cache: KVCache, tokens, slot, start, last, *, cfg: QwenConfig,
-             kv_len: int) -> tuple[KVCache, jax.Array]:
+             kv_len: int | None) -> tuple[KVCache, jax.Array]:
     """Prefill tokens[1, T] (right-padded) at positions start.. into cache row `slot`; they
-    attend to the first kv_len cache entries (the row's earlier chunks and themselves). Also
-    the logits[1, V] of tokens[0, last] (in the last chunk: the prompt's last token)."""
+    attend to the first kv_len cache entries (the row's earlier chunks and themselves; kv_len
+    None: the cache read in chunks of KV_CHUNK keys, as many as the positions need). Also the
+    logits[1, V] of tokens[0, last] (in the last chunk: the prompt's last token)."""
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     logits, cache = forward(params, cfg, tokens, positions, cache, kv_len=kv_len,
+                            kv_chunk=KV_CHUNK if kv_len is None else None,
                             logits_at=last[None], cache_rows=slot[None])
     return cache, logits
 
@@ -346,9 +351,9 @@ def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: Qwen
                   kv_len: int | None):
     """One decode step's model half: logits[R, V] of tokens[R] at positions[R] in the R cache
     rows `slots`, and the cache with their keys/values written. kv_len None: the cache is read
-    in chunks of DECODE_KV_CHUNK keys."""
+    in chunks of KV_CHUNK keys."""
     return forward(params, cfg, tokens[:, None], positions[:, None], cache, kv_len=kv_len,
-                   kv_chunk=DECODE_KV_CHUNK if kv_len is None else None,
+                   kv_chunk=KV_CHUNK if kv_len is None else None,
                    logits_at=jnp.zeros(tokens.shape, jnp.int32), cache_rows=slots)
 
 
@@ -397,7 +402,7 @@ class Engine:
                  steps_per_call: int = 1, prefill_chunk: int | None = None,
                  cache_dtype: Any = None,
                  row_buckets: Sequence[int] | None = None, lookahead: bool | None = None,
-                 chunked_decode: bool | None = None, start: bool = True) -> None:
+                 chunked_attention: bool | None = None, start: bool = True) -> None:
         """`row_buckets`: the decode batch sizes compiled (busy rows are padded up to the next
         one). Default: every power of two below max_slots on the CPU, where a step costs about
         as much per row as a batch-1 step; 1 and max_slots on an accelerator, where a decode
@@ -415,9 +420,10 @@ class Engine:
         where it made no measurable difference at the 0.5B shape (bf16, 5 alternating pairs)
         and a call that a stop token makes useless costs a whole step of both cores.
 
-        `chunked_decode`: decode reads the cache in chunks (one program per row bucket) rather
-        than a power-of-two prefix of it (one per prefix length too). Default: on the CPU
-        (DECODE_KV_CHUNK, DECODE_MIN_KV say why)."""
+        `chunked_attention`: decode, and each prefill call after a prompt's first, read the
+        cache in chunks (one program per row bucket, and one for those prefill calls) rather
+        than a power-of-two prefix of it (one program per prefix length too). Default: on the
+        CPU (KV_CHUNK, DECODE_MIN_KV say why)."""
         if max_slots < 1 or max_len < 2 or queue_size < 0 or steps_per_call < 1:
             raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
         if prefill_chunk is None:
@@ -437,9 +443,9 @@ class Engine:
         if lookahead is None:
             lookahead = jax.default_backend() != "cpu" and steps_per_call > 1
         self.lookahead = lookahead
-        if chunked_decode is None:
-            chunked_decode = jax.default_backend() == "cpu"
-        self.chunked_decode = chunked_decode
+        if chunked_attention is None:
+            chunked_attention = jax.default_backend() == "cpu"
+        self.chunked_attention = chunked_attention
         self._inflight: _Call | None = None  # the call dispatched ahead (lookahead)
         if cache_dtype is None:
             cache_dtype = params.final_norm.dtype  # the activation dtype, also for int8 weights
@@ -508,7 +514,8 @@ class Engine:
         the smaller buckets, and each request's first tokens are sampled on the bucket of its n.
         Afterwards any compile is logged as a warning."""
         lengths = list(prompt_lengths) if prompt_lengths is not None else self._all_buckets()
-        prefills = sorted({(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)})
+        prefills = sorted({(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)},
+                          key=lambda p: (p[0], p[1] or 0))
         kvs = sorted({self._decode_kv(n) for n in kv_lens or self._all_buckets()},
                      key=lambda kv: kv or 0)
         t0 = time.perf_counter()
@@ -529,21 +536,23 @@ class Engine:
         self.stats.extra["warmup_s"] = time.perf_counter() - t0
         release_freed_memory()
 
-    def _run_programs_once(self, prefills: Sequence[tuple[int, int]],
+    def _run_programs_once(self, prefills: Sequence[tuple[int, int | None]],
                            kvs: Sequence[int | None], row_buckets: Sequence[int]) -> None:
-        """Run each decode program once, and each prefill program of a one-chunk prompt, on
-        idle input: decode rows at position -1 and prefill tokens at positions past max_len
-        (no key or value is written, no token is kept). The first run of a compiled program on
-        the CPU sets up its YNNPACK operators (0.5B shape: a one-row decode step took 404 ms,
-        then 44-56 ms; a 128-token prefill 722 ms, then 181 ms), so without this the first
-        request to reach each bucket would wait that long. Prefills over longer caches are left
-        out: one run of each would be a long prefill at start-up. The penalty state the idle
-        samples count into is put back."""
+        """Run each decode program once, and each prefill program but those over a cache
+        bucket longer than a chunk, on idle input: decode rows at position -1 and prefill
+        tokens at positions past max_len, or before 0 for chunked attention, which then reads
+        one chunk (no key or value is written, no token is kept). The first run of a compiled
+        program on the CPU sets up its YNNPACK operators (0.5B shape: a one-row decode step
+        took 404 ms, then 44-56 ms; a 128-token prefill 722 ms, then 181 ms), so without this
+        the first request to reach each bucket would wait that long. A prefill over a longer
+        cache bucket would read all of it: a long prefill at start-up. The penalty state the
+        idle samples count into is put back."""
         for b, kv in prefills:
-            if kv <= self.prefill_chunk:
+            if kv is None or kv <= self.prefill_chunk:
+                start = -b if kv is None else self.max_len
                 self.cache, _ = self._program("prefill", b, kv)(
                     self.params, self.cache, np.zeros((1, b), np.int32), np.int32(0),
-                    np.int32(self.max_len), np.int32(b - 1))
+                    np.int32(start), np.int32(b - 1))
         saved = jax.tree_util.tree_map(jnp.copy, self.pstate)
         # What a request's join runs besides programs (the row updates, jitted on first use,
         # and the copy for n > 1): 0.42 s of the first request's time to first token at the 0.5B
@@ -608,15 +617,20 @@ class Engine:
         if not isinstance(r.min_tokens, int) or not 0 <= r.min_tokens <= r.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {r.min_tokens!r}")
 
-    def _prefill_plan(self, n: int) -> list[tuple[int, int, int]]:
-        return prefill_plan(n, self.prefill_chunk, self.max_len)
+    def _prefill_plan(self, n: int) -> list[tuple[int, int, int | None]]:
+        """prefill_plan's calls, with kv_len None (the cache read in chunks) for every call
+        after the first when attention is chunked."""
+        plan = prefill_plan(n, self.prefill_chunk, self.max_len)
+        if not self.chunked_attention:
+            return plan
+        return plan[:1] + [(start, b, None) for start, b, _ in plan[1:]]
 
     def _all_buckets(self) -> list[int]:
         return all_buckets(self.max_len)
 
     def _decode_kv(self, n: int) -> int | None:
         """The kv_len a decode call over cache length n is compiled for (None: chunked)."""
-        return None if self.chunked_decode else pow2_bucket(n, DECODE_MIN_KV, self.max_len)
+        return None if self.chunked_attention else pow2_bucket(n, DECODE_MIN_KV, self.max_len)
 
     def _row_bucket(self, busy: int) -> int:
         return next(r for r in self.row_buckets if r >= busy)
@@ -838,8 +852,8 @@ class Engine:
         for call in range(len(plan)):
             self._prefill_call(ids, slot, plan, call)
 
-    def _prefill_call(self, ids: np.ndarray, slot: int, plan: list[tuple[int, int, int]],
-                      call: int) -> jax.Array:
+    def _prefill_call(self, ids: np.ndarray, slot: int,
+                      plan: list[tuple[int, int, int | None]], call: int) -> jax.Array:
         """Run prefill call `call` of `plan`; the logits [1, V] at its last token."""
         start, b, kv = plan[call]
         end = plan[call + 1][0] if call + 1 < len(plan) else len(ids)

@@ -401,7 +401,7 @@ def _attend_in_chunks(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, rows
     """q[B,T,H,hd] at positions[B,T] attending to cache rows `rows` up to each position ->
     [B,T,H*hd], reading the cache `chunk` keys at a time, as many chunks as the largest position
     needs: a loop whose length is data, so one compiled program serves every cache length
-    (instead of one per length bucket, each ~30-60 MiB of code at the 0.5B shape).
+    (instead of one per length bucket, each holding 30-60 MiB at the 0.5B shape).
 
     Online softmax: each chunk rescales the running maximum, denominator and weighted sum of
     values. A chunk past a row's position adds exactly nothing to that row (its scores are
@@ -477,8 +477,8 @@ def forward(
     the key/value of token (b, t) is written at cache index positions[b, t] of that row
     (positions outside [0, max_len) are dropped) and query (b, t) attends to cache indices
     j <= positions[b, t], j < kv_len. With `kv_chunk` instead of kv_len, it reads the cache in
-    chunks of that many keys, as many as max(positions) needs (decode: one program for every
-    cache length). Without a cache: causal attention over the T tokens.
+    chunks of that many keys, as many as max(positions) needs (one program for every cache
+    length). Without a cache: causal attention over the T tokens.
     `logits_at[B]` returns logits only at those token indices ([B, V] instead of [B, T, V]).
     """
     tokens = jnp.asarray(tokens, jnp.int32)

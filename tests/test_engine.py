@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from qwen_jax.config import PRESETS, QwenConfig
 from qwen_jax.cpu_matmul import cpu_plan
 from qwen_jax.engine import (
+    KV_CHUNK,
     Engine,
     GenerationRequest,
     QueueFullError,
@@ -461,11 +462,13 @@ def test_lookahead_drops_a_call_whose_rows_all_ended(params):
     assert len(tokens(list(h._events))) > 1  # its first token and a decode call's
 
 
-def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch):
-    """Warm-up runs every decode program it compiles once, and the prefill programs of
-    one-chunk prompts (their first run on the CPU sets up YNNPACK's operators, 0.3-0.65 s at
-    the 0.5B shape), on idle input: the cache and the penalty state are the same afterwards,
-    and a request gives the same tokens as before."""
+@pytest.mark.parametrize("chunked", [True, False])
+def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch, chunked):
+    """Warm-up runs every decode program it compiles once, and the prefill programs but those
+    over cache buckets longer than a chunk (a first run on the CPU sets up YNNPACK's operators,
+    0.3-0.65 s at the 0.5B shape), on idle input: the cache and the penalty state are the same
+    afterwards, and a request gives the same tokens as before. With chunked attention (the
+    CPU's) the prefill calls after a prompt's first are one program, run reading one chunk."""
     import collections
 
     calls: collections.Counter = collections.Counter()
@@ -481,24 +484,26 @@ def test_warmup_runs_each_program_once_and_keeps_the_state(params, monkeypatch):
         return run_counted
 
     eng = Engine(params, CFG, max_slots=4, max_len=512, vocab_limit=250, steps_per_call=3,
-                 prefill_chunk=16)
+                 prefill_chunk=16, chunked_attention=chunked)
     try:
         kw = dict(prompt=[3, 1, 4], sampling=SAMPLED, max_tokens=6)
         first = tokens(run(eng, **kw)[0])
         state = [np.asarray(a) for a in jax.tree.leaves((eng.cache, eng.pstate))]
         monkeypatch.setattr(Engine, "_program", counting)
-        eng.warmup(prompt_lengths=[8, 40], rows=[1, 4])
+        eng.warmup(prompt_lengths=[8, 40], kv_lens=[10, 300], rows=[1, 4])
         # rows=[1, 4]: every row bucket up to 4's (a burst passes through them all); one decode
-        # program of each kind per row bucket, whatever the cache length.
+        # program of each kind per row bucket, and per cache bucket of kv_lens unless chunked.
         expected = collections.Counter({("copy",): 1})  # a free row onto itself
         for r in [1, 2, 4]:
-            expected[("sample", r)] = 1
-            expected[("forward", None, r)] = expected[("decode", None, 3, r)] = 1
-        # A 40-token prompt is prefilled in chunks of 16 over longer caches: not run.
+            for kv in [None] if chunked else [256, 512]:
+                expected[("forward", kv, r)] = expected[("decode", kv, 3, r)] = 1
+                expected[("sample", r)] += 1  # after each forward
+        # A 40-token prompt is prefilled in chunks of 16, the later ones over 32- and 64-key
+        # cache buckets (not run) or chunked (one program, run).
         prefills = {(b, kv) for n in (8, 40) for _, b, kv in eng._prefill_plan(n)}
-        assert any(kv > 16 for _, kv in prefills)
+        assert (16, None) in prefills if chunked else {(16, 32), (16, 64)} <= prefills
         for b, kv in prefills:
-            if kv <= 16:
+            if kv is None or kv <= 16:
                 expected[("prefill", b, kv)] = 1
         assert calls == expected
         after = [np.asarray(a) for a in jax.tree.leaves((eng.cache, eng.pstate))]
@@ -533,13 +538,13 @@ def test_multi_step_decode_matches_single_step_with_int8_weights(params):
 
 @pytest.mark.parametrize("steps, lookahead", [(1, False), (4, True)])
 def test_decode_over_cache_buckets_matches_chunks(params, steps, lookahead):
-    """The accelerator's decode (chunked_decode=False: the cache read as a power-of-two prefix,
+    """The accelerator's decode (chunked_attention=False: the cache read as a power-of-two prefix,
     one program per prefix length) gives the CPU default's tokens (the cache read in chunks),
     one step per call and, as on a GPU, four with lookahead, across a bucket boundary (256)."""
     prompt = [(7 * i) % 250 for i in range(240)]
     kw = dict(prompt=prompt, max_tokens=30, n=2, logprobs=True)
     engines = [Engine(params, CFG, max_slots=4, max_len=512, vocab_limit=250,
-                      steps_per_call=steps, lookahead=lookahead, chunked_decode=chunked)
+                      steps_per_call=steps, lookahead=lookahead, chunked_attention=chunked)
                for chunked in (True, False)]
     try:
         for sampling in (SAMPLED, GREEDY):
@@ -557,12 +562,35 @@ def test_decode_over_cache_buckets_matches_chunks(params, steps, lookahead):
             e.close()
 
 
+def test_chunked_prefill_attention_matches_cache_buckets(params):
+    """A 400-token prompt prefilled 64 tokens at a time: the calls after the first read the
+    cache in chunks of KV_CHUNK keys (the CPU default, one program for them all; one call spans
+    the chunk boundary at 256) or attend to a power-of-two prefix (one program per prefix
+    length). Both give the greedy tokens of the cache-free forward, and the same logprobs."""
+    prompt = [(11 * i + 5) % 250 for i in range(400)]
+    engines = [Engine(params, CFG, max_slots=2, max_len=512, vocab_limit=250, prefill_chunk=64,
+                      chunked_attention=chunked) for chunked in (True, False)]
+    try:
+        chunks, buckets = (run(e, prompt=prompt, max_tokens=6, logprobs=True)[0]
+                           for e in engines)
+        assert tokens(chunks) == tokens(buckets) == argmax_continuation(params, prompt, 6)
+        np.testing.assert_allclose([e.logprob for e in chunks], [e.logprob for e in buckets],
+                                   atol=1e-4)
+        assert KV_CHUNK < 400
+        prefills = [{key[1:] for key in e._programs if key[0] == "prefill"} for e in engines]
+        assert prefills[0] == {(16, 16), (64, None)}
+        assert prefills[1] == {(16, 16), (64, 128), (64, 256), (64, 512)}
+    finally:
+        for e in engines:
+            e.close()
+
+
 def test_bucketed_decode_warms_up_the_cache_lengths_asked_for(params):
     """warmup(kv_lens=) limits bucketed decode (an accelerator's) to the buckets of those cache
     lengths; chunked decode has one program per row bucket whatever they are."""
     for chunked, want in [(False, {256}), (True, {None})]:
         eng = Engine(params, CFG, max_slots=2, max_len=512, vocab_limit=250,
-                     chunked_decode=chunked, start=False)
+                     chunked_attention=chunked, start=False)
         eng.warmup(prompt_lengths=[16], kv_lens=[5, 200], rows=[1])
         assert {key[1:] for key in eng._programs if key[0] == "forward"} == {
             (kv, 1) for kv in want}
