@@ -209,19 +209,28 @@ def _banning_stops(row: _Row, ahead: int = 0) -> bool:
 
 _SHARED_PROGRAMS: dict[tuple, Any] = {}
 _BACKEND_COMPILES = [0]
+_THREAD_COMPILES = threading.local()  # the listener runs on the compiling thread
 
 
 def _count_backend_compile(event: str, duration: float, **_: Any) -> None:
+    # Recorded around the persistent cache's lookup too: a load from it counts.
     if event == "/jax/core/compile/backend_compile_duration":
         _BACKEND_COMPILES[0] += 1
+        _THREAD_COMPILES.count = getattr(_THREAD_COMPILES, "count", 0) + 1
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
 
 
 def backend_compile_count() -> int:
-    """XLA compiles in this process so far (any jit, not only the engine's): tests diff it."""
+    """XLA compiles in this process so far (any jit, not only the engine's; loads from the
+    persistent compilation cache included): tests diff it."""
     return _BACKEND_COMPILES[0]
+
+
+def thread_compile_count() -> int:
+    """backend_compile_count's compiles on the calling thread."""
+    return getattr(_THREAD_COMPILES, "count", 0)
 
 
 def release_freed_memory() -> bool:
@@ -711,6 +720,7 @@ class Engine:
                                         or any(self._slots))
                     if self._closed:
                         break
+                compiled = thread_compile_count(), self.stats.compiles
                 self._handle_cancels()
                 self._admit()
                 with self._device_lock:
@@ -719,6 +729,7 @@ class Engine:
                     self._advance_prefills()
                     if any(r is not None and r.ready for r in self._slots):
                         self._step()
+                self._note_other_compiles(*compiled)
         except Exception as e:  # a bug or a device failure: fail every request, refuse new ones
             log.exception("engine thread died")
             self._dead = f"engine failed: {type(e).__name__}: {e}"
@@ -733,6 +744,16 @@ class Engine:
                 for c in range(h.request.n):
                     h._emit(TokenEvent(c, None, None, (), "error" if self._dead else "cancelled",
                                        reason))
+
+    def _note_other_compiles(self, thread_compiles: int, programs: int) -> None:
+        """After warm-up, count and log what this thread compiled since (thread_compiles,
+        programs) besides the engine's programs (which `_program` logs): a jitted helper or an
+        array operation meeting a new shape, a stall that warm-up should have taken."""
+        other = thread_compile_count() - thread_compiles - (self.stats.compiles - programs)
+        if other > 0 and self._warm:
+            self.stats.compiles_after_warmup += other
+            log.warning("engine thread compiled %d XLA computation(s) besides its programs "
+                        "after warm-up (JAX_LOG_COMPILES=1 names them)", other)
 
     def _handle_cancels(self) -> None:
         # A row still prefilling keeps its slot until the prefill ends (the prompt is written to
@@ -973,7 +994,9 @@ class Engine:
             if i in masks:
                 mask[j] = False
                 mask[j, : len(masks[i])] = masks[i]
-        return jnp.asarray(mask)
+        # device_put: jnp.asarray compiles a small program per new shape (jax 0.10), here the
+        # first time a grammar constrains a call of each row bucket.
+        return jax.device_put(mask)
 
     def _launch_next(self, call: _Call) -> _Call | None:
         """Dispatch the call that will follow `call` if nothing can change it: every busy row

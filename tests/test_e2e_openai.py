@@ -462,3 +462,11 @@ def test_queue_full_429_and_disconnect_cancels(live_server):
     while engine_active(live_server) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert engine_active(live_server) == 0
+
+
+def test_the_server_compiled_nothing_after_warm_up(live_server):
+    """Every request sent so far (this module's, and the conformance tests' run before it) ran
+    programs that warm-up had made: the engine logs any compile after warm-up as a warning."""
+    log = live_server.log_path.read_text()
+    assert "compiled in" in log  # warm-up ran and printed its time
+    assert "after warm-up" not in log, [ln for ln in log.splitlines() if "after warm-up" in ln]

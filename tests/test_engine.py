@@ -435,7 +435,40 @@ def test_the_first_request_after_warmup_compiles_nothing(params):
         assert len(tokens(run(eng, prompt=[1, 2, 3], max_tokens=4)[0])) == 4
         assert [len(tokens(c)) for c in run(eng, prompt=[3, 2, 1], max_tokens=2, n=2,
                                              sampling=SAMPLED).values()] == [2, 2]
+        # Grammars on every row: the calls carry [rows, V] masks (a 3-row one, a shape no
+        # other test made: a mask made with jnp.asarray compiled on its first use).
+        out = run(eng, prompt=[5, 6], max_tokens=4, n=3,
+                  constraints=[OnlyTokens([10, 20], 3) for _ in range(3)])
+        assert all(len(tokens(c)) == 3 for c in out.values())
         assert backend_compile_count() == before
+        assert eng.stats.compiles_after_warmup == 0
+    finally:
+        eng.close()
+
+
+def test_a_compile_after_warmup_besides_the_programs_is_counted_and_logged(params, monkeypatch,
+                                                                          caplog):
+    """Whatever the engine thread compiles after warm-up, not only its own programs, stalls a
+    request: it is counted in compiles_after_warmup and logged as a warning."""
+    import logging
+
+    eng = Engine(params, CFG, max_slots=2, max_len=64, vocab_limit=250)
+    try:
+        eng.warmup(prompt_lengths=[3], rows=[1])
+        run(eng, prompt=[1, 2, 3], max_tokens=2)
+        assert eng.stats.compiles_after_warmup == 0
+        masks = Engine._masks
+
+        def compiling(self, slots):
+            jax.jit(lambda x: x * 7 - 1)(np.arange(5)).block_until_ready()  # a new program
+            return masks(self, slots)
+
+        monkeypatch.setattr(Engine, "_masks", compiling)
+        with caplog.at_level(logging.WARNING, logger="qwen_jax.engine"):
+            run(eng, prompt=[1, 2, 3], max_tokens=2)
+            # Counted at the end of the engine iteration, after the tokens streamed.
+            wait_until(lambda: eng.stats.compiles_after_warmup >= 1)
+        assert "besides its programs after warm-up" in caplog.text
     finally:
         eng.close()
 
