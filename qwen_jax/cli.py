@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         "take one step per call",
     )
     serve.add_argument(
+        "--compilation-cache", default=None, metavar="DIR|off",
+        help="where compiled programs are kept, so that a restart loads them instead of "
+        "compiling (default: $QWEN_JAX_XLA_CACHE or ~/.cache/qwen-jax/xla); 'off' compiles at "
+        "every start: programs loaded from the cache hold more memory (0.5B shape on a CPU: "
+        "2.76 instead of 2.51 GiB after a warm-up of 18 instead of 40 s)",
+    )
+    serve.add_argument(
         "--prefill-chunk", type=int, default=None,
         help="prompt tokens per prefill call, a power of two >= 16 (default: 512 on the CPU, "
         "2048 on an accelerator): longer prompts are prefilled in chunks, with decode steps "

@@ -755,7 +755,9 @@ def serve(args: Any) -> int:
           + (", int8 weights" if is_quantized(params) else "")
           + f", {steps} decode step{'s' if steps > 1 else ''} per call" + _cpu_plan_note(),
           flush=True)
-    enable_compilation_cache()
+    cache_dir = getattr(args, "compilation_cache", None)
+    if cache_dir != "off":
+        print(f"compilation cache: {enable_compilation_cache(cache_dir)}", flush=True)
     engine = Engine(params, cfg, max_slots=args.max_num_seqs, max_len=max_len,
                     vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,
                     steps_per_call=steps, prefill_chunk=chunk)

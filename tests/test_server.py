@@ -966,6 +966,32 @@ def test_serve_rejects_bad_engine_flags_before_loading(tmp_path, flag, value, me
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("value", [None, "DIR", "off"])
+def test_serve_compilation_cache_flag(monkeypatch, tmp_path, capsys, value):
+    """`--compilation-cache`: the default directory (None: $QWEN_JAX_XLA_CACHE or
+    ~/.cache/qwen-jax/xla), one given, or none at all with 'off'."""
+    import qwen_jax.engine as engine_module
+    from qwen_jax import server
+    from qwen_jax.cli import build_parser
+
+    class Stop(Exception):
+        pass
+
+    def no_engine(*args, **kwargs):
+        raise Stop  # the flag is read before the engine is built
+
+    used = []
+    monkeypatch.setattr(engine_module, "enable_compilation_cache",
+                        lambda path=None: used.append(path) or path)
+    monkeypatch.setattr(engine_module, "Engine", no_engine)
+    flag = {None: [], "DIR": ["--compilation-cache", str(tmp_path)],
+            "off": ["--compilation-cache", "off"]}[value]
+    with pytest.raises(Stop):
+        server.serve(build_parser().parse_args(["serve", "--model", "demo", *flag]))
+    assert used == {None: [None], "DIR": [str(tmp_path)], "off": []}[value]
+    assert ("compilation cache:" in capsys.readouterr().out) == (value != "off")
+
+
 def test_choose_dtype_auto_prefers_float32_on_an_avx2_cpu_only_when_it_fits():
     """float32 only on a CPU without native bf16 products (the AVX2 plan) and only when the
     weights fit in half the RAM; bfloat16 on an accelerator and under the AVX512-BF16 plan."""
