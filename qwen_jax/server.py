@@ -709,6 +709,8 @@ def _load_or_report(args: Any):
 
 def serve(args: Any) -> int:
     """`qwen-jax serve`: load, build the engine, run the threaded WSGI server until Ctrl-C."""
+    import jax
+
     from qwen_jax.engine import (
         Engine,
         check_prefill_chunk,
@@ -735,6 +737,14 @@ def serve(args: Any) -> int:
         cors = parse_origins(getattr(args, "allowed_origins", None) or LOCAL)
     except ValueError as e:
         return _fail(str(e))
+    cache_dir = getattr(args, "compilation_cache", None)
+    if cache_dir == "off":
+        jax.config.update("jax_compilation_cache_dir", None)  # also one set by the environment
+    else:
+        try:
+            cache_dir = enable_compilation_cache(cache_dir)
+        except OSError as e:
+            return _fail(f"--compilation-cache: cannot use {cache_dir or 'the default'}: {e}")
     loaded = _load_or_report(args)
     if loaded is None:
         return 2
@@ -755,9 +765,7 @@ def serve(args: Any) -> int:
           + (", int8 weights" if is_quantized(params) else "")
           + f", {steps} decode step{'s' if steps > 1 else ''} per call" + _cpu_plan_note(),
           flush=True)
-    cache_dir = getattr(args, "compilation_cache", None)
-    if cache_dir != "off":
-        print(f"compilation cache: {enable_compilation_cache(cache_dir)}", flush=True)
+    print(f"compilation cache: {cache_dir}", flush=True)
     engine = Engine(params, cfg, max_slots=args.max_num_seqs, max_len=max_len,
                     vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,
                     steps_per_call=steps, prefill_chunk=chunk)

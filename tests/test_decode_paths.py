@@ -336,7 +336,7 @@ def test_cpu_multi_step_decode_copies_weights_unless_int8_levels(plan, weights, 
 @settings(max_examples=12, deadline=None)
 @given(chunk=st.sampled_from([1, 7, 16, 64]), seed=st.integers(0, 2**31 - 1))
 def test_attention_in_chunks_equals_attention_over_the_cache(params, chunk, seed):
-    """`kv_chunk` (decode: the cache read in chunks, as many as the largest position needs)
+    """`kv_chunk` in decode (the cache read in chunks, as many as the largest position needs)
     gives the logits and cache of attending to the whole cache, for a cache length that is no
     multiple of the chunk (40) and positions anywhere in it; a row's logits do not depend, to
     the bit, on how many chunks the other rows need."""
@@ -358,6 +358,27 @@ def test_attention_in_chunks_equals_attention_over_the_cache(params, chunk, seed
     a, _ = f(params, CFG, tokens, near, cache, kv_chunk=chunk, cache_rows=rows)
     b, _ = f(params, CFG, tokens, far, cache, kv_chunk=chunk, cache_rows=rows)
     np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])
+
+
+@settings(max_examples=12, deadline=None)
+@given(chunk=st.sampled_from([1, 7, 16, 64]), t=st.sampled_from([3, 8]), data=st.data())
+def test_prefill_attention_in_chunks_equals_attention_over_the_cache(params, chunk, t, data):
+    """A prefill call (the engine's calls after a prompt's first, on the CPU): t tokens at
+    consecutive positions from `start`, attending to the cache written before them and to
+    each other, read in chunks, give the logits and cache of attending to the whole cache (40
+    keys, no multiple of 7, 16 or 64; 64: one chunk longer than the cache)."""
+    start = data.draw(st.integers(0, 40 - t))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    cache = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype),
+                         init_cache(CFG, 2, 40, jnp.float32))
+    tokens = rng.integers(0, CFG.vocab_size, (1, t)).astype(np.int32)
+    positions = (start + np.arange(t, dtype=np.int32))[None]
+    rows = np.array([1], np.int32)
+    f = jax.jit(forward, static_argnums=1, static_argnames=("kv_len", "kv_chunk"))
+    want, want_cache = f(params, CFG, tokens, positions, cache, kv_len=40, cache_rows=rows)
+    got, got_cache = f(params, CFG, tokens, positions, cache, kv_chunk=chunk, cache_rows=rows)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(_stack(got_cache), _stack(want_cache), rtol=2e-5, atol=2e-5)
 
 
 def test_kv_chunk_is_checked(params):

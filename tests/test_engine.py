@@ -979,21 +979,26 @@ def wait_until(cond, timeout: float = TIMEOUT) -> None:
 def test_chunked_prefill_bounds_attention_memory():
     """At the 0.5B model's attention shape (14 query heads, 2 kv heads), a 4095-token prompt
     prefilled in chunks of 512 needs a fraction of the temporaries of one 4096-token call,
-    whose [heads, T, T] float32 scores alone are 0.9 GiB."""
+    whose [heads, T, T] float32 scores alone are 0.9 GiB; with the cache read in chunks of
+    KV_CHUNK keys (the CPU's default) a fraction of those of chunks over cache buckets."""
     cfg = QwenConfig(vocab_size=256, hidden_size=896, intermediate_size=256, num_hidden_layers=1,
                      num_attention_heads=14, num_key_value_heads=2)
     p = init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
 
-    def peak_temp(chunk: int) -> int:
-        eng = Engine(p, cfg, max_slots=1, max_len=4096, prefill_chunk=chunk, start=False)
+    def peak_temp(chunk: int, chunked: bool) -> int:
+        eng = Engine(p, cfg, max_slots=1, max_len=4096, prefill_chunk=chunk,
+                     chunked_attention=chunked, start=False)
         keys = {(b, kv) for _, b, kv in eng._prefill_plan(4095)}
         return max(eng._program("prefill", *k).memory_analysis().temp_size_in_bytes
                    for k in keys)
 
-    chunked, whole = peak_temp(512), peak_temp(4096)
+    buckets, whole = peak_temp(512, False), peak_temp(4096, False)
     scores = 14 * 512 * 4096 * 4  # one chunk's float32 scores over the whole cache
-    assert chunked <= 4 * scores, (chunked, scores)
-    assert whole >= 4 * chunked, (whole, chunked)
+    assert buckets <= 4 * scores, (buckets, scores)
+    assert whole >= 4 * buckets, (whole, buckets)
+    chunked = peak_temp(512, True)
+    first = 14 * 512 * 512 * 4  # the first call's scores, over itself
+    assert chunked <= 4 * first and buckets >= 4 * chunked, (chunked, buckets)
 
 
 def test_decode_padding_leaves_a_prefilling_row_alone(params):

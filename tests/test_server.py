@@ -952,6 +952,8 @@ def test_serve_missing_model_exits_cleanly(tmp_path):
     ("--steps-per-call", "0", "--steps-per-call must be at least 1"),
     ("--allowed-origins", "example.com", "'example.com' is not an origin"),
     ("--allowed-origins", " , ", "--allowed-origins needs at least one origin"),
+    # README.md is a file: no directory can be made inside it.
+    ("--compilation-cache", "README.md/xla", "--compilation-cache: cannot use README.md/xla"),
 ])
 def test_serve_rejects_bad_engine_flags_before_loading(tmp_path, flag, value, message):
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
@@ -989,7 +991,12 @@ def test_serve_compilation_cache_flag(monkeypatch, tmp_path, capsys, value):
     with pytest.raises(Stop):
         server.serve(build_parser().parse_args(["serve", "--model", "demo", *flag]))
     assert used == {None: [None], "DIR": [str(tmp_path)], "off": []}[value]
-    assert ("compilation cache:" in capsys.readouterr().out) == (value != "off")
+    said = {None: "None", "DIR": str(tmp_path), "off": "off"}[value]
+    assert f"compilation cache: {said}\n" in capsys.readouterr().out
+    if value == "off":
+        import jax
+
+        assert jax.config.jax_compilation_cache_dir is None
 
 
 def test_choose_dtype_auto_prefers_float32_on_an_avx2_cpu_only_when_it_fits():
