@@ -341,23 +341,38 @@ def test_attention_in_chunks_equals_attention_over_the_cache(params, chunk, seed
     multiple of the chunk (40) and positions anywhere in it; a row's logits do not depend, to
     the bit, on how many chunks the other rows need."""
     rng = np.random.default_rng(seed)
-    cache = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype),
-                         init_cache(CFG, 4, 40, jnp.float32))
+    cache = _random_cache(rng, 4)
     tokens = rng.integers(0, CFG.vocab_size, (3, 1)).astype(np.int32)
     positions = rng.integers(0, 40, (3, 1)).astype(np.int32)
     rows = np.array([3, 0, 2], np.int32)
-    f = jax.jit(forward, static_argnums=1, static_argnames=("kv_len", "kv_chunk"))
-    want, want_cache = f(params, CFG, tokens, positions, cache, kv_len=40, cache_rows=rows)
-    got, got_cache = f(params, CFG, tokens, positions, cache, kv_chunk=chunk, cache_rows=rows)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-    # (Layer 0 writes the same keys; later layers' differ as their inputs do, in the last bits.)
-    np.testing.assert_allclose(_stack(got_cache), _stack(want_cache), rtol=2e-5, atol=2e-5)
+    _assert_chunks_match_whole_cache(params, tokens, positions, cache, rows, chunk)
     # Row 0 beside rows at the start of the cache, then at its end (more chunks to read).
     near, far = positions.copy(), positions.copy()
     near[1:], far[1:] = 0, 39
-    a, _ = f(params, CFG, tokens, near, cache, kv_chunk=chunk, cache_rows=rows)
-    b, _ = f(params, CFG, tokens, far, cache, kv_chunk=chunk, cache_rows=rows)
+    a, _ = _forward(params, CFG, tokens, near, cache, kv_chunk=chunk, cache_rows=rows)
+    b, _ = _forward(params, CFG, tokens, far, cache, kv_chunk=chunk, cache_rows=rows)
     np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])
+
+
+_forward = jax.jit(forward, static_argnums=1, static_argnames=("kv_len", "kv_chunk"))
+
+
+def _random_cache(rng: np.random.Generator, rows: int) -> model.KVCache:
+    """A float32 cache of `rows` rows and 40 positions, filled with random keys and values."""
+    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype),
+                        init_cache(CFG, rows, 40, jnp.float32))
+
+
+def _assert_chunks_match_whole_cache(params, tokens, positions, cache, rows, chunk: int) -> None:
+    """forward reading the cache `chunk` keys at a time gives the logits and the cache of
+    attending to all of it."""
+    want, want_cache = _forward(params, CFG, tokens, positions, cache, kv_len=40,
+                                cache_rows=rows)
+    got, got_cache = _forward(params, CFG, tokens, positions, cache, kv_chunk=chunk,
+                              cache_rows=rows)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    # (Layer 0 writes the same keys; later layers' differ as their inputs do, in the last bits.)
+    np.testing.assert_allclose(_stack(got_cache), _stack(want_cache), rtol=2e-5, atol=2e-5)
 
 
 @settings(max_examples=12, deadline=None)
@@ -369,16 +384,10 @@ def test_prefill_attention_in_chunks_equals_attention_over_the_cache(params, chu
     keys, no multiple of 7, 16 or 64; 64: one chunk longer than the cache)."""
     start = data.draw(st.integers(0, 40 - t))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
-    cache = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype),
-                         init_cache(CFG, 2, 40, jnp.float32))
     tokens = rng.integers(0, CFG.vocab_size, (1, t)).astype(np.int32)
     positions = (start + np.arange(t, dtype=np.int32))[None]
-    rows = np.array([1], np.int32)
-    f = jax.jit(forward, static_argnums=1, static_argnames=("kv_len", "kv_chunk"))
-    want, want_cache = f(params, CFG, tokens, positions, cache, kv_len=40, cache_rows=rows)
-    got, got_cache = f(params, CFG, tokens, positions, cache, kv_chunk=chunk, cache_rows=rows)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(_stack(got_cache), _stack(want_cache), rtol=2e-5, atol=2e-5)
+    _assert_chunks_match_whole_cache(params, tokens, positions, _random_cache(rng, 2),
+                                     np.array([1], np.int32), chunk)
 
 
 def test_kv_chunk_is_checked(params):
