@@ -2,8 +2,9 @@
 
 Everything is measured through the Engine (what the server runs). Unless --no-reference is
 given (and if transformers is importable), the same weights are saved as a Hugging Face checkpoint
-and the same figures are measured for transformers (torch, CPU) in a child process, so the two
-runs do not share threads or memory. Prints a table and writes a JSON record (--json).
+and the same figures are measured for transformers in a child process, so the two runs do not
+share threads or memory; the child runs on the GPU when JAX does (and torch sees one). Prints a
+table and writes a JSON record (--json).
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def device_memory() -> dict[str, int] | None:
+    """The accelerator allocator's figures (bytes in use, peak, limit); None on the CPU, whose
+    buffers the process's RSS already counts."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    stats = dev.memory_stats() or {}
+    keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
+    return {k: int(stats[k]) for k in keys if k in stats} or None
 
 
 def machine() -> dict[str, Any]:
@@ -176,8 +190,11 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
                     steps_per_call=steps_per_call, prefill_chunk=prefill_chunk)
     try:
         t = time.perf_counter()
-        # Every cache length decode can reach; warmup maps them to its kv_len buckets.
-        reach = range(1, max(lengths) + decode_tokens + steps_per_call + 1)
+        # The cache lengths decode reaches (the decode runs start from the shortest prompt; the
+        # time-to-first-token requests stop at their first token, sampled after prefill):
+        # warmup maps them to its kv_len buckets, so an accelerator compiles only those.
+        first = min(lengths)
+        reach = range(first, first + decode_tokens + steps_per_call + 1)
         engine.warmup(prompt_lengths=lengths, kv_lens=reach, rows=[1, batch])
         out["compile_s"] = time.perf_counter() - t
         out["compiles"] = engine.stats.compiles
@@ -186,6 +203,7 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
         out.update(weight_bytes=weights, kv_cache_bytes=kv_bytes)
         out["rss_after_load_bytes"] = peak_rss_bytes()
         out["peak_rss_reset"] = reset_peak_rss()
+        out["device_memory_after_warmup"] = device_memory()
 
         # Prefill alone: the engine's prefill programs on exactly L tokens (in chunks of
         # engine.prefill_chunk).
@@ -223,6 +241,7 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
             out[f"decode_b{b}_tok_s"] = statistics.median(rates)
             out[f"decode_b{b}_runs_tok_s"] = rates
         out["peak_rss_bytes"] = peak_rss_bytes()
+        out["device_memory"] = device_memory()
         out["compiles_after_warmup"] = engine.stats.compiles_after_warmup
     finally:
         engine.close()
@@ -234,42 +253,51 @@ def bench_jax(params, cfg, lengths: list[int], decode_tokens: int, batch: int,
 
 
 def bench_transformers(model_dir: str, dtype: str, lengths: list[int], decode_tokens: int,
-                       batch: int, threads: int) -> dict[str, Any]:
-    """Same figures for transformers: greedy decode with its KV cache, no sampling overhead."""
+                       batch: int, threads: int, device: str = "cpu") -> dict[str, Any]:
+    """Same figures for transformers: greedy decode with its KV cache, no sampling overhead.
+    `device` is "cpu" or "cuda"; on a GPU each timing waits for the GPU to finish."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype)).eval()
+        model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     out: dict[str, Any] = {"load_s": time.perf_counter() - t, "threads": threads,
-                           "torch": torch.__version__}
+                           "torch": torch.__version__, "device": device}
+    if device == "cuda":
+        out["device_name"] = torch.cuda.get_device_name()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
+
+    def randint(shape: tuple[int, int]):
+        return torch.randint(0, vocab, shape, generator=g).to(device)
+
     with torch.inference_mode():
-        model(torch.randint(0, vocab, (1, 16), generator=g))  # first-call overheads
+        model(randint((1, 16)))  # first-call overheads
         out["prefill"], out["ttft_s"] = {}, {}
         for n in lengths:
             times = []
             for _ in range(REPEATS):
-                ids = torch.randint(0, vocab, (1, n), generator=g)
+                ids = randint((1, n))
                 t = time.perf_counter()
                 logits = model(ids, use_cache=True, logits_to_keep=1).logits
-                logits[:, -1].argmax(-1)
+                logits[:, -1].argmax(-1).tolist()  # the first token on the host
                 times.append(time.perf_counter() - t)
             s = statistics.median(times)
             out["prefill"][n] = {"seconds": s, "tokens_per_s": n / s}
             out["ttft_s"][n] = s  # prefill + argmax: what its first token costs
 
         def decode(b: int) -> float:
-            ids = torch.randint(0, vocab, (b, min(lengths)), generator=g)
+            ids = randint((b, min(lengths)))
             res = model(ids, use_cache=True, logits_to_keep=1)
             past, tok = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+            tok.tolist()
             t = time.perf_counter()
             for _ in range(decode_tokens - 1):
                 res = model(tok, past_key_values=past, use_cache=True)
                 past, tok = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+            tok.tolist()  # waits for the last step (a GPU runs ahead of the host)
             return b * (decode_tokens - 1) / (time.perf_counter() - t)
 
         for b in sorted({1, batch}):
@@ -280,11 +308,12 @@ def bench_transformers(model_dir: str, dtype: str, lengths: list[int], decode_to
     return out
 
 
-def _run_reference(model_dir: str, args: argparse.Namespace, lengths: list[int]) -> dict:
+def _run_reference(model_dir: str, args: argparse.Namespace, lengths: list[int],
+                   device: str) -> dict:
     cmd = [sys.executable, "-m", "qwen_jax.bench", "--reference-child", json.dumps({
         "model_dir": model_dir, "dtype": args.dtype, "lengths": lengths,
         "decode_tokens": args.decode_tokens, "batch": args.batch,
-        "threads": os.cpu_count() or 1})]
+        "threads": os.cpu_count() or 1, "device": device})]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return {"error": res.stderr.strip()[-2000:]}
@@ -349,6 +378,12 @@ def _table(rec: dict[str, Any]) -> str:
                  f"KV cache ({j['kv_cache_bytes'] / 2**30:.2f} GiB); without the "
                  f"{rec['rss_before_weights_bytes'] / 2**30:.2f} GiB the process held before any "
                  f"weights: {rec['memory_ratio_beyond_runtime']:.2f}x")
+    dev_mem = j.get("device_memory")
+    if dev_mem and "peak_bytes_in_use" in dev_mem:
+        peak = dev_mem["peak_bytes_in_use"] / 2**30
+        lines.append(f"device memory: peak {peak:.2f} GiB since the process started (making or "
+                     f"loading the weights included) = {rec['device_memory_ratio']:.2f}x "
+                     "weights + KV cache")
     if "error" in r:
         lines.append(f"transformers failed: {r['error'][-300:]}")
     return "\n".join(lines)
@@ -372,6 +407,9 @@ def run_bench(args: argparse.Namespace) -> int:
                            "model": args.model, "dtype": args.dtype, "prompt_lengths": lengths,
                            "decode_tokens": args.decode_tokens, "batch": args.batch,
                            "time": time.time()}
+    # On a GPU the transformers child needs device memory too: JAX takes its buffers as it needs
+    # them instead of 75% of the card up front (read when the backend starts, just below).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     from qwen_jax.cpu_matmul import cpu_plan
@@ -383,6 +421,7 @@ def run_bench(args: argparse.Namespace) -> int:
         steps = default_steps_per_call()
 
     rec["machine"]["jax"] = jax.__version__
+    rec["machine"]["device"] = jax.devices()[0].device_kind
     if jax.default_backend() == "cpu":
         rec["machine"]["cpu_matmul_plan"] = cpu_plan().name
     # Measured before any weights exist, so its buffer is gone before the memory figures.
@@ -414,13 +453,18 @@ def run_bench(args: argparse.Namespace) -> int:
                                          getattr(args, "prefill_chunk", None))
         del params  # the child needs the memory more than we do
         if reference:
-            rec["transformers"] = _run_reference(model_dir, args, lengths)
+            gpu = jax.default_backend() == "gpu"
+            rec["transformers"] = _run_reference(model_dir, args, lengths,
+                                                 "cuda" if gpu else "cpu")
     rec["bandwidth_bound_tok_s"] = rec["bandwidth_gbs"] * 1e9 / j["weight_bytes"]
     rec["bandwidth_fraction_b1"] = j["decode_b1_tok_s"] / rec["bandwidth_bound_tok_s"]
     rec["batch_speedup"] = j[f"decode_b{args.batch}_tok_s"] / j["decode_b1_tok_s"]
     rec["memory_ratio"] = j["peak_rss_bytes"] / (j["weight_bytes"] + j["kv_cache_bytes"])
     rec["memory_ratio_beyond_runtime"] = (j["peak_rss_bytes"] - rec["rss_before_weights_bytes"]) / (
         j["weight_bytes"] + j["kv_cache_bytes"])
+    if (j.get("device_memory") or {}).get("peak_bytes_in_use"):
+        rec["device_memory_ratio"] = j["device_memory"]["peak_bytes_in_use"] / (
+            j["weight_bytes"] + j["kv_cache_bytes"])
     rec["machine"]["loadavg_after"] = _loadavg()
     print(_table(rec))
     if args.json:
@@ -433,6 +477,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--reference-child":
         a = json.loads(sys.argv[2])
         print(json.dumps(bench_transformers(a["model_dir"], a["dtype"], a["lengths"],
-                                            a["decode_tokens"], a["batch"], a["threads"])))
+                                            a["decode_tokens"], a["batch"], a["threads"],
+                                            a.get("device", "cpu"))))
     else:
         sys.exit("use `qwen-jax bench`")

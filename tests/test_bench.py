@@ -42,6 +42,10 @@ def test_bench_measures_qwen_jax_and_transformers_on_the_demo(tmp_path):
     assert rec["bandwidth_bound_tok_s"] == rec["bandwidth_gbs"] * 1e9 / j["weight_bytes"]
     assert f"{rec['bandwidth_gbs']:.1f} GB/s, measured" in res.stdout
     assert rec["machine"]["cpu_matmul_plan"] in ("avx2", "avx512-bf16")
+    # JAX runs on the CPU here, so transformers does too, and the process RSS holds the buffers
+    # (an accelerator's allocator figures are recorded only where there is one).
+    assert rec["transformers"]["device"] == "cpu" and rec["machine"]["device"] == "cpu"
+    assert j["device_memory"] is None and "device_memory_ratio" not in rec
 
 
 def test_read_bandwidth_is_measured():
