@@ -194,6 +194,7 @@ class _Call:
     """A dispatched decode call: its outputs (device arrays, maybe not ready) and inputs."""
 
     outs: Any  # SampleOutput of [k, R] arrays
+    last_tokens: Any  # [R] device array, the last step's tokens: a lookahead call's input
     rows: list[tuple[int, _Row]]  # (slot, row) of the busy rows, in output order
     slots: np.ndarray
     positions: np.ndarray
@@ -370,20 +371,23 @@ def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: Qwen
 
 def _sample_rows(logits, pstate, sbatch, slots, steps, allowed, *, vocab_limit: int):
     """One decode step's sampling half, for the rows `slots`: outputs shaped as _decode's for
-    one step, and the penalty state with the sampled tokens counted (not for rows at step -1:
-    padding that may be another request's row)."""
+    one step (with the tokens again as [R]), and the penalty state with the sampled tokens counted
+    (not for rows at step -1: padding that may be another request's row)."""
     ps = _gather_rows(pstate, slots)
     out = S.sample(logits, _gather_rows(sbatch, slots), ps, steps, allowed,
                    vocab_limit=vocab_limit)
     ps = S.update_penalty_state(ps, jnp.where(steps >= 0, out.tokens, -1))
-    return jax.tree_util.tree_map(lambda x: x[None], out), _scatter_rows(pstate, ps, slots)
+    return (jax.tree_util.tree_map(lambda x: x[None], out), out.tokens,
+            _scatter_rows(pstate, ps, slots))
 
 
 def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allowed, *,
             cfg: QwenConfig, kv_len: int | None, vocab_limit: int, num_steps: int):
     """`num_steps` decode steps for the R cache rows `slots` (distinct): feed tokens[R] at
     positions[R], sample, repeat. Running only the busy rows matters on a CPU, where a step costs
-    about as much per row as a batch-1 step."""
+    about as much per row as a batch-1 step. Returns the [num_steps, R] outputs, the last step's
+    tokens [R] (indexing the outputs on the host's side would compile a small program per
+    shape), the cache and the penalty state."""
     # Gathered once, scattered back after the last step.
     sb, ps = _gather_rows(sbatch, slots), _gather_rows(pstate, slots)
 
@@ -398,8 +402,8 @@ def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allo
         return (cache, ps, out.tokens, positions, steps + 1), out
 
     carry = (cache, ps, tokens, positions, steps)
-    (cache, ps, *_), outs = jax.lax.scan(step, carry, None, length=num_steps)
-    return outs, cache, _scatter_rows(pstate, ps, slots)
+    (cache, ps, last, *_), outs = jax.lax.scan(step, carry, None, length=num_steps)
+    return outs, last, cache, _scatter_rows(pstate, ps, slots)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,10 +587,10 @@ class Engine:
             for kv in kvs:
                 logits, self.cache = self._program("forward", kv, r)(
                     self.params, self.cache, slots, zeros, idle)
-                _, self.pstate = self._program("sample", r)(
+                _, _, self.pstate = self._program("sample", r)(
                     logits, self.pstate, self.sbatch, slots, zeros, allowed)
                 if self.steps_per_call > 1:
-                    _, self.cache, self.pstate = self._program(
+                    _, _, self.cache, self.pstate = self._program(
                         "decode", kv, self.steps_per_call, r)(
                         self.params, self.cache, self.pstate, self.sbatch, slots, zeros, idle,
                         zeros, allowed)
@@ -869,9 +873,9 @@ class Engine:
         # One row (n=1) takes the logits as they are, on the device; more repeat them.
         first = logits if R == 1 else np.broadcast_to(np.asarray(logits, np.float32),
                                                        (R, self.cfg.vocab_size))
-        outs, self.pstate = self._program("sample", R)(
+        outs, last, self.pstate = self._program("sample", R)(
             first, self.pstate, self.sbatch, slots, steps, self._allowed(R, live, masks))
-        self._consume(_Call(outs, [(i, self._slots[i]) for i in live], slots,
+        self._consume(_Call(outs, last, [(i, self._slots[i]) for i in live], slots,
                             np.full(R, -1, np.int32), steps, 1))
 
     def _prefill_tokens(self, ids: np.ndarray, slot: int) -> None:
@@ -1024,7 +1028,7 @@ class Engine:
         positions[:n] += k
         steps[:n] += k
         self.stats.lookahead_calls += 1
-        return self._dispatch(call.rows, call.slots, call.outs.tokens[-1], positions, steps,
+        return self._dispatch(call.rows, call.slots, call.last_tokens, positions, steps,
                               self._all_allowed(len(call.slots)), self._steps_for(after))
 
     def _dispatch(self, rows: list[tuple[int, _Row]], slots: np.ndarray, tokens: Any,
@@ -1034,15 +1038,16 @@ class Engine:
         if k == 1:
             logits, self.cache = self._program("forward", kv_len, len(slots))(
                 self.params, self.cache, slots, tokens, positions)
-            outs, self.pstate = self._program("sample", len(slots))(
+            outs, last, self.pstate = self._program("sample", len(slots))(
                 logits, self.pstate, self.sbatch, slots, steps, allowed)
         else:
-            outs, self.cache, self.pstate = self._program("decode", kv_len, k, len(slots))(
+            outs, last, self.cache, self.pstate = self._program("decode", kv_len, k,
+                                                                len(slots))(
                 self.params, self.cache, self.pstate, self.sbatch, slots, tokens, positions,
                 steps, allowed)
         self.stats.decode_calls += 1
         self.stats.decode_steps += k
-        return _Call(outs, rows, slots, positions, steps, k)
+        return _Call(outs, last, rows, slots, positions, steps, k)
 
     def _all_allowed(self, rows: int) -> jax.Array:
         if rows not in self._all_true:

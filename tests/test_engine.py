@@ -232,12 +232,15 @@ def test_n_choices_differ_and_are_reproducible(engine):
                                                       max_tokens=6)[0])
 
 
-@pytest.mark.parametrize("chunk", [512, 16])
-def test_no_recompile_in_steady_state(params, chunk):
+@pytest.mark.parametrize("chunk, steps", [(512, 1), (16, 1), (512, 4)])
+def test_no_recompile_in_steady_state(params, chunk, steps):
     # Chunk 512: the shared engine's shapes, whose programs are reused (and count as not
-    # compiled here); 16: prompts over 17 tokens are prefilled in several calls.
+    # compiled here); 16: prompts over 17 tokens are prefilled in several calls. Four steps
+    # per call with lookahead over cache buckets, as on a GPU: a call dispatched ahead takes
+    # the previous call's last tokens (a host-side `tokens[-1]` compiled a program per shape).
+    kw = dict(steps_per_call=4, lookahead=True, chunked_attention=False) if steps > 1 else {}
     eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, queue_size=4,
-                 prefill_chunk=chunk)
+                 prefill_chunk=chunk, **kw)
     try:
         eng.warmup()
         run(eng, prompt=[1, 2], max_tokens=2)  # the sampler's small row-update helpers
@@ -249,6 +252,7 @@ def test_no_recompile_in_steady_state(params, chunk):
                 sampling=SAMPLED if n % 2 else GREEDY)
         assert backend_compile_count() == before
         assert eng.stats.compiles == compiles and eng.stats.compiles_after_warmup == 0
+        assert (eng.stats.lookahead_calls > 0) == (steps > 1)  # the path under test ran
     finally:
         eng.close()
 
