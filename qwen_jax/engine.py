@@ -49,6 +49,7 @@ import numpy as np
 from qwen_jax import sampler as S
 from qwen_jax.config import QwenConfig
 from qwen_jax.model import KVCache, forward, init_cache
+from qwen_jax.quantize import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,30 @@ def default_steps_per_call(backend: str | None = None) -> int:
     return 1 if (backend or jax.default_backend()) == "cpu" else 8
 
 
+def default_row_buckets(max_slots: int, quantized: bool = False,
+                        backend: str | None = None) -> list[int]:
+    """Decode batch sizes compiled below max_slots (busy rows are padded up to the next one).
+
+    On the CPU every power of two: a step costs about as much per row as a batch-1 step, and a
+    row's results do not depend on the rows beside it (model.fixed_order_sum; YNNPACK's
+    products).
+
+    On an accelerator none, so every decode call runs max_slots rows: a step costs about the
+    same for any batch there (it reads the weights once), and the GPU's matrix products round
+    differently for different row counts. Measured on an H200 (benchmarks/batch_invariance.py,
+    7B widths, 4 layers, bf16, 8 steps per call, 2 seeds): with 1- and 8-row programs a seeded
+    request's logprobs differed from its second token between alone and beside 1, 3 or 7
+    others (by up to 6e-5, enough to change sampled tokens); with 2- and 8-row programs,
+    between beside 1 and beside 3 or 7; with 8 rows only, identical everywhere. Batch-1
+    decode at the full 7B shape: 1 and 8 rows 169-171 tok/s, 8 rows only 174 (2 and 8: 197,
+    not invariant). Except int8 weights: one row has its own product off the CPU
+    (model._int8_linear: 264 tok/s at 7B where a batched product converts the weights first),
+    so it keeps a 1-row program and is not batch-invariant there."""
+    if (backend or jax.default_backend()) == "cpu":
+        return [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots]
+    return [1] if quantized and max_slots > 1 else []
+
+
 def check_prefill_chunk(chunk: int) -> int:
     """`chunk` if it is a valid prefill chunk (a power of two >= MIN_BUCKET), else ValueError."""
     if chunk < MIN_BUCKET or chunk & (chunk - 1):
@@ -419,9 +444,8 @@ class Engine:
                  row_buckets: Sequence[int] | None = None, lookahead: bool | None = None,
                  chunked_attention: bool | None = None, start: bool = True) -> None:
         """`row_buckets`: the decode batch sizes compiled (busy rows are padded up to the next
-        one). Default: every power of two below max_slots on the CPU, where a step costs about
-        as much per row as a batch-1 step; 1 and max_slots on an accelerator, where a decode
-        step costs about the same for any batch (it reads the weights once).
+        one; max_slots always is one). Default: `default_row_buckets` (every power of two on the
+        CPU, max_slots alone on an accelerator).
 
         `prefill_chunk`: prompt tokens per prefill call (default: `default_prefill_chunk()`).
 
@@ -445,8 +469,7 @@ class Engine:
             prefill_chunk = default_prefill_chunk()
         check_prefill_chunk(prefill_chunk)
         if row_buckets is None:
-            pow2 = [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots]
-            row_buckets = pow2 if jax.default_backend() == "cpu" else [1]
+            row_buckets = default_row_buckets(max_slots, is_quantized(params))
         if any(not 1 <= r <= max_slots for r in row_buckets):
             raise ValueError(f"row_buckets must lie in [1, {max_slots}]")
         self.row_buckets = sorted(set(row_buckets) | {max_slots})

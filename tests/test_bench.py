@@ -101,3 +101,26 @@ def test_serving_benchmark_measures_streams_through_the_api(live_server):
         assert r["output_tok_s"] > 0 and 0 < r["ttft_mean_s"] <= r["ttft_max_s"]
     (both,) = res["running_plus_burst"]
     assert both["concurrency"] == 2 and 0 < both["ttft_mean_s"] <= both["ttft_max_s"]
+
+
+def test_the_table_gives_device_memory_where_the_weights_live_on_an_accelerator():
+    """On an accelerator the memory line is the allocator's peak against weights + KV (the
+    process RSS holds none of them); on the CPU it is the RSS."""
+    from qwen_jax.bench import _table
+
+    side = {"prefill": {16: {"tokens_per_s": 100.0}}, "ttft_s": {16: 0.1},
+            "decode_b1_tok_s": 10.0, "decode_b2_tok_s": 18.0, "peak_rss_bytes": 3 << 30,
+            "weight_bytes": 1 << 30, "kv_cache_bytes": 1 << 29, "compile_s": 1.0,
+            "compiles": 3, "compiles_after_warmup": 0}
+    rec = {"prompt_lengths": [16], "batch": 2, "dtype": "bfloat16", "quantize": None,
+           "qwen_jax": side, "bandwidth_fraction_b1": 0.5, "bandwidth_bound_tok_s": 20.0,
+           "bandwidth_gbs": 30.0, "bandwidth_measured": True, "batch_speedup": 1.8,
+           "memory_ratio": 2.0, "rss_before_weights_bytes": 1 << 29,
+           "memory_ratio_beyond_runtime": 1.67}
+    cpu = _table(rec)
+    assert "peak RSS while serving 3.00 GiB = 2.00x" in cpu and "device memory" not in cpu
+    side["device_memory"] = {"peak_bytes_in_use": 2 << 30}
+    rec["device_memory_ratio"] = 2 / 1.5
+    gpu = _table(rec)
+    assert "device memory: peak 2.00 GiB" in gpu and "= 1.33x weights (1.00 GiB)" in gpu
+    assert "peak RSS while serving" not in gpu

@@ -701,6 +701,20 @@ def test_lookahead_default(params, monkeypatch, backend, steps, expected):
     assert Engine(params, CFG, lookahead=not expected, **kw).lookahead is (not expected)
 
 
+@pytest.mark.parametrize("backend, weights, expected", [
+    ("cpu", "bf16", [1, 2, 4, 8]), ("cpu", "int8", [1, 2, 4, 8]), ("gpu", "bf16", [8]),
+    ("tpu", "bf16", [8]), ("gpu", "int8", [1, 8])])
+def test_row_buckets_default(params, monkeypatch, backend, weights, expected):
+    """Every power of two on the CPU; on an accelerator every decode call runs max_slots rows
+    (its products round differently for other row counts: batch invariance), except int8's
+    one-row product; an explicit setting wins."""
+    monkeypatch.setattr("qwen_jax.engine.jax.default_backend", lambda: backend)
+    p = quantize_params(params) if weights == "int8" else params
+    kw = dict(max_slots=8, max_len=64, start=False)
+    assert Engine(p, CFG, **kw).row_buckets == expected
+    assert Engine(p, CFG, row_buckets=[2], **kw).row_buckets == [2, 8]
+
+
 def test_decode_runs_only_the_busy_rows(params):
     """A lone request runs the 1-row decode program, two requests the 2-row one; the result is
     the same as in a full batch (batch invariance covers the sampled case)."""
