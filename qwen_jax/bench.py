@@ -96,9 +96,9 @@ def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     `nbytes` (larger than the caches). The decode bound divides it by the bytes a step reads.
 
     On the CPU a jitted sum (bytes read). On an accelerator a jitted `x + 1` (bytes read and
-    written), as benchmarks/decode_bound.py measures it: XLA's sum there reads slower than the
-    decode step does (H200: 2.5 TB/s, against 2.5 TB/s read by batch-1 decode and 3.6-3.8 TB/s
-    copied)."""
+    written), as benchmarks/decode_bound.py measures it: XLA's sum reads slower there than a
+    decode step does (H200: the sum 2.5 TB/s, batch-1 decode at 7B up to 3.0 TB/s, `x + 1`
+    3.6-3.8 TB/s)."""
     import jax
     import jax.numpy as jnp
 
