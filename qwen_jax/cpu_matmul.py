@@ -16,11 +16,12 @@ Which one is fastest depends on the CPU (measured, benchmarks/README.md):
   0.5B shape: 12.7 vs 15.1 ms); a 512-row product is 3.2x faster than converting. So every bf16
   product takes YNNPACK there, and wide weights stay in one piece (7% faster than blocks).
 int8 weights (quantize.py): the AVX2 plan takes the emitter up to 8 rows and converts them to
-float32 beyond. The AVX512-BF16 plan writes up to 128 rows of activations as int8 levels for
+float32 beyond. The AVX512-BF16 plan writes up to 64 rows of activations as int8 levels for
 YNNPACK's exact int8 x int8 product (model._int8_dot_int8: per weight 1.4-1.6x the rate of its
 bf16 product; one decode step 82 -> 42 ms against the emitter), and beyond converts the weights
 to bf16 for YNNPACK when the activations are bf16 (512 rows x 24 gate_proj: 185 vs 558 ms through
-float32).
+float32; a 128-token 0.5B prefill 172-184 ms against 191-199 ms with levels, 64 tokens 115-119
+both ways).
 The plan is read when a function is traced: switch it only with `use_plan`, which clears JAX's
 caches so no program traced under the other plan is reused.
 """
@@ -56,7 +57,7 @@ AVX2 = CpuMatmulPlan("avx2", matvec_max_rows=4, dot_min_rows=1, dot_max_rows=64,
                      column_blocks=True, int8_dot_int8_max_rows=0, int8_matvec_max_rows=8,
                      int8_dot_bf16=False)
 AVX512_BF16 = CpuMatmulPlan("avx512-bf16", matvec_max_rows=0, dot_min_rows=4, dot_max_rows=None,
-                            column_blocks=False, int8_dot_int8_max_rows=128,
+                            column_blocks=False, int8_dot_int8_max_rows=64,
                             int8_matvec_max_rows=0, int8_dot_bf16=True)
 PLANS = {p.name: p for p in (AVX2, AVX512_BF16)}
 

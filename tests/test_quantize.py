@@ -58,12 +58,12 @@ def test_quantize_round_trip_is_within_half_a_step(out, n_in, block, zero_row, s
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
 @settings(max_examples=15, deadline=None)
-@given(rows=st.one_of(st.integers(1, 10), st.sampled_from([128, 129])),
+@given(rows=st.one_of(st.integers(1, 10), st.sampled_from([64, 65])),
        n_in=st.sampled_from([64, 3584, 3585, 4864]), block=st.sampled_from([None, 3584]),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 2**16))
 def test_int8_linear_is_x_times_the_dequantized_weight(plan, rows, n_in, block, dtype, seed):
     """Every CPU path computes x @ dequantize(w).T: the matrix-vector path (AVX2 plan, <= 8
-    rows), x as int8 levels (AVX512-BF16 plan, <= 128 rows), the einsum path (the weight in
+    rows), x as int8 levels (AVX512-BF16 plan, <= 64 rows), the einsum path (the weight in
     float32, or in bf16 for bf16 activations under the AVX512-BF16 plan); with the weight in
     one block or in blocks of 3584 columns."""
     rng = np.random.default_rng(seed)
@@ -113,16 +113,16 @@ def test_int8_levels_recombine_to_x_within_the_bound(rows, n_in, outlier, zero_r
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_int8_linear_multiplies_int8_levels_by_the_weight_up_to_the_plans_rows(plan):
     """Under the AVX512-BF16 plan an int8 weight is multiplied by x's int8 levels (an
-    s8 x s8 -> s32 product, which YNNPACK takes) for 1..128 rows and by the converting einsum
+    s8 x s8 -> s32 product, which YNNPACK takes) for 1..64 rows and by the converting einsum
     beyond; the AVX2 plan never multiplies int8 by int8."""
     qw = jax.eval_shape(lambda: quantize_int8(jnp.zeros((256, 896), jnp.float32)))
     with use_plan(PLANS[plan]) as p:
-        for rows in (1, 4, 128, 129):
+        for rows in (1, 4, 64, 65):
             x = jax.ShapeDtypeStruct((rows, 896), jnp.bfloat16)
             hlo = jax.jit(model._linear).lower(x, qw).compile().as_text()
             int8_products = re.findall(r"s32\[[\d,]+\]\{[\d,]*\} (?:dot|fusion)\(", hlo)
             assert bool(int8_products) == (rows <= p.int8_dot_int8_max_rows), (rows, hlo[:2000])
-    assert PLANS[plan].int8_dot_int8_max_rows == (128 if plan == "avx512-bf16" else 0)
+    assert PLANS[plan].int8_dot_int8_max_rows == (64 if plan == "avx512-bf16" else 0)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
