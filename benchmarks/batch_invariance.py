@@ -6,12 +6,12 @@
 The scenario of `tests/test_engine.py::test_batch_invariance_at_real_widths`, at any shape, with
 the engine's defaults for the device (steps per call, how attention reads the cache), random
 weights: a seeded request (temperature 0.9, logprobs) runs alone, then beside 1, 3 and 7 other
-requests, whose decode calls then carry 2, 4 and 8 rows (on the CPU; an accelerator compiles 1
-and max_slots rows unless --row-buckets says otherwise). For each case it prints the first token
-where the tokens, or the logprobs, differ from the lone run, and the largest logprob difference
-while the tokens agree. It reports and does not fail: the tests assert invariance where it holds
-(the CPU); this script measures it where the tests cannot run (an accelerator). One JSON line at
-the end.
+requests, whose decode calls then carry 2, 4 and 8 rows (on the CPU; on an accelerator every
+call carries max_slots rows, 1 too for int8 weights, unless --row-buckets says otherwise). For
+each case it prints the first token where the tokens, or the logprobs, differ from the lone run,
+and the largest logprob difference while the tokens agree. It reports and does not fail: the
+tests assert invariance where it holds (the CPU); this script measures it where the tests cannot
+run (an accelerator). One JSON line at the end.
 """
 
 from __future__ import annotations

@@ -113,12 +113,14 @@ def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
         times.append(time.perf_counter() - t)
     held = rss_bytes()
     del x
+    if not cpu:  # the buffer was never in this process's RSS
+        return 2 * nbytes / statistics.median(times) / 1e9
     # The CPU client frees the buffer a moment after the last call returned (1 in 4 runs still
     # held it when the bench read the RSS before the weights next): wait, at most a second.
     deadline = time.monotonic() + 1.0
     while rss_bytes() > held - nbytes + (64 << 20) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return (1 if cpu else 2) * nbytes / statistics.median(times) / 1e9
+    return nbytes / statistics.median(times) / 1e9
 
 
 def _loadavg() -> list[float] | None:
@@ -265,6 +267,8 @@ def bench_transformers(model_dir: str, dtype: str, lengths: list[int], decode_to
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"  # a CPU-only torch beside JAX on a GPU: still a reference, on the CPU
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=getattr(torch, dtype)).to(device).eval()
@@ -461,7 +465,9 @@ def run_bench(args: argparse.Namespace) -> int:
         rec["qwen_jax"] = j = bench_jax(params, cfg, lengths, args.decode_tokens, args.batch,
                                          steps,
                                          getattr(args, "prefill_chunk", None))
-        del params  # the child needs the memory more than we do
+        # The child needs the memory more than we do (host memory: JAX's GPU allocator keeps
+        # what it took pooled).
+        del params
         if reference:
             gpu = jax.default_backend() == "gpu"
             rec["transformers"] = _run_reference(model_dir, args, lengths,

@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-reference", action="store_true", help="skip transformers")
     bench.add_argument("--json", default=None, help="write the JSON record here")
     bench.add_argument("--bandwidth-gbs", type=float, default=None,
-                       help="memory read bandwidth for the decode bound (default: measured, "
-                       "a jitted sum over 1 GiB)")
+                       help="memory bandwidth for the decode bound (default: measured, a jitted "
+                       "sum over 1 GiB on the CPU, a jitted x + 1 on an accelerator)")
     bench.add_argument("--steps-per-call", type=int, default=None,
                        help="decode steps per compiled call in the engine (default: what "
                        "serve takes)")

@@ -14,7 +14,8 @@ other prompts being prefilled nor for a decode call. Prompts are prefilled in ca
 `prefill_chunk` tokens, the requests taking turns, with a decode call for the rows already
 generating after each chunk's worth: a long prompt's attention scores never exist all at once,
 a short prompt does not wait behind a long one, and the other streams keep going.
-A decode step runs only the busy rows (padded with free slots to a row bucket), gathered from
+A decode step runs only the busy rows (padded with free slots to a row bucket; on an
+accelerator the one bucket is every slot: `default_row_buckets`), gathered from
 and scattered back to their slots inside the compiled program. With lookahead (by default on an
 accelerator with several steps per call) the next decode call is dispatched, from the last tokens
 still on the device, before the host streams the previous call's tokens.
@@ -291,7 +292,7 @@ def default_row_buckets(max_slots: int, quantized: bool = False,
     differently for different row counts. Measured on an H200 (benchmarks/batch_invariance.py,
     7B widths, 4 layers, bf16, 8 steps per call, 2 seeds): with 1- and 8-row programs a seeded
     request's logprobs differed from its second token between alone and beside 1, 3 or 7
-    others (by up to 6e-5, enough to change sampled tokens); with 2- and 8-row programs,
+    others (by up to 4.5e-5, enough to change sampled tokens); with 2- and 8-row programs,
     between beside 1 and beside 3 or 7; with 8 rows only, identical everywhere. Batch-1
     decode at the full 7B shape: 1 and 8 rows 169-171 tok/s, 8 rows only 174 (2 and 8: 197,
     not invariant). Except int8 weights: one row has its own product off the CPU
@@ -396,8 +397,9 @@ def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: Qwen
 
 def _sample_rows(logits, pstate, sbatch, slots, steps, allowed, *, vocab_limit: int):
     """One decode step's sampling half, for the rows `slots`: outputs shaped as _decode's for
-    one step (with the tokens again as [R]), and the penalty state with the sampled tokens counted
-    (not for rows at step -1: padding that may be another request's row)."""
+    one step, the sampled tokens as [R] (a lookahead call's input), and the penalty state with
+    the sampled tokens counted (not for rows at step -1: padding that may be another request's
+    row)."""
     ps = _gather_rows(pstate, slots)
     out = S.sample(logits, _gather_rows(sbatch, slots), ps, steps, allowed,
                    vocab_limit=vocab_limit)
@@ -444,7 +446,7 @@ class Engine:
                  row_buckets: Sequence[int] | None = None, lookahead: bool | None = None,
                  chunked_attention: bool | None = None, start: bool = True) -> None:
         """`row_buckets`: the decode batch sizes compiled (busy rows are padded up to the next
-        one; max_slots always is one). Default: `default_row_buckets` (every power of two on the
+        one; max_slots is always one). Default: `default_row_buckets` (every power of two on the
         CPU, max_slots alone on an accelerator).
 
         `prefill_chunk`: prompt tokens per prefill call (default: `default_prefill_chunk()`).

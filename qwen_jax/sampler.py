@@ -35,7 +35,7 @@ matrix-vector product per row). They do not for float32 weights, where XLA multi
 by its matrix-vector code and 2+ rows by a matrix product: a seeded float32 request's logprobs
 differ in their last bits between a one-row call and a busy one, so a sampled reply can diverge
 (padding one row to two would halve float32 decode). On a GPU the matrix products round
-differently for different row counts (an H200, bf16: 1, 2 and 8 rows all disagreed), so there
+differently for different row counts (an H200, bf16: 1 and 2 rows each differed from 8), so there
 every decode call runs max_slots rows (engine.default_row_buckets), and a seeded bf16 request
 gave bit-identical tokens and logprobs alone and beside 1, 3 and 7 others
 (benchmarks/batch_invariance.py, 7B widths); int8 weights keep their faster one-row product
