@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import model
+from qwen_jax.bench import copy_bandwidth
 from qwen_jax.config import PRESETS
 from qwen_jax.engine import Engine, GenerationRequest, pow2_bucket, wait_idle
 from qwen_jax.layout import block_wide_weights
@@ -45,13 +46,6 @@ def _timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Bytes per second moved by a jitted elementwise op (read + write)."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)  # float32: native everywhere, CPUs included
-    add = jax.jit(lambda x: x + 1)
-    return 2 * x.nbytes / _timed(lambda: add(x).block_until_ready(), 10)
 
 
 def raw_decode(params, cfg, context: int, steps: int) -> dict:
@@ -172,8 +166,8 @@ def main() -> None:
     dev = jax.devices()[0]
     rec: dict = {"preset": args.preset, "device": dev.device_kind, "platform": dev.platform,
                  "jax": jax.__version__, "context": args.context}
-    rec["copy_bandwidth_Bps"] = bw = copy_bandwidth((4 << 30) if dev.platform == "gpu"
-                                                    else (256 << 20))
+    rec["copy_bandwidth_Bps"] = bw = copy_bandwidth(
+        (4 << 30) if dev.platform == "gpu" else (256 << 20), repeats=10)
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
     # Laid out as load_checkpoint would (wide bf16 weights as column blocks on the CPU).
     params = quantize_params(params) if args.quantize == "int8" else block_wide_weights(params)

@@ -91,30 +91,46 @@ def machine() -> dict[str, Any]:
             "loadavg": _loadavg()}
 
 
+def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """Bytes per second read and written by a jitted `x + 1` over a float32 array of `nbytes`
+    (median of `repeats` runs after one untimed)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    add = jax.jit(lambda x: x + 1)
+    add(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        add(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes / statistics.median(times)
+
+
 def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """The device's memory bandwidth in GB/s, median of `repeats` runs over a float32 array of
     `nbytes` (larger than the caches). The decode bound divides it by the bytes a step reads.
 
-    On the CPU a jitted sum (bytes read). On an accelerator a jitted `x + 1` (bytes read and
+    On the CPU a jitted sum (bytes read). On an accelerator `copy_bandwidth` (bytes read and
     written), as benchmarks/decode_bound.py measures it: XLA's sum reads slower there than a
     decode step does (H200: the sum 2.5 TB/s, batch-1 decode at 7B up to 3.0 TB/s, `x + 1`
     3.6-3.8 TB/s)."""
     import jax
     import jax.numpy as jnp
 
+    if jax.devices()[0].platform != "cpu":  # the buffer is never in this process's RSS
+        return copy_bandwidth(nbytes, repeats) / 1e9
     x = jnp.ones((nbytes // 4,), jnp.float32)
-    cpu = jax.devices()[0].platform == "cpu"
-    run = jax.jit(jnp.sum if cpu else (lambda x: x + 1))
-    run(x).block_until_ready()
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        run(x).block_until_ready()
+        total(x).block_until_ready()
         times.append(time.perf_counter() - t)
     held = rss_bytes()
     del x
-    if not cpu:  # the buffer was never in this process's RSS
-        return 2 * nbytes / statistics.median(times) / 1e9
     # The CPU client frees the buffer a moment after the last call returned (1 in 4 runs still
     # held it when the bench read the RSS before the weights next): wait, at most a second.
     deadline = time.monotonic() + 1.0

@@ -54,6 +54,13 @@ def test_read_bandwidth_is_measured():
     assert 0.5 < read_bandwidth_gbs(64 << 20, repeats=3) < 50_000
 
 
+def test_copy_bandwidth_is_measured():
+    """What the bound uses on an accelerator and decode_bound.py everywhere (bytes/s)."""
+    from qwen_jax.bench import copy_bandwidth
+
+    assert 0.5e9 < copy_bandwidth(64 << 20, repeats=3) < 50_000e9
+
+
 def test_read_bandwidth_frees_its_buffer():
     """The bench records the RSS before any weights right after this measurement: its buffer
     must be gone by then (the CPU client frees it a moment after the last call returns)."""
