@@ -88,6 +88,7 @@ NUM_TOP_LOGPROBS = 20  # the API's top_logprobs maximum
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 CANDIDATES = 1024  # size of the top_k / top_p candidate set (>= the largest top_k, 999)
 _BLOCK = 1024  # block width of the two-level inverse-CDF draw
+_TOP_BLOCK = 256  # block width of the two-stage top-20 (`top_k_small`)
 _TOKEN_ID = re.compile(r"0|[1-9][0-9]*")
 
 
@@ -556,6 +557,30 @@ def _argmax(x: jax.Array) -> jax.Array:
     return (blk * xb.shape[-1] + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
+def top_k_small(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k(x, k)` of f[B, V] for a small k: the same values and ids, in the same
+    order (equal values: lower id first), searching k blocks of the row instead of all of it.
+
+    The k largest values lie in the k blocks with the largest maxima (of equal maxima, the
+    lower blocks): a block left out has a maximum no larger than theirs, so k values at least as
+    large come before any of its values, ties included, since its ids are higher. The chosen
+    blocks are searched in id order, so their ties keep lax.top_k's order. lax.top_k sorts the
+    whole row on a GPU (H200, 7B vocabulary, 8 rows: 0.36 ms of a 5.7 ms decode step); this
+    sorts 20 blocks' worth (CPU, 8 rows: 1.3 -> 0.26 ms).
+    """
+    b, v = x.shape
+    blocks = -(-v // _TOP_BLOCK)
+    if blocks <= k:
+        return jax.lax.top_k(x, k)
+    xb = jnp.pad(x, ((0, 0), (0, blocks * _TOP_BLOCK - v)), constant_values=-jnp.inf)
+    xb = xb.reshape(b, blocks, _TOP_BLOCK)
+    chosen = jnp.sort(jax.lax.top_k(jnp.max(xb, axis=-1), k)[1], axis=-1)  # [B, k], id order
+    cand = jnp.take_along_axis(xb, chosen[:, :, None], axis=1).reshape(b, k * _TOP_BLOCK)
+    vals, at = jax.lax.top_k(cand, k)
+    ids = jnp.take_along_axis(chosen, at // _TOP_BLOCK, axis=-1) * _TOP_BLOCK + at % _TOP_BLOCK
+    return vals, ids.astype(jnp.int32)
+
+
 def _draw(z: jax.Array, u: jax.Array) -> jax.Array:
     """Token i with probability softmax(z)_i, given u ~ U[0, 1), by a two-level inverse CDF.
 
@@ -635,7 +660,7 @@ def sample(logits: jax.Array, batch: SamplingBatch, state: PenaltyState, steps: 
     tokens = jax.lax.cond(jnp.all(greedy), lambda: greedy_tokens, sampled)
     # log_softmax(raw) at the few ids needed, without writing out a [B, V] array.
     lse = jax.nn.logsumexp(raw, axis=-1)
-    top_raw, top_ids = jax.lax.top_k(raw, min(NUM_TOP_LOGPROBS, vocab_limit))
+    top_raw, top_ids = top_k_small(raw, min(NUM_TOP_LOGPROBS, vocab_limit))
     chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - lse
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids.astype(jnp.int32),
                         top_logprobs=top_raw - lse[:, None])

@@ -426,6 +426,34 @@ def test_logprobs_are_the_raw_model_distribution():
                                rtol=1e-5)
 
 
+_top_k_small = jax.jit(S.top_k_small, static_argnums=1)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(shape=st.sampled_from([(1, 20 * 256 + 1), (3, 6000), (2, 21 * 256), (2, 300)]),
+       k=st.sampled_from([1, 7, 20]), seed=st.integers(0, 2**32 - 1), levels=st.integers(1, 6),
+       planted=st.integers(0, 19))
+def test_top_k_small_is_lax_top_k(shape, k, seed, levels, planted):
+    """The two-stage top-k gives lax.top_k's values and ids in its order, ties (few distinct
+    values, -inf among them) broken by lower id, for rows of more blocks than k and fewer; a few
+    planted maxima put the k-th value at a level shared by the blocks of larger ones."""
+    rng = np.random.default_rng(seed)
+    if levels == 6:
+        x = rng.standard_normal(shape).astype(np.float32)
+    else:
+        values = np.array([3.0, 1.5, 0.0, -2.0, -np.inf], np.float32)[:levels]
+        x = rng.choice(values, size=shape, p=rng.dirichlet(np.ones(levels))).astype(np.float32)
+    for row in x:
+        row[rng.choice(row.size, planted, replace=False)] = 9.0
+    vals, ids = _top_k_small(jnp.asarray(x), k)
+    ref_vals, ref_ids = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref_vals))
+    order = np.argsort(-x, axis=-1, kind="stable")[:, :k]  # an independent statement
+    np.testing.assert_array_equal(np.asarray(ids), order)
+    assert ids.dtype == jnp.int32
+
+
 def test_penalty_state_updates():
     state = S.init_penalty_state(3, V)
     state = S.set_penalty_row(state, 1, [2, 2, 7])
