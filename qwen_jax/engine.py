@@ -16,7 +16,8 @@ generating after each chunk's worth: a long prompt's attention scores never exis
 a short prompt does not wait behind a long one, and the other streams keep going.
 A decode step runs only the busy rows (padded with free slots to a row bucket; on an
 accelerator the one bucket is every slot: `default_row_buckets`), gathered from
-and scattered back to their slots inside the compiled program. With lookahead (by default on an
+and scattered back to their slots inside the compiled program (a call over every slot takes
+them in slot order and gathers nothing). With lookahead (by default on an
 accelerator with several steps per call) the next decode call is dispatched, from the last tokens
 still on the device, before the host streams the previous call's tokens.
 
@@ -197,11 +198,17 @@ class _Call:
 
     outs: Any  # SampleOutput of [k, R] arrays
     last_tokens: Any  # [R] device array, the last step's tokens: a lookahead call's input
-    rows: list[tuple[int, _Row]]  # (slot, row) of the busy rows, in output order
+    rows: list[tuple[int, _Row]]  # (slot, row) of the busy rows (outputs: their `_columns`)
     slots: np.ndarray
     positions: np.ndarray
     steps: np.ndarray
     k: int
+
+
+def _columns(slots: np.ndarray, busy: Sequence[int]) -> list[int]:
+    """Where each of the slots `busy` is among a call's `slots` (its row of inputs and outputs)."""
+    where = {int(s): j for j, s in enumerate(slots)}
+    return [where[i] for i in busy]
 
 
 def _banning_stops(row: _Row, ahead: int = 0) -> bool:
@@ -378,28 +385,40 @@ def _copy_row(cache: KVCache, src, dst) -> KVCache:
 
 
 def _gather_rows(tree: Any, slots) -> Any:
-    return jax.tree_util.tree_map(lambda a: a[slots], tree)
+    """Rows `slots` of every leaf; all of them, as they are, for slots None."""
+    return tree if slots is None else jax.tree_util.tree_map(lambda a: a[slots], tree)
 
 
 def _scatter_rows(tree: Any, part: Any, slots) -> Any:
-    return jax.tree_util.tree_map(lambda full, p: full.at[slots].set(p), tree, part)
+    return part if slots is None else jax.tree_util.tree_map(
+        lambda full, p: full.at[slots].set(p), tree, part)
+
+
+# The decode programs below take `all_slots` (static): True when the call runs every cache row
+# in slot order (slots = 0..max_slots-1, which the engine then passes), so that the cache, the
+# sampling rows and the penalty state are read as they are rather than gathered by `slots`. On
+# a GPU every bf16 decode call runs all rows, and gathering them cost 0.25 ms of a 5.7 ms step
+# (H200, 7B shape, 8 rows: the attention's keys and values copied out of the cache each layer).
 
 
 def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: QwenConfig,
-                  kv_len: int | None):
+                  kv_len: int | None, all_slots: bool = False):
     """One decode step's model half: logits[R, V] of tokens[R] at positions[R] in the R cache
     rows `slots`, and the cache with their keys/values written. kv_len None: the cache is read
     in chunks of KV_CHUNK keys."""
     return forward(params, cfg, tokens[:, None], positions[:, None], cache, kv_len=kv_len,
                    kv_chunk=KV_CHUNK if kv_len is None else None,
-                   logits_at=jnp.zeros(tokens.shape, jnp.int32), cache_rows=slots)
+                   logits_at=jnp.zeros(tokens.shape, jnp.int32),
+                   cache_rows=None if all_slots else slots)
 
 
-def _sample_rows(logits, pstate, sbatch, slots, steps, allowed, *, vocab_limit: int):
+def _sample_rows(logits, pstate, sbatch, slots, steps, allowed, *, vocab_limit: int,
+                 all_slots: bool = False):
     """One decode step's sampling half, for the rows `slots`: outputs shaped as _decode's for
     one step, the sampled tokens as [R] (a lookahead call's input), and the penalty state with
     the sampled tokens counted (not for rows at step -1: padding that may be another request's
     row)."""
+    slots = None if all_slots else slots
     ps = _gather_rows(pstate, slots)
     out = S.sample(logits, _gather_rows(sbatch, slots), ps, steps, allowed,
                    vocab_limit=vocab_limit)
@@ -409,19 +428,21 @@ def _sample_rows(logits, pstate, sbatch, slots, steps, allowed, *, vocab_limit: 
 
 
 def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allowed, *,
-            cfg: QwenConfig, kv_len: int | None, vocab_limit: int, num_steps: int):
+            cfg: QwenConfig, kv_len: int | None, vocab_limit: int, num_steps: int,
+            all_slots: bool = False):
     """`num_steps` decode steps for the R cache rows `slots` (distinct): feed tokens[R] at
     positions[R], sample, repeat. Running only the busy rows matters on a CPU, where a step costs
     about as much per row as a batch-1 step. Returns the [num_steps, R] outputs, the last step's
     tokens [R] (indexing the outputs on the host's side would compile a small program per
     shape), the cache and the penalty state."""
     # Gathered once, scattered back after the last step.
-    sb, ps = _gather_rows(sbatch, slots), _gather_rows(pstate, slots)
+    sb, ps = _gather_rows(sbatch, None if all_slots else slots), _gather_rows(
+        pstate, None if all_slots else slots)
 
     def step(carry, _):
         cache, ps, tokens, positions, steps = carry
         logits, cache = _forward_rows(params, cache, slots, tokens, positions, cfg=cfg,
-                                      kv_len=kv_len)
+                                      kv_len=kv_len, all_slots=all_slots)
         out = S.sample(logits, sb, ps, steps, allowed, vocab_limit=vocab_limit)
         ps = S.update_penalty_state(ps, out.tokens)
         # A padding row (position -1) stays out of the cache for all the call's steps.
@@ -430,7 +451,7 @@ def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allo
 
     carry = (cache, ps, tokens, positions, steps)
     (cache, ps, last, *_), outs = jax.lax.scan(step, carry, None, length=num_steps)
-    return outs, last, cache, _scatter_rows(pstate, ps, slots)
+    return outs, last, cache, _scatter_rows(pstate, ps, None if all_slots else slots)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,16 +523,17 @@ class Engine:
                                donate_argnums=(1,)),
             "copy": jax.jit(_copy_row, donate_argnums=(0,)),
             "decode": jax.jit(partial(_decode, cfg=cfg, vocab_limit=self.vocab_limit),
-                              static_argnames=("kv_len", "num_steps"), donate_argnums=(1, 2)),
+                              static_argnames=("kv_len", "num_steps", "all_slots"),
+                              donate_argnums=(1, 2)),
             # One step per call runs as two programs: the model (one per kv_len and row
             # bucket) and the sampler (one per row bucket only), instead of a sampler compiled
             # into every decode program: at the 0.5B shape on the CPU, when the model was
             # compiled per cache bucket there too, warming up max_len 2048 and 1 and 8 rows took
             # 44 s instead of 71 s and held 307 instead of 419 MiB.
-            "forward": jax.jit(partial(_forward_rows, cfg=cfg), static_argnames=("kv_len",),
-                               donate_argnums=(1,)),
+            "forward": jax.jit(partial(_forward_rows, cfg=cfg),
+                               static_argnames=("kv_len", "all_slots"), donate_argnums=(1,)),
             "sample": jax.jit(partial(_sample_rows, vocab_limit=self.vocab_limit),
-                              donate_argnums=(1,)),
+                              static_argnames=("all_slots",), donate_argnums=(1,)),
         }
         self._programs: dict[tuple, Any] = {}
         self.stats = _Stats()
@@ -725,9 +747,13 @@ class Engine:
         prog = _SHARED_PROGRAMS.get(shared_key)
         if prog is None:
             t0 = time.perf_counter()
-            static = (dict(kv_len=key[0], num_steps=key[1]) if kind == "decode" else
+            rows = key[-1] if kind in ("decode", "forward", "sample") else None
+            every = rows == self.max_slots  # all_slots: see _padded_slots
+            static = (dict(kv_len=key[0], num_steps=key[1], all_slots=every)
+                      if kind == "decode" else
                       dict(kv_len=key[1]) if kind == "prefill" else
-                      dict(kv_len=key[0]) if kind == "forward" else {})
+                      dict(kv_len=key[0], all_slots=every) if kind == "forward" else
+                      dict(all_slots=every) if kind == "sample" else {})
             prog = _SHARED_PROGRAMS[shared_key] = self._jit[kind].lower(*specs, **static).compile()
             self.stats.compiles += 1
             self._thread.programs = getattr(self._thread, "programs", 0) + 1
@@ -894,12 +920,12 @@ class Engine:
         slots = self._padded_slots(live)
         R = len(slots)
         steps = np.full(R, -1, np.int32)
-        steps[: len(live)] = 0
+        steps[_columns(slots, live)] = 0
         # One row (n=1) takes the logits as they are, on the device; more repeat them.
         first = logits if R == 1 else np.broadcast_to(np.asarray(logits, np.float32),
                                                        (R, self.cfg.vocab_size))
         outs, last, self.pstate = self._program("sample", R)(
-            first, self.pstate, self.sbatch, slots, steps, self._allowed(R, live, masks))
+            first, self.pstate, self.sbatch, slots, steps, self._allowed(slots, masks))
         self._consume(_Call(outs, last, [(i, self._slots[i]) for i in live], slots,
                             np.full(R, -1, np.int32), steps, 1))
 
@@ -964,21 +990,25 @@ class Engine:
         tokens = np.zeros(R, np.int32)
         positions = np.full(R, -1, np.int32)
         steps = np.zeros(R, np.int32)
-        for j, i in enumerate(active):
+        for i, j in zip(active, _columns(slots, active)):
             tokens[j], positions[j], steps[j] = rows[i].next_token, rows[i].position, \
                 rows[i].generated
         # A grammar (or a min_tokens ban) needs the host between tokens.
         k = 1 if masks else self._steps_for(
             [(rows[i], rows[i].generated, rows[i].position) for i in active])
         return self._dispatch([(i, rows[i]) for i in active], slots, tokens, positions, steps,
-                              self._allowed(R, active, masks), k)
+                              self._allowed(slots, masks), k)
 
     def _padded_slots(self, busy: list[int]) -> np.ndarray:
-        """The slots of a call: `busy` first, padded to their row bucket with other slots, free
-        ones first."""
+        """The slots of a call, padded to the row bucket of `busy`: every slot in order when
+        that bucket is max_slots (the programs then need no gather: `all_slots`), else `busy`
+        first, then other slots, free ones first."""
+        r = self._row_bucket(len(busy))
+        if r == self.max_slots:
+            return np.arange(r, dtype=np.int32)
         others = sorted(set(range(self.max_slots)) - set(busy),
                         key=lambda i: self._slots[i] is not None)
-        return np.asarray(busy + others[: self._row_bucket(len(busy)) - len(busy)], np.int32)
+        return np.asarray(busy + others[: r - len(busy)], np.int32)
 
     def _masks(self, slots: Sequence[int]) -> dict[int, np.ndarray]:
         """The allowed-token masks of the rows among `slots` that need one (by slot): a grammar's
@@ -1020,12 +1050,11 @@ class Engine:
                 self._fail_request(row.handle, e)
         return masks
 
-    def _allowed(self, rows: int, slots: Sequence[int], masks: dict[int, np.ndarray]
-                 ) -> jax.Array:
-        """The [rows, V] allowed-token mask of a call whose first rows are `slots`."""
+    def _allowed(self, slots: np.ndarray, masks: dict[int, np.ndarray]) -> jax.Array:
+        """The [R, V] allowed-token mask of a call over `slots` (masks by slot)."""
         if not masks:
-            return self._all_allowed(rows)
-        mask = np.ones((rows, self.cfg.vocab_size), bool)
+            return self._all_allowed(len(slots))
+        mask = np.ones((len(slots), self.cfg.vocab_size), bool)
         for j, i in enumerate(slots):
             if i in masks:
                 mask[j] = False
@@ -1048,10 +1077,10 @@ class Engine:
         if any(self._slots[i] is not r or g >= r.handle.request.max_tokens
                for (i, r), (_, g, _) in zip(call.rows, after)):
             return None
-        n = len(call.rows)
+        busy = _columns(call.slots, [i for i, _ in call.rows])
         positions, steps = call.positions.copy(), call.steps.copy()
-        positions[:n] += k
-        steps[:n] += k
+        positions[busy] += k
+        steps[busy] += k
         self.stats.lookahead_calls += 1
         return self._dispatch(call.rows, call.slots, call.last_tokens, positions, steps,
                               self._all_allowed(len(call.slots)), self._steps_for(after))
@@ -1085,8 +1114,9 @@ class Engine:
         want_top = any(r.handle.request.top_logprobs for _, r in call.rows)
         top_ids = np.asarray(call.outs.top_ids) if want_top else None
         top_lps = np.asarray(call.outs.top_logprobs) if want_top else None
+        cols = _columns(call.slots, [i for i, _ in call.rows])
         for s in range(call.k):
-            for j, (i, row) in enumerate(call.rows):
+            for j, (i, row) in zip(cols, call.rows):
                 if self._slots[i] is not row:  # finished (or cancelled) before this token
                     continue
                 self._emit_token(i, row, int(toks[s, j]), float(lps[s, j]),

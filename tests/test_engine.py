@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import threading
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from qwen_jax.engine import (
     Engine,
     GenerationRequest,
     QueueFullError,
+    _decode,
     all_buckets,
     backend_compile_count,
     default_prefill_chunk,
@@ -733,6 +735,61 @@ def test_decode_runs_only_the_busy_rows(params):
         assert both == [alone, alone]
         with pytest.raises(ValueError, match="row_buckets"):
             Engine(params, CFG, max_slots=4, max_len=64, row_buckets=[8], start=False)
+    finally:
+        eng.close()
+
+
+def _gathered_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of the arrays that `gather`s read, in a jaxpr and all the jaxprs inside it."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "gather":
+            out.append(tuple(eqn.invars[0].aval.shape))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _gathered_shapes(inner)
+    return out
+
+
+@pytest.mark.parametrize("all_slots", [False, True])
+def test_a_decode_call_over_every_slot_gathers_no_cache_rows(params, all_slots):
+    """With `all_slots` the decode program reads the cache, the sampling rows and the penalty
+    state as they are (slot order), with the same outputs as gathering rows 0..R-1."""
+    R, max_len = 4, 64
+    eng = Engine(params, CFG, max_slots=R, max_len=max_len, vocab_limit=250, start=False)
+    fn = partial(_decode, cfg=CFG, vocab_limit=250, kv_len=max_len, num_steps=2)
+    slots = jnp.arange(R, dtype=jnp.int32)
+    args = (params, eng.cache, eng.pstate, eng.sbatch, slots, jnp.asarray([3, 1, 4, 1]),
+            jnp.asarray([0, 2, -1, 5]), jnp.zeros(R, jnp.int32), jnp.ones((R, CFG.vocab_size),
+                                                                           bool))
+    cache_shape = tuple(eng.cache.k[0].shape)
+    gathered = _gathered_shapes(jax.make_jaxpr(partial(fn, all_slots=all_slots))(*args).jaxpr)
+    assert (cache_shape in gathered) != all_slots
+    got = jax.jit(partial(fn, all_slots=all_slots))(*args)
+    ref = jax.jit(partial(fn, all_slots=not all_slots))(*args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_a_row_behind_a_free_slot_streams_its_own_tokens(params, lookahead):
+    """With every slot as the one row bucket (an accelerator's default), calls run the slots in
+    order: after the request in slot 0 ends, the one in slot 1 still streams its own column,
+    also from calls dispatched ahead."""
+    eng = Engine(params, CFG, max_slots=4, max_len=128, vocab_limit=250, row_buckets=[4],
+                 steps_per_call=2, lookahead=lookahead)
+    try:
+        a = eng.submit(request(prompt=[1, 2, 3], max_tokens=2))
+        b = eng.submit(request(prompt=[7, 8, 9, 10], max_tokens=12, logprobs=True))
+        got_a, got_b = collect(a)[0], collect(b)[0]
+        assert tokens(got_a) == argmax_continuation(params, [1, 2, 3], 2)
+        assert tokens(got_b) == argmax_continuation(params, [7, 8, 9, 10], 12)
+        assert all(e.logprob is not None and e.logprob <= 0 for e in got_b)
+        assert {key[-1] for key in eng._programs if key[0] in ("decode", "sample")} == {4}
+        assert eng.stats.decode_steps > eng.stats.decode_calls  # multi-step calls ran
+        assert (eng.stats.lookahead_calls > 0) == lookahead
     finally:
         eng.close()
 
