@@ -395,10 +395,13 @@ def _scatter_rows(tree: Any, part: Any, slots) -> Any:
 
 
 # The decode programs below take `all_slots` (static): True when the call runs every cache row
-# in slot order (slots = 0..max_slots-1, which the engine then passes), so that the cache, the
-# sampling rows and the penalty state are read as they are rather than gathered by `slots`. On
-# a GPU every bf16 decode call runs all rows, and gathering them cost 0.25 ms of a 5.7 ms step
-# (H200, 7B shape, 8 rows: the attention's keys and values copied out of the cache each layer).
+# in slot order (slots = 0..max_slots-1, which the engine then passes), so that the sampling
+# rows and the penalty state are used as they are rather than gathered by `slots`, and so is the
+# cache where attention reads all of it (kv_len = max_len). A shorter prefix of it is read by
+# gathering the rows anyway: XLA copies a slice of the cache, and transposes it, where a gather
+# of the same keys is one copy (H200, 7B shape, 8 rows, per decode step: kv_len = max_len 1024,
+# 5.09 ms of kernels without the gather, 5.30 with it; kv_len 1024 of max_len 4096, the slice
+# and its transposes 0.64 ms where the gather took 0.25).
 
 
 def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: QwenConfig,
@@ -406,10 +409,11 @@ def _forward_rows(params, cache: KVCache, slots, tokens, positions, *, cfg: Qwen
     """One decode step's model half: logits[R, V] of tokens[R] at positions[R] in the R cache
     rows `slots`, and the cache with their keys/values written. kv_len None: the cache is read
     in chunks of KV_CHUNK keys."""
+    whole = kv_len is not None and kv_len == cache.k[0].shape[1]
     return forward(params, cfg, tokens[:, None], positions[:, None], cache, kv_len=kv_len,
                    kv_chunk=KV_CHUNK if kv_len is None else None,
                    logits_at=jnp.zeros(tokens.shape, jnp.int32),
-                   cache_rows=None if all_slots else slots)
+                   cache_rows=None if all_slots and whole else slots)
 
 
 def _sample_rows(logits, pstate, sbatch, slots, steps, allowed, *, vocab_limit: int,

@@ -754,19 +754,22 @@ def _gathered_shapes(jaxpr) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("all_slots", [False, True])
-def test_a_decode_call_over_every_slot_gathers_no_cache_rows(params, all_slots):
-    """With `all_slots` the decode program reads the cache, the sampling rows and the penalty
-    state as they are (slot order), with the same outputs as gathering rows 0..R-1."""
+@pytest.mark.parametrize("kv_len", [32, 64])
+def test_a_decode_call_over_every_slot_gathers_no_cache_rows(params, all_slots, kv_len):
+    """With `all_slots` the decode program reads the sampling rows and the penalty state as they
+    are (slot order), and the cache too when it attends to all of it (kv_len = max_len; a
+    shorter prefix is gathered, one copy where a slice is copied and transposed), with the same
+    outputs as gathering rows 0..R-1."""
     R, max_len = 4, 64
     eng = Engine(params, CFG, max_slots=R, max_len=max_len, vocab_limit=250, start=False)
-    fn = partial(_decode, cfg=CFG, vocab_limit=250, kv_len=max_len, num_steps=2)
+    fn = partial(_decode, cfg=CFG, vocab_limit=250, kv_len=kv_len, num_steps=2)
     slots = jnp.arange(R, dtype=jnp.int32)
     args = (params, eng.cache, eng.pstate, eng.sbatch, slots, jnp.asarray([3, 1, 4, 1]),
             jnp.asarray([0, 2, -1, 5]), jnp.zeros(R, jnp.int32), jnp.ones((R, CFG.vocab_size),
                                                                            bool))
     cache_shape = tuple(eng.cache.k[0].shape)
     gathered = _gathered_shapes(jax.make_jaxpr(partial(fn, all_slots=all_slots))(*args).jaxpr)
-    assert (cache_shape in gathered) != all_slots
+    assert (cache_shape in gathered) == (not all_slots or kv_len < max_len)
     got = jax.jit(partial(fn, all_slots=all_slots))(*args)
     ref = jax.jit(partial(fn, all_slots=not all_slots))(*args)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
