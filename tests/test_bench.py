@@ -131,3 +131,26 @@ def test_the_table_gives_device_memory_where_the_weights_live_on_an_accelerator(
     gpu = _table(rec)
     assert "device memory: peak 2.00 GiB" in gpu and "= 1.33x weights (1.00 GiB)" in gpu
     assert "peak RSS while serving" not in gpu
+
+
+def test_decode_profile_times_each_program_and_what_the_sampler_adds():
+    """benchmarks/decode_profile.py on the demo model: one record per variant and row count,
+    the argmax variant without the sampler's conditionals, and a kernel profile of the rest."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_profile.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--preset", "demo", "--rows", "1,2", "--context", "10",
+         "--kv-len", "64", "--max-len", "64", "--steps-per-call", "2", "--profile"],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rec = json.loads(res.stdout.strip().splitlines()[-1])
+    runs = {(r["variant"], r["rows"]): r for r in rec["runs"]}
+    assert set(runs) == {(v, r) for v in ("default", "argmax") for r in (1, 2)}
+    assert all(r["step_ms"] > 0 and r["tok_s"] > 0 for r in runs.values())
+    assert all(runs[("default", r)]["conditionals"] > 0 == runs[("argmax", r)]["conditionals"]
+               for r in (1, 2))
+    for r in (1, 2):
+        prof = runs[("default", r)]["profile"]
+        assert prof["kernel_ms_per_step"] > 0 and prof["top"]
+        assert "profile" not in runs[("argmax", r)]
