@@ -302,9 +302,11 @@ def default_row_buckets(max_slots: int, quantized: bool = False,
     others (by up to 4.5e-5, enough to change sampled tokens); with 2- and 8-row programs,
     between beside 1 and beside 3 or 7; with 8 rows only, identical everywhere. Batch-1
     decode at the full 7B shape: 1 and 8 rows 169-171 tok/s, 8 rows only 174 (2 and 8: 197,
-    not invariant). Except int8 weights: one row has its own product off the CPU
-    (model._int8_linear: 264 tok/s at 7B where a batched product converts the weights first),
-    so it keeps a 1-row program and is not batch-invariant there."""
+    not invariant); 8 rows only 198 since the 8-row step stopped sorting the vocabulary for the
+    top log-probabilities and gathering its cache rows (`all_slots`). Except int8 weights: one
+    row has its own product off the CPU (model._int8_linear: 264 tok/s at 7B where a batched
+    product converts the weights first), so it keeps a 1-row program and is not batch-invariant
+    there."""
     if (backend or jax.default_backend()) == "cpu":
         return [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots]
     return [1] if quantized and max_slots > 1 else []

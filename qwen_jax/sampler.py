@@ -48,7 +48,9 @@ common path: greedy-only batches skip sampling (`lax.cond`); penalties are skipp
 uses them; top_k/top_p read a top-1024 candidate set, which is exact whenever the kept set lies
 inside it (always for top_k; for top_p when the candidates hold at least top_p of the mass), with
 an exact radix-select fallback otherwise; the draw is a two-level inverse CDF (block sums, then one
-block) needing one uniform number per row instead of V Gumbel variates.
+block) needing one uniform number per row instead of V Gumbel variates; the top-20 log-probabilities
+are searched in 20 blocks of the row (`top_k_small`), not the whole row, which XLA's GPU backend
+sorts.
 """
 
 from __future__ import annotations
