@@ -15,8 +15,9 @@ per step and tokens/s of the one request. Variants:
 `--profile` traces two calls of each `default` program with `jax.profiler` and prints the
 kernels by total time (on a GPU: one line per fused kernel, e.g. `gemm_fusion_dot_*` for matrix
 products, `loop_gather_fusion` for a gather), the kernel time per step and the span it covered
-(idle gaps show as span > kernel time). `--xla-flags` runs the `default` programs again in a
-child process per set of XLA flags (`;` between sets). One JSON line at the end.
+(idle gaps show as span > kernel time; on the CPU the trace's host events nest, so its times
+are only indicative). `--xla-flags` runs the `default` programs again in a child process per
+set of XLA flags (`;` between sets). Each process ends with one JSON line of its runs.
 """
 
 from __future__ import annotations

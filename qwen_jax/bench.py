@@ -114,12 +114,13 @@ def copy_bandwidth(nbytes: int, repeats: int = 5, calls: int = 8) -> float:
 
 
 def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """The device's memory bandwidth in GB/s, median of `repeats` runs over a float32 array of
-    `nbytes` (larger than the caches). The decode bound divides it by the bytes a step reads.
+    """The device's memory bandwidth in GB/s over a float32 array of `nbytes` (larger than the
+    caches): on the CPU the median of `repeats` runs, on an accelerator the best of them. The
+    decode bound divides it by the bytes a step reads.
 
     On the CPU a jitted sum (bytes read). On an accelerator `copy_bandwidth` (bytes read and
     written), as benchmarks/decode_bound.py measures it: XLA's sum reads slower there than a
-    decode step does (H200: the sum 2.5 TB/s, the decode step's weight products 3.5-4.5 TB/s,
+    decode step does (H200: the sum 2.5 TB/s, the decode step's weight products 3.0-4.4 TB/s,
     `x + 1` 3.2-3.8 TB/s timed a call at a time, torch's device copy 4.3 TB/s). XLA's copy may
     still fall short of the card's: `--bandwidth-gbs` sets the figure instead."""
     import jax

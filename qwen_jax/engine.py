@@ -17,9 +17,9 @@ a short prompt does not wait behind a long one, and the other streams keep going
 A decode step runs only the busy rows (padded with free slots to a row bucket; on an
 accelerator the one bucket is every slot: `default_row_buckets`), gathered from
 and scattered back to their slots inside the compiled program (a call over every slot takes
-them in slot order and gathers nothing). With lookahead (by default on an
-accelerator with several steps per call) the next decode call is dispatched, from the last tokens
-still on the device, before the host streams the previous call's tokens.
+them in slot order and needs no gather but for a prefix of the cache). With lookahead (by
+default on an accelerator with several steps per call) the next decode call is dispatched, from
+the last tokens still on the device, before the host streams the previous call's tokens.
 
 Everything on device has static shapes: prefill is compiled once per power-of-two length bucket
 up to the chunk, and the chunks after the first once more (on the CPU, where attention reads the
@@ -302,8 +302,9 @@ def default_row_buckets(max_slots: int, quantized: bool = False,
     others (by up to 4.5e-5, enough to change sampled tokens); with 2- and 8-row programs,
     between beside 1 and beside 3 or 7; with 8 rows only, identical everywhere. Batch-1
     decode at the full 7B shape: 1 and 8 rows 169-171 tok/s, 8 rows only 174 (2 and 8: 197,
-    not invariant); 8 rows only 198 since the 8-row step stopped sorting the vocabulary for the
-    top log-probabilities and gathering its cache rows (`all_slots`). Except int8 weights: one
+    not invariant); 8 rows only, max_len 1024, 198 since the 8-row step stopped sorting the
+    vocabulary for the top log-probabilities and, where it reads the whole cache, gathering its
+    cache rows (`all_slots`). Except int8 weights: one
     row has its own product off the CPU (model._int8_linear: 264 tok/s at 7B where a batched
     product converts the weights first), so it keeps a 1-row program and is not batch-invariant
     there."""

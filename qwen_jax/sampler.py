@@ -562,6 +562,7 @@ def _argmax(x: jax.Array) -> jax.Array:
 def top_k_small(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """`jax.lax.top_k(x, k)` of f[B, V] for a small k: the same values and ids, in the same
     order (equal values: lower id first), searching k blocks of the row instead of all of it.
+    Rows holding NaN may differ (a block's max can drop a NaN that lax.top_k ranks first).
 
     The k largest values lie in the k blocks with the largest maxima (of equal maxima, the
     lower blocks): a block left out has a maximum no larger than theirs, so k values at least as

@@ -756,10 +756,10 @@ def _gathered_shapes(jaxpr) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("all_slots", [False, True])
 @pytest.mark.parametrize("kv_len", [32, 64])
 def test_a_decode_call_over_every_slot_gathers_no_cache_rows(params, all_slots, kv_len):
-    """With `all_slots` the decode program reads the sampling rows and the penalty state as they
-    are (slot order), and the cache too when it attends to all of it (kv_len = max_len; a
-    shorter prefix is gathered, one copy where a slice is copied and transposed), with the same
-    outputs as gathering rows 0..R-1."""
+    """With `all_slots` the decode program reads the cache as it is (slot order) when it attends
+    to all of it (kv_len = max_len; a shorter prefix is gathered: one copy, where a GPU copies a
+    slice and transposes it), and every output, the cache and the penalty state included, is
+    what gathering rows 0..R-1 gives."""
     R, max_len = 4, 64
     eng = Engine(params, CFG, max_slots=R, max_len=max_len, vocab_limit=250, start=False)
     fn = partial(_decode, cfg=CFG, vocab_limit=250, kv_len=kv_len, num_steps=2)
@@ -779,17 +779,48 @@ def test_a_decode_call_over_every_slot_gathers_no_cache_rows(params, all_slots, 
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_a_row_behind_a_free_slot_streams_its_own_tokens(params, lookahead):
     """With every slot as the one row bucket (an accelerator's default), calls run the slots in
-    order: after the request in slot 0 ends, the one in slot 1 still streams its own column,
-    also from calls dispatched ahead."""
+    order, so rows sit behind free slots: after the request in slot 0 ends, the others still
+    get their own column: greedy tokens and logprobs as alone, a grammar's mask, and the first
+    tokens of a sampled n=2 request joining in slots 0 and 3; also from calls dispatched ahead."""
     eng = Engine(params, CFG, max_slots=4, max_len=128, vocab_limit=250, row_buckets=[4],
                  steps_per_call=2, lookahead=lookahead)
+
+    def requests() -> dict[str, GenerationRequest]:  # fresh grammar state each time
+        return {"greedy": request(prompt=[7, 8, 9, 10], max_tokens=40, logprobs=True),
+                "grammar": request(prompt=[4, 5], sampling=SamplingParams(temperature=1.5,
+                                                                          seed=3),
+                                   max_tokens=20, constraints=[OnlyTokens([10, 20, 30], 12)]),
+                "pair": request(prompt=[3, 1], sampling=SamplingParams(temperature=1.0,
+                                                                       seed=11),
+                                max_tokens=6, n=2, logprobs=True)}
+
+    def trace(events) -> list[tuple]:
+        return [(e.token, e.logprob, e.finish_reason) for e in events]
+
     try:
+        alone = {k: {c: trace(evs) for c, evs in collect(eng.submit(r)).items()}
+                 for k, r in requests().items()}
         a = eng.submit(request(prompt=[1, 2, 3], max_tokens=2))
-        b = eng.submit(request(prompt=[7, 8, 9, 10], max_tokens=12, logprobs=True))
-        got_a, got_b = collect(a)[0], collect(b)[0]
-        assert tokens(got_a) == argmax_continuation(params, [1, 2, 3], 2)
-        assert tokens(got_b) == argmax_continuation(params, [7, 8, 9, 10], 12)
-        assert all(e.logprob is not None and e.logprob <= 0 for e in got_b)
+        hs = {k: eng.submit(r) for k, r in requests().items()}
+        greedy_events = hs["greedy"].events(timeout=TIMEOUT)
+        first = next(greedy_events)
+        assert eng._slots[1] is not None and eng._slots[1].handle is hs["greedy"]
+        got = {"greedy": {0: trace([first, *greedy_events])}}
+        got.update({k: {c: trace(evs) for c, evs in collect(hs[k]).items()}
+                    for k in ("grammar", "pair")})
+        assert tokens(collect(a)[0]) == argmax_continuation(params, [1, 2, 3], 2)
+        assert [t for t, _, _ in alone["greedy"][0] if t is not None] == argmax_continuation(
+            params, [7, 8, 9, 10], 40)
+        assert {t for t, _, _ in alone["grammar"][0] if t is not None} <= {10, 20, 30}
+        for k in alone:
+            assert set(got[k]) == set(alone[k]), k
+            for c in alone[k]:
+                assert [t for t, _, _ in got[k][c]] == [t for t, _, _ in alone[k][c]], (k, c)
+                assert [f for *_, f in got[k][c]] == [f for *_, f in alone[k][c]], (k, c)
+                lp = [p for _, p, _ in got[k][c] if p is not None]
+                assert lp == pytest.approx([p for _, p, _ in alone[k][c] if p is not None],
+                                           abs=1e-5), (k, c)
+        assert alone["pair"][0] != alone["pair"][1]  # the choices differ: columns matter
         assert {key[-1] for key in eng._programs if key[0] in ("decode", "sample")} == {4}
         assert eng.stats.decode_steps > eng.stats.decode_calls  # multi-step calls ran
         assert (eng.stats.lookahead_calls > 0) == lookahead
