@@ -304,10 +304,9 @@ def default_row_buckets(max_slots: int, quantized: bool = False,
     decode at the full 7B shape: 1 and 8 rows 169-171 tok/s, 8 rows only 174 (2 and 8: 197,
     not invariant); 8 rows only, max_len 1024, 198 since the 8-row step stopped sorting the
     vocabulary for the top log-probabilities and, where it reads the whole cache, gathering its
-    cache rows (`all_slots`). Except int8 weights: one
-    row has its own product off the CPU (model._int8_linear: 264 tok/s at 7B where a batched
-    product converts the weights first), so it keeps a 1-row program and is not batch-invariant
-    there."""
+    cache rows (`all_slots`). Except int8 weights: one row has its own product off the CPU
+    (model._int8_linear: 264 tok/s at 7B where a batched product converts the weights first),
+    so it keeps a 1-row program and is not batch-invariant there."""
     if (backend or jax.default_backend()) == "cpu":
         return [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots]
     return [1] if quantized and max_slots > 1 else []
@@ -443,8 +442,8 @@ def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allo
     tokens [R] (indexing the outputs on the host's side would compile a small program per
     shape), the cache and the penalty state."""
     # Gathered once, scattered back after the last step.
-    sb, ps = _gather_rows(sbatch, None if all_slots else slots), _gather_rows(
-        pstate, None if all_slots else slots)
+    rows = None if all_slots else slots
+    sb, ps = _gather_rows(sbatch, rows), _gather_rows(pstate, rows)
 
     def step(carry, _):
         cache, ps, tokens, positions, steps = carry
@@ -458,7 +457,7 @@ def _decode(params, cache, pstate, sbatch, slots, tokens, positions, steps, allo
 
     carry = (cache, ps, tokens, positions, steps)
     (cache, ps, last, *_), outs = jax.lax.scan(step, carry, None, length=num_steps)
-    return outs, last, cache, _scatter_rows(pstate, ps, None if all_slots else slots)
+    return outs, last, cache, _scatter_rows(pstate, ps, rows)
 
 
 # ---------------------------------------------------------------------------------------------
