@@ -22,6 +22,13 @@ bf16 product; one decode step 82 -> 42 ms against the emitter), and beyond conve
 to bf16 for YNNPACK when the activations are bf16 (512 rows x 24 gate_proj: 185 vs 558 ms through
 float32; a 128-token 0.5B prefill 172-184 ms against 191-199 ms with levels, 64 tokens 115-119
 both ways).
+- AVX512-BF16 without AMX (an AMD EPYC Zen 5 VM): YNNPACK's one-row product (padded to 4 rows)
+  reads the weights at about half the machine's bandwidth while the emitter reads them at 80%
+  (0.5B batch-1 decode 20.6-21.1 vs 35.2 tok/s); from 2 rows YNNPACK is as on the Xeon. The
+  AVX512-BF16 plan stays the default there all the same: a one-row emitter product rounds
+  differently from YNNPACK's, so a seeded request would decode differently alone than in a
+  batch. `avx512-bf16-matvec` (chosen only by QWEN_JAX_CPU_MATMUL) takes that speed instead:
+  the emitter for one row (wide weights as column blocks), YNNPACK beyond.
 The plan is read when a function is traced: switch it only with `use_plan`, which clears JAX's
 caches so no program traced under the other plan is reused.
 """
@@ -59,7 +66,13 @@ AVX2 = CpuMatmulPlan("avx2", matvec_max_rows=4, dot_min_rows=1, dot_max_rows=64,
 AVX512_BF16 = CpuMatmulPlan("avx512-bf16", matvec_max_rows=0, dot_min_rows=4, dot_max_rows=None,
                             column_blocks=False, int8_dot_int8_max_rows=64,
                             int8_matvec_max_rows=0, int8_dot_bf16=True)
-PLANS = {p.name: p for p in (AVX2, AVX512_BF16)}
+# Opt-in only (not detected): faster one-row decode where YNNPACK's one-row product is slow, and
+# not batch-invariant (see the module docstring).
+AVX512_BF16_MATVEC = CpuMatmulPlan("avx512-bf16-matvec", matvec_max_rows=1, dot_min_rows=1,
+                                   dot_max_rows=None, column_blocks=True,
+                                   int8_dot_int8_max_rows=64, int8_matvec_max_rows=0,
+                                   int8_dot_bf16=True)
+PLANS = {p.name: p for p in (AVX2, AVX512_BF16, AVX512_BF16_MATVEC)}
 
 # Set from QWEN_JAX_CPU_MATMUL (a plan name) or the CPU's flags on first use.
 _plan: CpuMatmulPlan | None = None
@@ -83,7 +96,7 @@ def detect_plan(flags: set[str]) -> CpuMatmulPlan:
 
 
 def cpu_plan() -> CpuMatmulPlan:
-    """The plan in use: $QWEN_JAX_CPU_MATMUL (avx2 or avx512-bf16) if set, else detected."""
+    """The plan in use: $QWEN_JAX_CPU_MATMUL (a name in PLANS) if set, else detected."""
     global _plan
     if _plan is None:
         name = os.environ.get("QWEN_JAX_CPU_MATMUL")

@@ -661,11 +661,11 @@ def choose_dtype(requested: str, cfg: Any, backend: str | None = None,
         return requested
     import jax
 
-    from qwen_jax.cpu_matmul import AVX512_BF16, cpu_plan
+    from qwen_jax.cpu_matmul import cpu_plan
     from qwen_jax.model import param_count
 
     backend = backend or jax.default_backend()
-    if backend != "cpu" or cpu_plan() is AVX512_BF16:
+    if backend != "cpu" or cpu_plan().dot_max_rows is None:  # bf16 products of any length
         return "bfloat16"
     if ram_bytes is None:
         ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

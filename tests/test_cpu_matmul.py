@@ -14,9 +14,13 @@ from qwen_jax.cpu_matmul import AVX2, AVX512_BF16, PLANS, cpu_flags, detect_plan
 
 AVX2_FLAGS = "fpu sse sse2 avx fma avx2 bmi2"
 XEON_FLAGS = AVX2_FLAGS + " avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8"
+ZEN5_FLAGS = AVX2_FLAGS + " avx512f avx512bw avx512_bf16 avx512_vnni"  # no AMX
 
 
+# A Zen 5 gets the batch-invariant AVX512-BF16 plan too, not the faster one-row avx512-bf16-matvec
+# (opt-in only: cpu_matmul.py).
 @pytest.mark.parametrize("flags, plan", [(AVX2_FLAGS, AVX2), (XEON_FLAGS, AVX512_BF16),
+                                         (ZEN5_FLAGS, AVX512_BF16),
                                          (AVX2_FLAGS + " amx_bf16", AVX512_BF16),
                                          (AVX2_FLAGS + " avx512f avx512bw", AVX2), ("", AVX2)])
 def test_plan_follows_native_bf16_support(tmp_path, flags, plan):
@@ -59,10 +63,11 @@ def test_use_plan_retraces_and_restores():
         np.testing.assert_allclose(np.asarray(f(x, w), np.float32), 64.0)
         return "%ynn_fusion" in f.lower(x, w).compile().as_text()
 
-    # One row: the matrix-vector emitter under AVX2, YNNPACK (padded rows) under AVX512-BF16.
-    assert takes_library_matmul() == (before is AVX512_BF16)
+    # One row: the matrix-vector emitter under AVX2 (and avx512-bf16-matvec), YNNPACK (padded
+    # rows) under AVX512-BF16.
+    assert takes_library_matmul() == (before.matvec_max_rows < 1)
     with use_plan(other):
         assert cpu_matmul.cpu_plan() is other
-        assert takes_library_matmul() == (other is AVX512_BF16)
+        assert takes_library_matmul() == (other.matvec_max_rows < 1)
     assert cpu_matmul.cpu_plan() is before
-    assert takes_library_matmul() == (before is AVX512_BF16)
+    assert takes_library_matmul() == (before.matvec_max_rows < 1)

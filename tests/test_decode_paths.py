@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from qwen_jax import model
 from qwen_jax.config import QwenConfig
-from qwen_jax.cpu_matmul import AVX2, AVX512_BF16, PLANS, CpuMatmulPlan, use_plan
+from qwen_jax.cpu_matmul import AVX2, PLANS, CpuMatmulPlan, use_plan
 from qwen_jax.layout import block_wide_weights
 from qwen_jax.model import forward, init_cache, init_params
 from qwen_jax.quantize import quantize_params
@@ -124,10 +124,12 @@ def _check_decode_step_copies(weights: str, plan: CpuMatmulPlan) -> None:
         ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
         hlo = jax.jit(step).lower(params, ids, ids, cache).compile().as_text()
         assert not _float_weight_copies(hlo, sizes), _float_weight_copies(hlo, sizes)[:3]
-        if batch == 1:  # attention's two products per layer take YNNPACK under either plan
+        if batch == 1:  # attention's two products per layer take YNNPACK under every plan
             ynn = len(re.findall(r"%ynn_fusion[.\d]* = ", hlo[hlo.index("\nENTRY"):]))
             projections = 7 * cfg.num_hidden_layers + 1  # and the lm_head
-            assert (ynn >= projections) == (plan is AVX512_BF16), ynn
+            one_row_library = (plan.int8_dot_int8_max_rows >= 1 if weights == "int8"
+                               else plan.matvec_max_rows < 1)
+            assert (ynn >= projections) == one_row_library, ynn
 
     # The guard itself can fail: a long prefill converts int8 weights under either plan, and
     # bf16 weights under the AVX2 plan only (the other multiplies them by YNNPACK as they are).
@@ -136,7 +138,8 @@ def _check_decode_step_copies(weights: str, plan: CpuMatmulPlan) -> None:
     prefill = jax.ShapeDtypeStruct((1, 160), jnp.int32)
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 256, jnp.bfloat16))
     hlo = jax.jit(step).lower(params, prefill, prefill, cache).compile().as_text()
-    assert bool(_float_weight_copies(hlo, sizes)) == (plan is AVX2 or weights == "int8")
+    assert bool(_float_weight_copies(hlo, sizes)) == (plan.dot_max_rows is not None
+                                                       or weights == "int8")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
