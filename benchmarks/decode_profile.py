@@ -79,7 +79,7 @@ def kernel_profile(fn, steps: int) -> dict:
     # The device's busiest line (on a GPU the compute stream); on the CPU the host threads.
     lines = [ln for pl in data.planes if pl.name.startswith("/device:") for ln in pl.lines]
     lines = lines or [ln for pl in data.planes if "CPU" in pl.name for ln in pl.lines]
-    events = max(([e for e in ln.events] for ln in lines), key=len, default=[])
+    events = max((list(ln.events) for ln in lines), key=len, default=[])
     by_name: dict[str, list] = {}
     for e in events:
         a = by_name.setdefault(e.name, [0, 0.0])

@@ -36,14 +36,14 @@ caches so no program traced under the other plan is reused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import jax
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CpuMatmulPlan:
     """Row-count thresholds for bf16 (and int8-weight) products on the CPU backend."""
 
@@ -68,10 +68,8 @@ AVX512_BF16 = CpuMatmulPlan("avx512-bf16", matvec_max_rows=0, dot_min_rows=4, do
                             int8_matvec_max_rows=0, int8_dot_bf16=True)
 # Opt-in only (not detected): faster one-row decode where YNNPACK's one-row product is slow, and
 # not batch-invariant (see the module docstring).
-AVX512_BF16_MATVEC = CpuMatmulPlan("avx512-bf16-matvec", matvec_max_rows=1, dot_min_rows=1,
-                                   dot_max_rows=None, column_blocks=True,
-                                   int8_dot_int8_max_rows=64, int8_matvec_max_rows=0,
-                                   int8_dot_bf16=True)
+AVX512_BF16_MATVEC = dataclasses.replace(AVX512_BF16, name="avx512-bf16-matvec",
+                                         matvec_max_rows=1, dot_min_rows=1, column_blocks=True)
 PLANS = {p.name: p for p in (AVX2, AVX512_BF16, AVX512_BF16_MATVEC)}
 
 # Set from QWEN_JAX_CPU_MATMUL (a plan name) or the CPU's flags on first use.
