@@ -1,8 +1,8 @@
 """Load and save Hugging Face Qwen2 checkpoints (safetensors, single file or sharded).
 
-Loading fills one preallocated host array per tensor, converting to the target dtype as it reads,
-then moves them to the device one at a time, so peak host memory stays near the size of the
-weights plus one tensor.
+Loading reads one tensor at a time, converts it to the target dtype, copies it to the device and
+frees the host copy before the next, so peak memory stays near the size of the weights plus one
+tensor, on the CPU too, where the device is host memory.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -118,6 +119,23 @@ class _Progress:
             print(file=sys.stderr, flush=True)
 
 
+def _read_tensor(f, path: Path, name: str, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    """Tensor `name` of an open safetensors file on the device as `dtype`, shape and storage
+    checked."""
+    stored_slice = f.get_slice(name)
+    found = tuple(stored_slice.get_shape())
+    if found != shape:
+        raise CheckpointError(f"{path}: tensor {name} has shape {found}, expected {shape}")
+    stored = stored_slice.get_dtype()
+    if stored not in _FLOAT_DTYPES:  # integer or 8-bit float: not plain weights
+        raise CheckpointError(f"{path}: tensor {name} is stored as {stored}; only "
+                              f"{', '.join(_FLOAT_DTYPES)} weights are supported")
+    arr = jnp.asarray(np.asarray(f.get_tensor(name), _numpy_dtype(dtype)), dtype=dtype)
+    # Wait for the copy before the host array goes: jaxlib frees a host array whose copy is still
+    # in flight only at the next garbage collection (a loop of such copies held them all).
+    return arr.block_until_ready()
+
+
 def load_checkpoint(
     model_dir: str | Path, dtype: jnp.dtype = jnp.bfloat16, *, progress: bool = True,
     quantize: str | None = None,
@@ -149,66 +167,62 @@ def load_checkpoint(
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{model_dir}: missing tensors {', '.join(missing[:5])}{more}")
 
-    # Host buffers keyed like `expected`: (leaf, None) for top-level weights, (leaf, i) per layer.
-    host: dict[tuple[str, int | None], np.ndarray] = {
-        key: np.empty(shape, np_dtype) for key, shape in expected.values()
-    }
+    quantized = (*QUANTIZED_LAYER_WEIGHTS, "embed", "lm_head") if quantize else ()
+    linear = (*LINEAR_LAYER_WEIGHTS, "lm_head")
 
+    def finish(leaf: str, arr: jax.Array):
+        if leaf in quantized:
+            return quantize_int8(arr)
+        return maybe_blocks(arr) if leaf in linear else arr
+
+    # Device leaves keyed like `expected`: (leaf, None) for top-level weights, (leaf, i) per
+    # layer. One tensor at a time: read (converting to `dtype`), copy to the device, quantize or
+    # lay out, drop the host copy; so on the CPU, where the device is host memory, the peak is
+    # the weights plus one tensor, not twice the weights.
+    leaves: dict[tuple[str, int | None], jax.Array] = {}
+    raw: dict[str, jax.Array] = {}  # embed and lm_head, compared before `finish` (stored_head)
     total = sum(int(np.prod(shape)) for _, shape in expected.values()) * np_dtype.itemsize
     bar = _Progress(total, progress)
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
     for path, names in by_file.items():
-        try:
-            with safe_open(path, framework="numpy") as f:
-                for name in names:
-                    (leaf, layer), shape = expected[name]
-                    stored_slice = f.get_slice(name)
-                    found = tuple(stored_slice.get_shape())
-                    if found != shape:
-                        raise CheckpointError(
-                            f"{path}: tensor {name} has shape {found}, expected {shape}"
-                        )
-                    stored = stored_slice.get_dtype()
-                    if stored not in _FLOAT_DTYPES:  # integer or 8-bit float: not plain weights
-                        raise CheckpointError(
-                            f"{path}: tensor {name} is stored as {stored}; only "
-                            f"{', '.join(_FLOAT_DTYPES)} weights are supported"
-                        )
-                    target = host[(leaf, layer)]
-                    target[...] = f.get_tensor(name)  # converts to the target dtype in place
-                    bar.update(target.nbytes)
-        except CheckpointError:
-            raise
-        except Exception as e:  # corrupt file, unknown dtype, ...
-            raise CheckpointError(f"{path}: cannot read tensors ({e})") from e
+        for name in names:
+            try:
+                # Opened per tensor: safe_open maps the whole file, and every page read stays
+                # resident (in this process's RSS) until it is closed.
+                with safe_open(path, framework="numpy") as f:
+                    arr = _read_tensor(f, path, name, expected[name][1], dtype)
+            except CheckpointError:
+                raise
+            except Exception as e:  # corrupt file, unknown dtype, ...
+                raise CheckpointError(f"{path}: cannot read tensors ({e})") from e
+            bar.update(arr.nbytes)
+            leaf, layer = expected[name][0]
+            if stored_head and leaf in ("embed", "lm_head"):
+                raw[leaf] = arr
+            else:
+                leaves[(leaf, layer)] = finish(leaf, arr)
+            del arr
     bar.finish()
     if stored_head:
-        if np.array_equal(host[("lm_head", None)], host[("embed", None)]):
-            del host[("lm_head", None)]
+        if bool(jnp.array_equal(raw["lm_head"], raw["embed"])):
+            del raw["lm_head"]
         else:
             log.warning("%s: config.json ties the embeddings, but the checkpoint's lm_head.weight "
                         "differs from the embedding: using it as its own output layer, as "
                         "transformers does", model_dir)
             cfg = cfg.replace(tie_word_embeddings=False)
+        for leaf in list(raw):
+            leaves[(leaf, None)] = finish(leaf, raw.pop(leaf))
 
-    quantized = (*QUANTIZED_LAYER_WEIGHTS, "embed", "lm_head") if quantize else ()
-    linear = (*LINEAR_LAYER_WEIGHTS, "lm_head")
-
-    def to_device(leaf: str, layer: int | None = None):
-        arr = jnp.asarray(host.pop((leaf, layer)), dtype=dtype)  # pop: free each host copy
-        if leaf in quantized:
-            return quantize_int8(arr)
-        return maybe_blocks(arr) if leaf in linear else arr
-
-    layers = [LayerParams(**{leaf: to_device(leaf, i) for leaf in _HF_LAYER_NAMES})
+    layers = [LayerParams(**{leaf: leaves.pop((leaf, i)) for leaf in _HF_LAYER_NAMES})
               for i in range(cfg.num_hidden_layers)]
     params = Params(
-        embed=to_device("embed"),
+        embed=leaves.pop(("embed", None)),
         layers=layers,
-        final_norm=to_device("final_norm"),
-        lm_head=None if cfg.tie_word_embeddings else to_device("lm_head"),
+        final_norm=leaves.pop(("final_norm", None)),
+        lm_head=None if cfg.tie_word_embeddings else leaves.pop(("lm_head", None)),
     )
     return cfg, params
 
