@@ -17,7 +17,7 @@ Which one is fastest depends on the CPU (measured, benchmarks/README.md):
   product takes YNNPACK there, and wide weights stay in one piece (7% faster than blocks).
 int8 weights (quantize.py): the AVX2 plan takes the emitter up to 8 rows and converts them to
 float32 beyond. The AVX512-BF16 plan writes up to 64 rows of activations as int8 levels for
-YNNPACK's exact int8 x int8 product (model._int8_dot_int8: per weight 1.4-1.6x the rate of its
+YNNPACK's exact int8 x int8 product (linear._int8_dot_int8: per weight 1.4-1.6x the rate of its
 bf16 product; one decode step 82 -> 42 ms against the emitter), and beyond converts the weights
 to bf16 for YNNPACK when the activations are bf16 (512 rows x 24 gate_proj: 185 vs 558 ms through
 float32; a 128-token 0.5B prefill 172-184 ms against 191-199 ms with levels, 64 tokens 115-119

@@ -305,7 +305,7 @@ def default_row_buckets(max_slots: int, quantized: bool = False,
     not invariant); 8 rows only, max_len 1024, 198 since the 8-row step stopped sorting the
     vocabulary for the top log-probabilities and, where it reads the whole cache, gathering its
     cache rows (`all_slots`). Except int8 weights: one row has its own product off the CPU
-    (model._int8_linear: 264 tok/s at 7B where a batched product converts the weights first),
+    (linear._int8_linear: 264 tok/s at 7B where a batched product converts the weights first),
     so it keeps a 1-row program and is not batch-invariant there."""
     if (backend or jax.default_backend()) == "cpu":
         return [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots]

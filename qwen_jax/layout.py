@@ -1,7 +1,7 @@
 """Weight layout for XLA's CPU backend: wide matrices as contiguous column blocks.
 
 XLA's CPU matrix-vector emitter reads a weight row at full speed only while it has at most
-`CPU_MATVEC_MAX_IN` = 3584 columns, so model.py multiplies a wider weight (the MLP's down_proj:
+`CPU_MATVEC_MAX_IN` = 3584 columns, so linear.py multiplies a wider weight (the MLP's down_proj:
 4864 columns at the Qwen2.5-0.5B shape, 18944 at 7B) one block of columns at a time. Column
 slices of one matrix are strided, and XLA reads them slower (one row) or copies each slice before
 its product (2-4 rows); a weight stored as contiguous blocks `[out, width]` avoids both: the
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 
 from qwen_jax.cpu_matmul import cpu_plan
 
-if TYPE_CHECKING:  # model.py imports this module
+if TYPE_CHECKING:  # model.py imports this module (through linear.py)
     from qwen_jax.model import Params
 
-# The widest row XLA's CPU matrix-vector emitter reads directly (model.py explains it).
+# The widest row XLA's CPU matrix-vector emitter reads directly (linear.py uses it).
 CPU_MATVEC_MAX_IN = 3584
 
 # The projection matrices of a layer: everything `x @ W.T` multiplies by.

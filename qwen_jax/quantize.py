@@ -3,14 +3,14 @@
 Decode reads every weight once per token, so its speed is the bytes it reads: int8 weights halve
 them against bfloat16. Each row of a weight `W[out, in]` keeps a float32 scale, and
 `W ~= q * scale[:, None]` with `q = round(W / scale)` in [-127, 127], `scale = max|W[row]| / 127`.
-Activations, norms, biases and the KV cache keep their dtype; `model.py` multiplies by the scale
+Activations, norms, biases and the KV cache keep their dtype; `linear.py` multiplies by the scale
 after the matrix product, where it costs one multiply per output instead of one per weight.
 
 The tied embedding is quantized too: its row scales serve both the token lookup and the lm_head.
 
 How the CPU multiplies by them depends on its plan (cpu_matmul.py): the AVX2 plan reads int8
 through XLA's matrix-vector emitter; the AVX512-BF16 plan writes the activations as int8 levels
-and runs an exact int8 x int8 product (model.py, `_int8_dot_int8`).
+and runs an exact int8 x int8 product (linear.py, `_int8_dot_int8`).
 
 Layout: `q[blocks, out, block_in]`, the input dimension cut into zero-padded blocks of at most
 `block` columns. Under the AVX2 plan the blocks are 3584 columns wide, for the matrix-vector
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from qwen_jax.layout import LINEAR_LAYER_WEIGHTS, column_blocks, int8_block_width, plain
 
-if TYPE_CHECKING:  # model.py imports this module for Int8Weight
+if TYPE_CHECKING:  # model.py and linear.py import this module for Int8Weight
     from qwen_jax.model import Params
 
 QUANTIZED_LAYER_WEIGHTS = LINEAR_LAYER_WEIGHTS

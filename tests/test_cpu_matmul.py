@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen_jax import cpu_matmul, model
+from qwen_jax import cpu_matmul, linear
 from qwen_jax.cpu_matmul import AVX2, AVX512_BF16, PLANS, cpu_flags, detect_plan, use_plan
 
 AVX2_FLAGS = "fpu sse sse2 avx fma avx2 bmi2"
@@ -57,7 +57,7 @@ def test_use_plan_retraces_and_restores():
     other = AVX2 if before is AVX512_BF16 else AVX512_BF16
     x = jnp.ones((1, 64), jnp.bfloat16)
     w = jnp.ones((32, 64), jnp.bfloat16)
-    f = jax.jit(model._linear)
+    f = jax.jit(linear.linear)
 
     def takes_library_matmul() -> bool:
         np.testing.assert_allclose(np.asarray(f(x, w), np.float32), 64.0)

@@ -17,7 +17,7 @@ from conftest import PLAN_ROWS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_jax import model
+from qwen_jax import linear, model
 from qwen_jax.config import QwenConfig
 from qwen_jax.cpu_matmul import AVX2, PLANS, CpuMatmulPlan, use_plan
 from qwen_jax.layout import block_wide_weights
@@ -73,7 +73,7 @@ def test_bf16_linear_matches_float32_reference(plan, rows, n_in, seed):
     x = jnp.asarray(rng.standard_normal((1, rows, n_in)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((96, n_in)) * 0.05, jnp.bfloat16)
     with use_plan(PLANS[plan]):
-        got = np.asarray(jax.jit(model._linear)(x, w).astype(jnp.float32))
+        got = np.asarray(jax.jit(linear.linear)(x, w).astype(jnp.float32))
     want = np.asarray(x.astype(jnp.float32)) @ np.asarray(w.astype(jnp.float32)).T
     assert got.shape == (1, rows, 96)
     scale = np.abs(want).max()

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from qwen_jax import layout, model
+from qwen_jax import layout, linear
 from qwen_jax.config import QwenConfig
 from qwen_jax.cpu_matmul import AVX2, AVX512_BF16, PLANS, use_plan
 from qwen_jax.layout import (
@@ -95,9 +95,9 @@ def test_blocked_linear_matches_float32_reference(plan, rows, n_in, seed):
     x = jnp.asarray(rng.standard_normal((1, rows, n_in)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((80, n_in)) * 0.05, jnp.bfloat16)
     with use_plan(PLANS[plan]):
-        linear = jax.jit(model._linear)
-        got = np.asarray(linear(x, to_blocks(w)).astype(jnp.float32))
-        same = np.asarray(linear(x, w).astype(jnp.float32))
+        product = jax.jit(linear.linear)
+        got = np.asarray(product(x, to_blocks(w)).astype(jnp.float32))
+        same = np.asarray(product(x, w).astype(jnp.float32))
     want = np.asarray(x.astype(jnp.float32)) @ np.asarray(w.astype(jnp.float32)).T
     assert got.shape == (1, rows, 80)
     scale = np.abs(want).max()

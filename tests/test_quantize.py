@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_jax import model
+from qwen_jax import linear, model
 from qwen_jax.config import QwenConfig
 from qwen_jax.cpu_matmul import PLANS, use_plan
 from qwen_jax.engine import Engine, GenerationRequest
@@ -71,13 +71,13 @@ def test_int8_linear_is_x_times_the_dequantized_weight(plan, rows, n_in, block, 
     qw = quantize_int8(jnp.asarray(rng.standard_normal((96, n_in)) * 0.05, jnp.float32),
                        block=block or n_in)
     with use_plan(PLANS[plan]):
-        got = np.asarray(jax.jit(model._linear)(x, qw).astype(jnp.float32))
+        got = np.asarray(jax.jit(linear.linear)(x, qw).astype(jnp.float32))
     want = np.asarray(x.astype(jnp.float32)) @ np.asarray(dequantize(qw, n_in)).T
     assert got.shape == (1, rows, 96)
     tol = 2**-7 if dtype == jnp.bfloat16 else 1e-5
     assert np.abs(got - want).max() / np.abs(want).max() < tol
     # The accelerator paths (one row: multiply-reduce; more: einsum), run here on the CPU.
-    other = jax.jit(model._int8_linear, static_argnums=2)(x, qw, False)
+    other = jax.jit(linear._int8_linear, static_argnums=2)(x, qw, False)
     assert np.abs(np.asarray(other.astype(jnp.float32)) - want).max() / np.abs(want).max() < tol
 
 
@@ -94,15 +94,15 @@ def test_int8_levels_recombine_to_x_within_the_bound(rows, n_in, outlier, zero_r
     x[:, rng.integers(n_in)] *= outlier
     if zero_row:
         x[0] = 0.0
-    q, scale = jax.jit(model._int8_levels)(jnp.asarray(x))
+    q, scale = jax.jit(linear._int8_levels)(jnp.asarray(x))
     assert np.all(np.isfinite(scale)) and np.all(np.asarray(scale) > 0)  # nothing divides by 0
-    levels = model._INT8_LEVELS
+    levels = linear._INT8_LEVELS
     q = np.asarray(q).astype(np.float64).reshape(levels, rows, n_in)
     assert q.min() >= -127 and q.max() <= 127
-    steps = model._INT8_LEVEL_STEP ** -np.arange(levels)
+    steps = linear._INT8_LEVEL_STEP ** -np.arange(levels)
     back = np.einsum("lri,l->ri", q, steps) * np.asarray(scale, np.float64)[:, None]
     row_max = np.abs(x).max(axis=1, keepdims=True)
-    bound = row_max / (127 * 2 * model._INT8_LEVEL_STEP ** (levels - 1))
+    bound = row_max / (127 * 2 * linear._INT8_LEVEL_STEP ** (levels - 1))
     # float32 arithmetic on the way adds a few ulps of the row max
     assert np.all(np.abs(back - x) <= bound + 4 * np.finfo(np.float32).eps * row_max)
     if zero_row:
@@ -119,7 +119,7 @@ def test_int8_linear_multiplies_int8_levels_by_the_weight_up_to_the_plans_rows(p
     with use_plan(PLANS[plan]) as p:
         for rows in (1, 4, 64, 65):
             x = jax.ShapeDtypeStruct((rows, 896), jnp.bfloat16)
-            hlo = jax.jit(model._linear).lower(x, qw).compile().as_text()
+            hlo = jax.jit(linear.linear).lower(x, qw).compile().as_text()
             int8_products = re.findall(r"s32\[[\d,]+\]\{[\d,]*\} (?:dot|fusion)\(", hlo)
             assert bool(int8_products) == (rows <= p.int8_dot_int8_max_rows), (rows, hlo[:2000])
     assert PLANS[plan].int8_dot_int8_max_rows == (0 if plan == "avx2" else 64)
@@ -136,7 +136,7 @@ def test_int8_prefill_converts_the_weight_without_a_transposed_copy():
             qw = jax.eval_shape(quantize_int8, jax.ShapeDtypeStruct((out, n_in), jnp.float32))
             assert qw.q.shape[0] == 1
             x = jax.ShapeDtypeStruct((512, n_in), jnp.bfloat16)
-            hlo = jax.jit(model._linear).lower(x, qw).compile().as_text()
+            hlo = jax.jit(linear.linear).lower(x, qw).compile().as_text()
             assert "ynn_fusion" in hlo and " transpose(" not in hlo, hlo[:3000]
 
 
