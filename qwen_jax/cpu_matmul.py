@@ -24,11 +24,14 @@ float32; a 128-token 0.5B prefill 172-184 ms against 191-199 ms with levels, 64 
 both ways).
 - AVX512-BF16 without AMX (an AMD EPYC Zen 5 VM): YNNPACK's one-row product (padded to 4 rows)
   reads the weights at about half the machine's bandwidth while the emitter reads them at 80%
-  (0.5B batch-1 decode 20.6-21.1 vs 35.2 tok/s); from 2 rows YNNPACK is as on the Xeon. The
-  AVX512-BF16 plan stays the default there all the same: a one-row emitter product rounds
-  differently from YNNPACK's, so a seeded request would decode differently alone than in a
-  batch. `avx512-bf16-matvec` (chosen only by QWEN_JAX_CPU_MATMUL) takes that speed instead:
-  the emitter for one row (wide weights as column blocks), YNNPACK beyond.
+  (0.5B batch-1 decode 20.6-21.1 vs 35.2 tok/s); from 2 rows YNNPACK is as on the Xeon. A
+  one-row emitter product rounds differently from YNNPACK's, though, so a seeded request would
+  decode differently alone than in a batch: the detected plan there is `avx512-bf16-no-amx`,
+  the AVX512-BF16 plan with one row padded to 2 rows instead of 4 (YNNPACK's rows are the same
+  for any row count; 4-11% faster per weight there, 0.5B batch-1 decode 20.4-20.8 -> 22.4-22.5
+  tok/s; on the Xeon 4 rows were fastest). `avx512-bf16-matvec` (chosen only by
+  QWEN_JAX_CPU_MATMUL) takes the emitter's speed instead: the emitter for one row (wide weights
+  as column blocks), YNNPACK beyond.
 The plan is read when a function is traced: switch it only with `use_plan`, which clears JAX's
 caches so no program traced under the other plan is reused.
 """
@@ -70,7 +73,9 @@ AVX512_BF16 = CpuMatmulPlan("avx512-bf16", matvec_max_rows=0, dot_min_rows=4, do
 # not batch-invariant (see the module docstring).
 AVX512_BF16_MATVEC = dataclasses.replace(AVX512_BF16, name="avx512-bf16-matvec",
                                          matvec_max_rows=1, dot_min_rows=1, column_blocks=True)
-PLANS = {p.name: p for p in (AVX2, AVX512_BF16, AVX512_BF16_MATVEC)}
+# Detected on AVX512-BF16 CPUs without AMX: one row padded to 2 for YNNPACK (faster on a Zen 5).
+AVX512_BF16_NO_AMX = dataclasses.replace(AVX512_BF16, name="avx512-bf16-no-amx", dot_min_rows=2)
+PLANS = {p.name: p for p in (AVX2, AVX512_BF16, AVX512_BF16_NO_AMX, AVX512_BF16_MATVEC)}
 
 # Set from QWEN_JAX_CPU_MATMUL (a plan name) or the CPU's flags on first use.
 _plan: CpuMatmulPlan | None = None
@@ -89,8 +94,11 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
 
 
 def detect_plan(flags: set[str]) -> CpuMatmulPlan:
-    """AVX512_BF16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else AVX2."""
-    return AVX512_BF16 if flags & {"avx512_bf16", "amx_bf16"} else AVX2
+    """AVX512_BF16 where the CPU multiplies bf16 natively with AMX, AVX512_BF16_NO_AMX where
+    with AVX512-BF16 only, else AVX2."""
+    if "amx_bf16" in flags:
+        return AVX512_BF16
+    return AVX512_BF16_NO_AMX if "avx512_bf16" in flags else AVX2
 
 
 def cpu_plan() -> CpuMatmulPlan:

@@ -1003,7 +1003,13 @@ def test_choose_dtype_auto_prefers_float32_on_an_avx2_cpu_only_when_it_fits():
     """float32 only on a CPU without native bf16 products (the AVX2 plan) and only when the
     weights fit in half the RAM; bfloat16 on an accelerator and under the AVX512-BF16 plan."""
     from qwen_jax.config import PRESETS
-    from qwen_jax.cpu_matmul import AVX2, AVX512_BF16, AVX512_BF16_MATVEC, use_plan
+    from qwen_jax.cpu_matmul import (
+        AVX2,
+        AVX512_BF16,
+        AVX512_BF16_MATVEC,
+        AVX512_BF16_NO_AMX,
+        use_plan,
+    )
     from qwen_jax.model import param_count
     from qwen_jax.server import choose_dtype
 
@@ -1014,7 +1020,7 @@ def test_choose_dtype_auto_prefers_float32_on_an_avx2_cpu_only_when_it_fits():
         assert choose_dtype("auto", PRESETS["demo"], backend="cpu", ram_bytes=ram) == "float32"
         assert choose_dtype("auto", PRESETS["0.5b"], backend="cpu", ram_bytes=ram) == "float32"
         assert choose_dtype("auto", seven_b, backend="cpu", ram_bytes=ram) == "bfloat16"
-    for plan in (AVX512_BF16, AVX512_BF16_MATVEC):
+    for plan in (AVX512_BF16, AVX512_BF16_NO_AMX, AVX512_BF16_MATVEC):
         with use_plan(plan):
             assert choose_dtype("auto", PRESETS["demo"], backend="cpu",
                                 ram_bytes=ram) == "bfloat16"
