@@ -28,7 +28,7 @@ both ways).
   one-row emitter product rounds differently from YNNPACK's, though, so a seeded request would
   decode differently alone than in a batch: the detected plan there is `avx512-bf16-no-amx`,
   the AVX512-BF16 plan with one row padded to 2 rows instead of 4 (YNNPACK's rows are the same
-  for any row count; 4-11% faster per weight there, 0.5B batch-1 decode 20.4-20.8 -> 22.4-22.5
+  for any row count; 4-11% less time per weight there, 0.5B batch-1 decode 20.4-20.8 -> 22.4-22.5
   tok/s; on the Xeon 4 rows were fastest). `avx512-bf16-matvec` (chosen only by
   QWEN_JAX_CPU_MATMUL) takes the emitter's speed instead: the emitter for one row (wide weights
   as column blocks), YNNPACK beyond.

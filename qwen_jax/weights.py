@@ -119,9 +119,10 @@ class _Progress:
             print(file=sys.stderr, flush=True)
 
 
-def _read_tensor(f, path: Path, name: str, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-    """Tensor `name` of an open safetensors file on the device as `dtype`, shape and storage
-    checked."""
+def _read_tensor(f, path: Path, name: str, shape: tuple[int, ...], np_dtype: np.dtype
+                 ) -> np.ndarray:
+    """Tensor `name` of an open safetensors file as `np_dtype` (a view of the mapped file where
+    no conversion is needed), shape and storage checked."""
     stored_slice = f.get_slice(name)
     found = tuple(stored_slice.get_shape())
     if found != shape:
@@ -130,10 +131,7 @@ def _read_tensor(f, path: Path, name: str, shape: tuple[int, ...], dtype: jnp.dt
     if stored not in _FLOAT_DTYPES:  # integer or 8-bit float: not plain weights
         raise CheckpointError(f"{path}: tensor {name} is stored as {stored}; only "
                               f"{', '.join(_FLOAT_DTYPES)} weights are supported")
-    arr = jnp.asarray(np.asarray(f.get_tensor(name), _numpy_dtype(dtype)), dtype=dtype)
-    # Wait for the copy before the host array goes: jaxlib frees a host array whose copy is still
-    # in flight only at the next garbage collection (a loop of such copies held them all).
-    return arr.block_until_ready()
+    return np.asarray(f.get_tensor(name), np_dtype)
 
 
 def load_checkpoint(
@@ -192,8 +190,15 @@ def load_checkpoint(
                 # Opened per tensor: safe_open maps the whole file, and every page read stays
                 # resident (in this process's RSS) until it is closed.
                 with safe_open(path, framework="numpy") as f:
-                    arr = _read_tensor(f, path, name, expected[name][1], dtype)
+                    host = _read_tensor(f, path, name, expected[name][1], np_dtype)
+                    # Copied while the file is open (`host` may be a view of its mapping), and
+                    # waited for: jaxlib frees a host array whose copy is still in flight only
+                    # at the next garbage collection (a loop of such copies held them all).
+                    arr = jnp.asarray(host, dtype=dtype).block_until_ready()
+                    del host
             except CheckpointError:
+                raise
+            except jax.errors.JaxRuntimeError:  # out of device memory: not the checkpoint's fault
                 raise
             except Exception as e:  # corrupt file, unknown dtype, ...
                 raise CheckpointError(f"{path}: cannot read tensors ({e})") from e

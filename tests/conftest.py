@@ -23,7 +23,7 @@ def path_rows(plan: CpuMatmulPlan) -> list[int]:
     return sorted(r for r in rows if r >= 1)
 
 
-# (plan name, rows) pairs covering every bf16 product path of both CPU plans.
+# (plan name, rows) pairs covering every bf16 product path of every CPU plan.
 PLAN_ROWS = [(name, rows) for name, plan in PLANS.items() for rows in path_rows(plan)]
 
 

@@ -1,5 +1,5 @@
-"""The decode-specific code paths of model.py: cache rows mapped to slots, and the CPU bf16
-paths of both CPU matmul plans (matrix-vector products, YNNPACK's bf16 matmul,
+"""The decode-specific code paths of model.py and linear.py: cache rows mapped to slots, and the
+CPU bf16 paths of every CPU matmul plan (matrix-vector products, YNNPACK's bf16 matmul,
 convert-then-float32-matmul): their numerics, and checks of the compiled programs that decode
 really avoids converting whole weights to float32 (10-30x in decode speed) and that a prefill's
 attention keeps its scores in place."""
