@@ -207,6 +207,17 @@ def test_unsupported_dtype(tiny_checkpoint):
         load_checkpoint(tiny_checkpoint, jnp.int8)
 
 
+
+def test_a_device_error_while_loading_is_not_reported_as_a_bad_checkpoint(tiny_checkpoint,
+                                                                          monkeypatch):
+    """Running out of device memory mid-load says so; it is not the checkpoint's fault."""
+    def out_of_memory(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    monkeypatch.setattr(jnp, "asarray", out_of_memory)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        load_checkpoint(tiny_checkpoint, jnp.float32, progress=False)
+
 _LOAD_PEAK = """
 import json, sys
 import jax, jax.numpy as jnp
