@@ -207,7 +207,6 @@ def test_unsupported_dtype(tiny_checkpoint):
         load_checkpoint(tiny_checkpoint, jnp.int8)
 
 
-
 def test_a_device_error_while_loading_is_not_reported_as_a_bad_checkpoint(tiny_checkpoint,
                                                                           monkeypatch):
     """Running out of device memory mid-load says so; it is not the checkpoint's fault."""
@@ -217,6 +216,7 @@ def test_a_device_error_while_loading_is_not_reported_as_a_bad_checkpoint(tiny_c
     monkeypatch.setattr(jnp, "asarray", out_of_memory)
     with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
         load_checkpoint(tiny_checkpoint, jnp.float32, progress=False)
+
 
 _LOAD_PEAK = """
 import json, sys
