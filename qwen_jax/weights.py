@@ -181,34 +181,30 @@ def load_checkpoint(
     raw: dict[str, jax.Array] = {}  # embed and lm_head, compared before `finish` (stored_head)
     total = sum(int(np.prod(shape)) for _, shape in expected.values()) * np_dtype.itemsize
     bar = _Progress(total, progress)
-    by_file: dict[Path, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(files[name], []).append(name)
-    for path, names in by_file.items():
-        for name in names:
-            try:
-                # Opened per tensor: safe_open maps the whole file, and every page read stays
-                # resident (in this process's RSS) until it is closed.
-                with safe_open(path, framework="numpy") as f:
-                    host = _read_tensor(f, path, name, expected[name][1], np_dtype)
-                    # Copied while the file is open (`host` may be a view of its mapping), and
-                    # waited for: jaxlib frees a host array whose copy is still in flight only
-                    # at the next garbage collection (a loop of such copies held them all).
-                    arr = jnp.asarray(host, dtype=dtype).block_until_ready()
-                    del host
-            except CheckpointError:
-                raise
-            except jax.errors.JaxRuntimeError:  # out of device memory: not the checkpoint's fault
-                raise
-            except Exception as e:  # corrupt file, unknown dtype, ...
-                raise CheckpointError(f"{path}: cannot read tensors ({e})") from e
-            bar.update(arr.nbytes)
-            leaf, layer = expected[name][0]
-            if stored_head and leaf in ("embed", "lm_head"):
-                raw[leaf] = arr
-            else:
-                leaves[(leaf, layer)] = finish(leaf, arr)
-            del arr
+    for name, ((leaf, layer), shape) in expected.items():
+        path = files[name]
+        try:
+            # Opened per tensor: safe_open maps the whole file, and every page read stays
+            # resident (in this process's RSS) until it is closed.
+            with safe_open(path, framework="numpy") as f:
+                host = _read_tensor(f, path, name, shape, np_dtype)
+                # Copied while the file is open (`host` may be a view of its mapping), and
+                # waited for: jaxlib frees a host array whose copy is still in flight only at
+                # the next garbage collection (a loop of such copies held them all).
+                arr = jnp.asarray(host, dtype=dtype).block_until_ready()
+                del host
+        except CheckpointError:
+            raise
+        except jax.errors.JaxRuntimeError:  # out of device memory: not the checkpoint's fault
+            raise
+        except Exception as e:  # corrupt file, unknown dtype, ...
+            raise CheckpointError(f"{path}: cannot read tensors ({e})") from e
+        bar.update(arr.nbytes)
+        if stored_head and leaf in ("embed", "lm_head"):
+            raw[leaf] = arr
+        else:
+            leaves[(leaf, layer)] = finish(leaf, arr)
+        del arr
     bar.finish()
     if stored_head:
         if bool(jnp.array_equal(raw["lm_head"], raw["embed"])):
