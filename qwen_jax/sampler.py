@@ -118,7 +118,11 @@ def _check_number(name: str, value: Any, what: str | None = None) -> int | float
         raise SamplingParamError(name, f"{what} must be {kind}, got {type(value).__name__}")
     if integer and not isinstance(value, (int, np.integer)):
         raise SamplingParamError(name, f"{what} must be an integer, got {value!r}")
-    value = int(value) if integer else float(value)
+    try:
+        value = int(value) if integer else float(value)
+    except OverflowError:  # a JSON integer of hundreds of digits is past any float
+        raise SamplingParamError(name, f"{what} must be in {_interval(name)}, got an integer "
+                                 "too large for a float") from None
     if not integer and not math.isfinite(value):
         raise SamplingParamError(name, f"{what} must be a finite number, got {value}")
     lo, hi, lo_inc, hi_inc = SAMPLING_RANGES[name]

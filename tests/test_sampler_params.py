@@ -82,6 +82,19 @@ def test_any_float_accepted_exactly_when_in_range(name, value):
         _rejects(name, value)
 
 
+@pytest.mark.parametrize("name", [n for n in SAMPLING_RANGES if n not in INTEGERS])
+@settings(max_examples=40, deadline=None)
+@given(value=st.one_of(st.integers(-300, 300), st.integers(-(10**400), 10**400),
+                       st.sampled_from([10**309, -(10**309), 10**400])))
+def test_an_integer_of_any_size_for_a_number_is_accepted_exactly_when_in_range(name, value):
+    """JSON integers have no size limit: one past float range is out of range, not a crash
+    (it raised OverflowError, a 500 through the API)."""
+    if _inside(name, value):
+        _call(name, value)
+    else:
+        _rejects(name, value, "must be in")
+
+
 @pytest.mark.parametrize("name", sorted(INTEGERS))
 @settings(max_examples=40, deadline=None)
 @given(value=st.integers(-(2**64), 2**64))

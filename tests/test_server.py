@@ -350,6 +350,10 @@ def test_errors_map_to_openai_objects(app, engine):
     assert err(app, body=req(), headers={"CONTENT_LENGTH": str(10**8)})[0] == 413
     status, e = err(app, body=req(top_p=7))
     assert status == 400 and e["param"] == "top_p"
+    # A JSON integer past float range (json.loads keeps it exact) was an OverflowError: a 500.
+    status, e = err(app, raw=json.dumps(req(temperature=0)).encode().replace(
+        b'"temperature": 0', b'"temperature": 1' + b"0" * 400))
+    assert status == 400 and e["param"] == "temperature"
     engine.raise_on_submit = QueueFullError("full")
     assert err(app, body=req())[0] == 429
     engine.raise_on_submit = RuntimeError("secret internals")
