@@ -169,16 +169,27 @@ def grammar_for(
 class GrammarConstraint:
     """One choice's grammar state: the engine's view of an `llguidance.LLMatcher`."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int,
+                 param: str | None = None):
         self._matcher = matcher
         self._vocab_size = vocab_size
+        self._param = param  # the request field the grammar came from
 
     def allowed_tokens(self) -> np.ndarray:
-        """bool[vocab_size] over the tokenizer's ids; EOS is set when the grammar may end."""
+        """bool[vocab_size] over the tokenizer's ids; EOS is set when the grammar may end.
+
+        A grammar that allows nothing more before it is complete (a schema with no finite
+        value, such as a property that is itself: {"$ref": "#"}) raises a ConstraintError
+        naming the request field: the request's fault, found only while generating."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         mask = np.unpackbits(bits, bitorder="little")[: self._vocab_size].astype(bool)
         if self._matcher.is_error():
-            raise ConstraintError(f"grammar error: {self._matcher.get_error()}")
+            # Its first line; a dump of the parser's state follows.
+            first = (self._matcher.get_error().strip().splitlines() or ["unknown error"])[0]
+            raise ConstraintError(
+                f"the schema in {self._param or 'the request'} admits no value that can be "
+                f"generated: after the output so far no token can follow ({first})",
+                self._param)
         return mask
 
     def advance(self, token: int) -> None:
@@ -196,18 +207,21 @@ class GrammarConstraint:
 
     def fork(self) -> GrammarConstraint:
         """An independent copy (for the other choices of an n > 1 request)."""
-        return GrammarConstraint(self._matcher.deep_copy(), self._vocab_size)
+        return GrammarConstraint(self._matcher.deep_copy(), self._vocab_size, self._param)
 
 
 def make_constraint(
     ll_tokenizer: llguidance.LLTokenizer, grammar: str, param: str | None = "response_format"
 ) -> GrammarConstraint:
-    """Compile `grammar` for this tokenizer; a bad grammar raises ConstraintError (-> HTTP 400)."""
+    """Compile `grammar` for this tokenizer; a bad grammar, or one that allows no first token,
+    raises ConstraintError (-> HTTP 400)."""
     matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
     if matcher.is_error():  # its first line; the grammar's listing follows it
         first = (matcher.get_error().strip().splitlines() or ["unknown error"])[0]
         raise ConstraintError(f"cannot build the grammar: {first}", param)
-    return GrammarConstraint(matcher, ll_tokenizer.vocab_size)
+    constraint = GrammarConstraint(matcher, ll_tokenizer.vocab_size, param)
+    constraint.allowed_tokens()  # a dead end at the start is a 400 before anything streams
+    return constraint
 
 
 def make_constraints(

@@ -110,6 +110,9 @@ class TokenEvent:
     top_logprobs: tuple[tuple[int, float], ...]
     finish_reason: str | None  # None | "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    # Set when the request itself caused the error (its grammar admits nothing more): the
+    # request field to name in a 400; `error` is then the message for the client.
+    error_param: str | None = None
 
 
 class RequestHandle:
@@ -1168,12 +1171,13 @@ class Engine:
         else:
             row.next_token, row.position = tok, row.position + 1
 
-    def _finish(self, i: int, token: int | None, reason: str, error: str | None = None) -> None:
+    def _finish(self, i: int, token: int | None, reason: str, error: str | None = None,
+                error_param: str | None = None) -> None:
         row = self._slots[i]
         if row is None:
             return
         self._free(i)
-        row.handle._emit(TokenEvent(row.choice, token, None, (), reason, error))
+        row.handle._emit(TokenEvent(row.choice, token, None, (), reason, error, error_param))
 
     def _free(self, i: int) -> None:
         self._slots[i] = None
@@ -1189,11 +1193,16 @@ class Engine:
         self._dirty.clear()
 
     def _fail_request(self, handle: RequestHandle, e: Exception) -> None:
-        """An error in one request (e.g. its grammar raised) ends all of its choices."""
+        """An error in one request (e.g. its grammar raised) ends all of its choices. An error
+        that names a request field (`param`, as a constraint's dead end does) is the request's
+        fault: its message goes to the client."""
         log.warning("request failed: %s: %s", type(e).__name__, e)
+        param = getattr(e, "param", None)
+        message = str(e) if isinstance(param, str) else f"{type(e).__name__}: {e}"
         for i, row in enumerate(self._slots):
             if row is not None and row.handle is handle:
-                self._finish(i, None, "error", f"{type(e).__name__}: {e}")
+                self._finish(i, None, "error", message,
+                             param if isinstance(param, str) else None)
 
 
 def wait_idle(engine: Engine, timeout: float = 30.0) -> None:

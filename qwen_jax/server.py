@@ -142,6 +142,13 @@ class ChoiceState:
     made_tool_calls: bool = False
     logprob_entries: list = field(default_factory=list)
     error: str | None = None
+    error_param: str | None = None  # the request's fault: a 400 naming it
+
+    def error_object(self) -> protocol.APIError:
+        """What the client is told about this choice's error."""
+        if self.error_param is not None:
+            return protocol.invalid_request(self.error or "invalid request", self.error_param)
+        return protocol.server_error()
 
     def _route(self, text: str, final: bool) -> list[dict]:
         """Safe text -> deltas (content, or tool calls when the request has tools)."""
@@ -451,15 +458,17 @@ class App:
                 yield st, deltas, False
                 continue
             if ev.finish_reason == "error":
-                st.error = ev.error or "generation failed"
-                log.error("engine error on choice %d: %s", ev.choice, st.error)
+                st.error, st.error_param = ev.error or "generation failed", ev.error_param
+                if st.error_param is None:
+                    log.error("engine error on choice %d: %s", ev.choice, st.error)
             yield st, deltas + st.finish(ev.finish_reason), True
 
     def _complete(self, handle, states, req, cid, created, n_prompt, meta) -> dict:
         for _ in self._drive(handle, states):
             pass
-        if any(st.error for st in states):
-            raise protocol.server_error()
+        failed = next((st for st in states if st.error), None)
+        if failed is not None:
+            raise failed.error_object()
         choices = []
         for st in states:
             content: str | None = st.text
@@ -494,7 +503,7 @@ class App:
                                                         st.take_logprobs(null_if_none=True))])
                 if finished:
                     if st.error:
-                        yield responses.sse_event(protocol.server_error().to_dict())
+                        yield responses.sse_event(st.error_object().to_dict())
                         break
                     yield event([responses.chunk_choice(st.index, {}, st.finish_reason,
                                                         st.take_logprobs(null_if_none=True))])

@@ -290,6 +290,39 @@ def test_bad_schema_is_a_clear_error(ll_tok):
         grammar_for(None, TOOLS, {"type": "function", "function": {"name": "nope"}})
 
 
+# Valid schemas without a finite value: the grammar runs into a point where nothing may follow.
+SELF_REF = {"$ref": "#"}
+REF_CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+             "$ref": "#/$defs/a"}
+LATE_DEAD_END = {"type": "object", "properties": {"a": {"$ref": "#/properties/a"}},
+                 "required": ["a"]}
+
+
+def _schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+@pytest.mark.parametrize("schema", [SELF_REF, REF_CYCLE], ids=["self", "cycle"])
+def test_a_schema_with_no_first_token_is_refused_before_generating(ll_tok, schema):
+    with pytest.raises(ConstraintError, match="admits no value") as e:
+        make_constraints(ll_tok, grammar_for(_schema_format(schema)), 2)
+    assert e.value.param == "response_format"
+
+
+def test_a_schema_that_dead_ends_later_names_the_field_while_generating(ll_tok, qwen_tokenizer):
+    """`{"a": ` and then nothing can follow: found only on the way (it was a 500, the
+    engine's own failure), reported as the request's fault with the field to name."""
+    constraint = make_constraint(ll_tok, grammar_for(_schema_format(LATE_DEAD_END)))
+    text = ""
+    with pytest.raises(ConstraintError, match="admits no value") as e:
+        for _ in range(20):
+            token = int(np.flatnonzero(constraint.allowed_tokens())[0])
+            text += qwen_tokenizer.decode([token])
+            constraint.advance(token)
+    assert e.value.param == "response_format"
+    assert text.replace(" ", "") == '{"a":'
+
+
 def test_choices_get_independent_constraints(ll_tok, qwen_tokenizer):
     cs = make_constraints(ll_tok, grammar_for({"type": "json_object"}), 3)
     assert len(cs) == 3 and len({id(c) for c in cs}) == 3

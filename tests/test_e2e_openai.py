@@ -416,6 +416,23 @@ def test_error_statuses(live_server):
     err = assert_error(*http_request(L, "POST", post, bad_schema), 400)
     assert err["param"].startswith("response_format")
 
+    # A schema with no finite value is found only while generating (`{"a": ` and then nothing
+    # can follow): a 400 naming the field, not a 500; streamed, an error event of that type.
+    endless = {"type": "object", "properties": {"a": {"$ref": "#/properties/a"}},
+               "required": ["a"]}
+    dead_end = {**ok, "max_tokens": 16, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": endless}}}
+    err = assert_error(*http_request(L, "POST", post, dead_end), 400, "response_format")
+    assert "admits no value" in err["message"]
+    status, _, raw = http_request(L, "POST", post, {**dead_end, "stream": True})
+    events = [e[6:] for e in raw.decode().split("\n\n") if e]
+    assert status == 200 and events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert (err["type"], err["param"]) == ("invalid_request_error", "response_format")
+    forced = {**ok, "max_tokens": 16, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": endless}}]}
+    assert_error(*http_request(L, "POST", post, forced), 400, "tools")
+
 
 def test_body_over_limit_is_413_before_reading(live_server):
     conn = http.client.HTTPConnection(*live_server.host_port, timeout=30)
