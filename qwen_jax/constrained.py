@@ -32,6 +32,8 @@ from typing import Any
 import llguidance
 import numpy as np
 
+from qwen_jax.engine import RequestError
+
 # JSON layout options (llguidance JsonCompileOptions): compact, deterministic separators.
 JSON_OPTIONS: dict[str, Any] = {
     "whitespace_flexible": False,
@@ -41,10 +43,20 @@ JSON_OPTIONS: dict[str, Any] = {
 
 
 class ConstraintError(ValueError):
-    """A grammar that cannot be built (bad schema) or a token the grammar rejects."""
+    """A grammar that cannot be built (a bad schema: a 400 naming `param`) or a token the
+    grammar rejects (param None: the engine sampled outside the mask, a bug)."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
+        self.param = param
+
+
+class GrammarDeadEnd(ConstraintError, RequestError):
+    """The grammar allows nothing more before it is complete: the request's schema has no
+    value that can be generated (a 400 naming `param`, even when found mid-generation)."""
+
+    def __init__(self, message: str, param: str):
+        ValueError.__init__(self, message)  # both bases only store the two
         self.param = param
 
 
@@ -179,20 +191,23 @@ class GrammarConstraint:
         """bool[vocab_size] over the tokenizer's ids; EOS is set when the grammar may end.
 
         A grammar that allows nothing more before it is complete (a schema with no finite
-        value, such as a property that is itself: {"$ref": "#"}) raises a ConstraintError
-        naming the request field: the request's fault, found only while generating."""
+        value, such as a property that is itself: {"$ref": "#"}) raises GrammarDeadEnd naming
+        the request field: the request's fault, found only while generating. Any other matcher
+        error (a limit, a bug in llguidance) is a plain ConstraintError: a server error."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         mask = np.unpackbits(bits, bitorder="little")[: self._vocab_size].astype(bool)
         if self._matcher.is_error():
             # Its first line; a dump of the parser's state follows.
             first = (self._matcher.get_error().strip().splitlines() or ["unknown error"])[0]
-            raise ConstraintError(
-                f"the schema in {self._param or 'the request'} admits no value that can be "
-                f"generated: after the output so far no token can follow ({first})",
-                self._param)
+            if first.strip() == "NoExtensionBias" and self._param is not None:
+                raise GrammarDeadEnd(
+                    f"the schema in {self._param} admits no value that can be generated: after "
+                    "the output so far no token can follow", self._param)
+            raise ConstraintError(f"grammar error: {first}")
         return mask
 
     def advance(self, token: int) -> None:
+        # No param: the engine samples inside allowed_tokens(), so a rejection is its bug.
         if not self._matcher.consume_token(int(token)):
             raise ConstraintError(
                 f"token {token} rejected by the grammar: {self._matcher.get_error()}"

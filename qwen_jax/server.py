@@ -468,6 +468,7 @@ class App:
             pass
         failed = next((st for st in states if st.error), None)
         if failed is not None:
+            meta["completion"] = sum(st.completion_tokens for st in states)  # for the log line
             raise failed.error_object()
         choices = []
         for st in states:

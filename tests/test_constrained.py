@@ -21,6 +21,7 @@ from qwen_jax.constrained import (
     make_constraint,
     make_constraints,
 )
+from qwen_jax.engine import RequestError
 
 MAX_STEPS = 400
 
@@ -319,7 +320,7 @@ def test_a_schema_that_dead_ends_later_names_the_field_while_generating(ll_tok, 
             token = int(np.flatnonzero(constraint.allowed_tokens())[0])
             text += qwen_tokenizer.decode([token])
             constraint.advance(token)
-    assert e.value.param == "response_format"
+    assert e.value.param == "response_format" and isinstance(e.value, RequestError)
     assert text.replace(" ", "") == '{"a":'
 
 

@@ -420,7 +420,7 @@ def test_error_statuses(live_server):
     # can follow): a 400 naming the field, not a 500; streamed, an error event of that type.
     endless = {"type": "object", "properties": {"a": {"$ref": "#/properties/a"}},
                "required": ["a"]}
-    dead_end = {**ok, "max_tokens": 16, "response_format": {
+    dead_end = {**ok, "max_tokens": 64, "seed": 3, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": endless}}}
     err = assert_error(*http_request(L, "POST", post, dead_end), 400, "response_format")
     assert "admits no value" in err["message"]
@@ -429,7 +429,7 @@ def test_error_statuses(live_server):
     assert status == 200 and events[-1] == "[DONE]"
     err = json.loads(events[-2])["error"]
     assert (err["type"], err["param"]) == ("invalid_request_error", "response_format")
-    forced = {**ok, "max_tokens": 16, "tool_choice": "required", "tools": [
+    forced = {**ok, "max_tokens": 64, "seed": 3, "tool_choice": "required", "tools": [
         {"type": "function", "function": {"name": "f", "parameters": endless}}]}
     assert_error(*http_request(L, "POST", post, forced), 400, "tools")
 
