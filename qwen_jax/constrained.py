@@ -51,13 +51,9 @@ class ConstraintError(ValueError):
         self.param = param
 
 
-class GrammarDeadEnd(ConstraintError, RequestError):
+class GrammarDeadEnd(RequestError, ConstraintError):
     """The grammar allows nothing more before it is complete: the request's schema has no
     value that can be generated (a 400 naming `param`, even when found mid-generation)."""
-
-    def __init__(self, message: str, param: str):
-        ValueError.__init__(self, message)  # both bases only store the two
-        self.param = param
 
 
 def _backend_json(tokenizer: Any) -> str:
