@@ -174,6 +174,12 @@ def grammar_for(
     raise ConstraintError(f"unsupported response_format type {kind!r}", "response_format.type")
 
 
+def _first_error_line(matcher: llguidance.LLMatcher) -> str:
+    """The matcher's error without what follows its first line (the grammar's listing or a
+    dump of the parser's state)."""
+    return (matcher.get_error().strip().splitlines() or ["unknown error"])[0].strip()
+
+
 class GrammarConstraint:
     """One choice's grammar state: the engine's view of an `llguidance.LLMatcher`."""
 
@@ -193,9 +199,8 @@ class GrammarConstraint:
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         mask = np.unpackbits(bits, bitorder="little")[: self._vocab_size].astype(bool)
         if self._matcher.is_error():
-            # Its first line; a dump of the parser's state follows.
-            first = (self._matcher.get_error().strip().splitlines() or ["unknown error"])[0]
-            if first.strip() == "NoExtensionBias" and self._param is not None:
+            first = _first_error_line(self._matcher)
+            if first == "NoExtensionBias" and self._param is not None:
                 raise GrammarDeadEnd(
                     f"the schema in {self._param} admits no value that can be generated: after "
                     "the output so far no token can follow", self._param)
@@ -227,9 +232,8 @@ def make_constraint(
     """Compile `grammar` for this tokenizer; a bad grammar, or one that allows no first token,
     raises ConstraintError (-> HTTP 400)."""
     matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
-    if matcher.is_error():  # its first line; the grammar's listing follows it
-        first = (matcher.get_error().strip().splitlines() or ["unknown error"])[0]
-        raise ConstraintError(f"cannot build the grammar: {first}", param)
+    if matcher.is_error():
+        raise ConstraintError(f"cannot build the grammar: {_first_error_line(matcher)}", param)
     constraint = GrammarConstraint(matcher, ll_tokenizer.vocab_size, param)
     constraint.allowed_tokens()  # a dead end at the start is a 400 before anything streams
     return constraint
