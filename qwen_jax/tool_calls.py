@@ -12,8 +12,8 @@ and `StreamingToolCallParser` (deltas), is per block:
 - A block runs from `<tool_call>` to the next `</tool_call>`, or to the end of the text when the
   closing tag never comes (generation stopped early).
 - A block is a *call* when its inside is one JSON object with a non-empty string `name` and an
-  object `arguments` (absent means `{}`) and, when `tools` are given, `name` is one of their
-  function names. The call's `arguments` string is the object's text as the model wrote it: a
+  object `arguments` (or `parameters`; `{}` when the object has no key but `name`) and, when
+  `tools` are given, `name` is one of their function names. The call's `arguments` string is the object's text as the model wrote it: a
   number too large for a float stays as written (re-encoding it would give `Infinity`, which is
   not JSON). Otherwise a closed block's raw text, tags included, is ordinary content (the
   model wrote it; the client should see it), and an unclosed one is dropped: generation ended
@@ -24,7 +24,8 @@ and `StreamingToolCallParser` (deltas), is per block:
   are dropped, like an unclosed block.
 - Content is all text outside calls and dropped blocks, with whitespace removed where it touches
   one of them and at the start of the output (a stream cannot take back whitespace it has sent
-  before a call appears, so it holds whitespace back until it knows). `content` is None when
+  before a call appears, so it holds whitespace back until it knows); text on both sides of
+  calls is joined by one newline, so words do not run together. `content` is None when
   nothing is left.
 
 So for the usual "text, then calls" output, `content` is the text before the first call, stripped,
@@ -87,12 +88,18 @@ def parse_block(inner: str, names: frozenset[str] | None) -> tuple[str, str] | N
         return None
     if not isinstance(obj, dict):
         return None
-    name, arguments = obj.get("name"), obj.get("arguments", {})
+    # "parameters", the tool definition's word, is a slip models make for "arguments" (vLLM's
+    # llama3_json parser takes it too); with neither, other keys may hold the arguments, so only
+    # a bare {"name": ...} is a call without them.
+    key = next((k for k in ("arguments", "parameters") if k in obj), None)
+    if key is None and obj.keys() != {"name"}:
+        return None
+    name, arguments = obj.get("name"), obj[key] if key else {}
     if not isinstance(name, str) or not name or not isinstance(arguments, dict):
         return None
     if names is not None and name not in names:
         return None
-    return name, _member_text(inner, "arguments") or "{}"
+    return name, _member_text(inner, key) if key else "{}"
 
 
 _SPACE = re.compile(r"[ \t\n\r]*")
@@ -159,8 +166,9 @@ def parse_tool_calls(
             value = value.lstrip()
         if i + 1 < len(items):  # the next item can only be a call or a cut block
             value = value.rstrip()
-        content.append(value)
-    return ParsedOutput("".join(content) or None, calls)
+        if value:
+            content.append(value)
+    return ParsedOutput("\n".join(content) or None, calls)
 
 
 def _partial_tag_len(text: str, tag: str = START) -> int:
@@ -192,6 +200,7 @@ class StreamingToolCallParser:
         self._in_block = False
         self._held_ws = ""  # trailing whitespace of the content so far, not yet sent
         self._drop_ws = True  # at the start or right after a call: leading whitespace goes
+        self._sent = False  # some content was sent: text after a call starts on a new line
         self._index = 0  # next tool call index
         self._finished = False
 
@@ -243,7 +252,9 @@ class StreamingToolCallParser:
         body = text.rstrip()
         self._held_ws = text[len(body) :]
         if body:
-            self._drop_ws = False
+            if self._drop_ws and self._sent:
+                body = "\n" + body
+            self._drop_ws, self._sent = False, True
             out.append({"content": body})
 
     def _close_block(self, inner: str, raw: str | None, out: list[dict]) -> None:

@@ -123,6 +123,16 @@ def test_arguments_are_the_models_text_and_stay_json():
     # Absent arguments are {}; a repeated key counts once, the last, as in json.loads.
     assert parse('<tool_call>{"name": "f"}</tool_call>').tool_calls[0]["function"][
         "arguments"] == "{}"
+    # "parameters" (the tool definition's word) stands for "arguments"; "arguments" wins.
+    for inner, want in [('{"name": "f", "parameters": {"city": "Paris"}}', '{"city": "Paris"}'),
+                        ('{"parameters": {"a": 1}, "name": "f", "arguments": {"b": 2}}',
+                         '{"b": 2}')]:
+        for got in (parse(f"<tool_call>{inner}</tool_call>"),
+                    run_stream([f"<tool_call>{inner[:9]}", f"{inner[9:]}</tool_call>"])[0]):
+            assert [c["function"]["arguments"] for c in got.tool_calls] == [want]
+    # Arguments under any other key are not a call with none: the block stays content.
+    other = '<tool_call>{"name": "f", "args": {"city": "Paris"}}</tool_call>'
+    assert parse(other) == run_stream([other])[0] == ParsedOutput(other, [])
     dup = '<tool_call>{"arguments": {"a": 1}, "name": "f", "arguments": {"b": [2, {}]} }' \
           "</tool_call>"
     assert parse(dup).tool_calls[0]["function"]["arguments"] == '{"b": [2, {}]}'
@@ -134,7 +144,7 @@ def test_max_calls_keeps_the_first_calls_only():
     two = ("Sure.\n<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"c\": 1}}\n</tool_call>\n"
            "<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"c\": 2}}\n</tool_call>\nBye")
     for got in (parse(two, WEATHER, max_calls=1), run_stream(list(two), WEATHER, 1)[0]):
-        assert got.content == "Sure.Bye"
+        assert got.content == "Sure.\nBye"
         assert [c["function"]["arguments"] for c in got.tool_calls] == ['{"c": 1}']
     assert len(parse(two, WEATHER).tool_calls) == 2
 
@@ -153,8 +163,9 @@ def test_mixed_valid_and_malformed_blocks():
     good = '<tool_call>{"name": "weather", "arguments": {}}</tool_call>'
     bad = "<tool_call>{oops}</tool_call>"
     out = parse(f"A\n{good}\n{bad}\nB", WEATHER)
-    # Whitespace touching the valid call goes; the malformed block stays as text.
-    assert out == ParsedOutput(f"A{bad}\nB", [call("weather", {}, "call_0")])
+    # Whitespace touching the valid call goes (one newline joins the text on either side);
+    # the malformed block stays as text.
+    assert out == ParsedOutput(f"A\n{bad}\nB", [call("weather", {}, "call_0")])
 
 
 # -- streaming ----------------------------------------------------------------------------------
