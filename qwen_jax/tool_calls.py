@@ -25,11 +25,11 @@ and `StreamingToolCallParser` (deltas), is per block:
 - Content is all text outside calls and dropped blocks, with whitespace removed where it touches
   one of them and at the start of the output (a stream cannot take back whitespace it has sent
   before a call appears, so it holds whitespace back until it knows); text on both sides of
-  calls is joined by one newline, so words do not run together. `content` is None when
-  nothing is left.
+  calls is joined by one newline, so words do not run together. When no text is left,
+  `content` is None beside calls (as OpenAI sends it) and "" without them.
 
 So for the usual "text, then calls" output, `content` is the text before the first call, stripped,
-or None; an output whose only block is malformed but closed comes back whole as content, without
+or None ("" when there are none); an output whose only block is malformed but closed comes back whole as content, without
 calls; and one cut off inside its first block has the text before the block as content.
 A stream holds back only a possible prefix of `<tool_call>`, trailing whitespace, and an open
 block; each call is sent as a header delta (index, id, type, name, empty arguments) followed by
@@ -168,7 +168,8 @@ def parse_tool_calls(
             value = value.rstrip()
         if value:
             content.append(value)
-    return ParsedOutput("\n".join(content) or None, calls)
+    # No text: null beside calls, as OpenAI sends it, else "" as for any empty reply.
+    return ParsedOutput("\n".join(content) or (None if calls else ""), calls)
 
 
 def _partial_tag_len(text: str, tag: str = START) -> int:

@@ -68,7 +68,7 @@ def test_only_calls_gives_null_content():
 
 def test_plain_text_is_content():
     assert parse("Hello, world.\n") == ParsedOutput("Hello, world.\n", [])
-    assert parse("") == ParsedOutput(None, [])
+    assert parse("") == ParsedOutput("", [])
 
 
 def test_default_ids_look_like_openai_ids():
@@ -99,7 +99,7 @@ def test_a_block_cut_off_is_dropped_not_content():
     good = '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call>'
     cuts = ['<tool_call>\n{"name": "weather", "arguments": {"ci', "<tool_call>", "<tool_call>\n{"]
     for cut in cuts:
-        assert parse(cut, WEATHER) == ParsedOutput(None, [])
+        assert parse(cut, WEATHER) == ParsedOutput("", [])
         assert parse("Sure: \n" + cut, WEATHER) == ParsedOutput("Sure:", [])
         out = parse(f"A {good}\n{cut}", WEATHER)
         assert out == ParsedOutput("A", [call("weather", {}, "call_0")])
@@ -190,7 +190,7 @@ def run_stream(chunks, tools=None, max_calls=None):
         else:
             assert tc["index"] == len(calls) - 1
             calls[tc["index"]]["function"]["arguments"] += tc["function"]["arguments"]
-    return ParsedOutput(content or None, calls), deltas
+    return ParsedOutput(content or (None if calls else ""), calls), deltas
 
 
 _ws = st.sampled_from(["", " ", "\n", "\n\n", " \n "])
