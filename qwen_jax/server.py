@@ -204,7 +204,11 @@ class ChoiceState:
             reason = "stop"
             deltas = self._route("", final=True)
         else:
-            deltas, _ = self._push(self.detok.finish(), end=True)
+            # Text held back to the end (whitespace before a possible tool call) may hold a
+            # stop string: the reply ended there, whatever else ended the generation.
+            deltas, hit = self._push(self.detok.finish(), end=True)
+            if hit and reason == "length":
+                reason = "stop"
         if reason == "cancelled":
             reason = "stop"
         if self.made_tool_calls and reason == "stop":

@@ -268,6 +268,15 @@ def test_stop_strings_are_not_matched_inside_tool_call_markup(app, engine, text,
     assert whole == streamed == expected
 
 
+def test_a_stop_string_in_whitespace_held_to_the_end_is_a_stop(app, engine):
+    """With tools, whitespace is held back (a call may follow); when max_tokens ends the
+    generation in it, a stop string there still ends the reply with finish_reason "stop"."""
+    engine.finish = "length"
+    engine.texts = ["Hi\n\n"]
+    assert tool_reply(app, stop=["\n"]) == (("Hi", [], "stop"),) * 2
+    assert tool_reply(app, stop=["x"]) == (("Hi\n\n", [], "length"),) * 2
+
+
 @pytest.mark.parametrize("fmt", [
     {"response_format": {"type": "json_object"}},
     {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
