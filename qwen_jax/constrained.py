@@ -26,6 +26,7 @@ tool_choice (`check_tool_schemas`): an invalid schema (an unknown type, a `$ref`
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -180,13 +181,23 @@ def _first_error_line(matcher: llguidance.LLMatcher) -> str:
     return (matcher.get_error().strip().splitlines() or ["unknown error"])[0].strip()
 
 
+@functools.lru_cache(maxsize=8)
+def _special_ids(ll_tokenizer: llguidance.LLTokenizer) -> np.ndarray:
+    """Ids of the tokens llguidance treats as special: the tokenizer's added tokens."""
+    return np.array([i for i in range(ll_tokenizer.vocab_size)
+                     if ll_tokenizer.is_special_token(i)], dtype=np.int64)
+
+
 class GrammarConstraint:
     """One choice's grammar state: the engine's view of an `llguidance.LLMatcher`."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int,
+    def __init__(self, matcher: llguidance.LLMatcher, ll_tokenizer: llguidance.LLTokenizer,
                  param: str | None = None):
         self._matcher = matcher
-        self._vocab_size = vocab_size
+        self._tokenizer = ll_tokenizer
+        self._vocab_size = ll_tokenizer.vocab_size
+        self._specials = _special_ids(ll_tokenizer)
+        self._eos = frozenset(ll_tokenizer.eos_tokens)
         self._param = param  # the request field the grammar came from
 
     def allowed_tokens(self) -> np.ndarray:
@@ -205,6 +216,28 @@ class GrammarConstraint:
                     f"the schema in {self._param} admits no value that can be generated: after "
                     "the output so far no token can follow", self._param)
             raise ConstraintError(f"grammar error: {first}")
+        return self._without_stray_specials(mask)
+
+    def _without_stray_specials(self, mask: np.ndarray) -> np.ndarray:
+        """Where the grammar forces text such as "<tool_call>" or "<|im_end|>" (a schema's
+        `const`), llguidance tokenizes that text into the added token of the same spelling and
+        offers only that token, which its own parser then rejects: it expects the text's
+        bytes, not the special token (a `<tool_call>` a tool grammar names is accepted, and
+        EOS where the grammar may end). Such a token is dropped, and when nothing is left, the
+        first token of the forced text's plain (greedy) tokenization is offered instead."""
+        specials = self._specials[mask[self._specials]].tolist()
+        # EOS is fine where the grammar may end (validate_tokens does not take EOS).
+        stray = [i for i in specials if not (self._matcher.is_accepting() if i in self._eos
+                                             else self._matcher.validate_tokens([i]))]
+        if not stray:
+            return mask
+        mask[stray] = False
+        if not mask.any():
+            forced = self._matcher.compute_ff_bytes().decode("utf-8", "ignore")
+            plain = self._tokenizer.greedy_tokenize(forced)[:1]
+            if not plain or not self._matcher.validate_tokens(plain):
+                raise ConstraintError(f"no token can write the forced text {forced!r}")
+            mask[plain[0]] = True
         return mask
 
     def advance(self, token: int) -> None:
@@ -223,7 +256,7 @@ class GrammarConstraint:
 
     def fork(self) -> GrammarConstraint:
         """An independent copy (for the other choices of an n > 1 request)."""
-        return GrammarConstraint(self._matcher.deep_copy(), self._vocab_size, self._param)
+        return GrammarConstraint(self._matcher.deep_copy(), self._tokenizer, self._param)
 
 
 def make_constraint(
@@ -234,7 +267,7 @@ def make_constraint(
     matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
     if matcher.is_error():
         raise ConstraintError(f"cannot build the grammar: {_first_error_line(matcher)}", param)
-    constraint = GrammarConstraint(matcher, ll_tokenizer.vocab_size, param)
+    constraint = GrammarConstraint(matcher, ll_tokenizer, param)
     constraint.allowed_tokens()  # a dead end at the start is a 400 before anything streams
     return constraint
 

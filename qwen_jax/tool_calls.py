@@ -13,11 +13,12 @@ and `StreamingToolCallParser` (deltas), is per block:
   closing tag never comes (generation stopped early).
 - A block is a *call* when its inside is one JSON object with a non-empty string `name` and an
   object `arguments` (or `parameters`; `{}` when the object has no key but `name`) and, when
-  `tools` are given, `name` is one of their function names. The call's `arguments` string is the object's text as the model wrote it: a
-  number too large for a float stays as written (re-encoding it would give `Infinity`, which is
-  not JSON). Otherwise a closed block's raw text, tags included, is ordinary content (the
-  model wrote it; the client should see it), and an unclosed one is dropped: generation ended
-  half-way through a call (max_tokens), and half a call is neither a call nor message text.
+  `tools` are given, `name` is one of their function names. The call's `arguments` string is
+  the object's text as the model wrote it: a number too large for a float stays as written
+  (re-encoding it would give `Infinity`, which is not JSON). Otherwise a closed block's raw
+  text, tags included, is ordinary content (the model wrote it; the client should see it), and
+  an unclosed one is dropped: generation ended half-way through a call (max_tokens), and half
+  a call is neither a call nor message text.
   Nothing here raises on model output: malformed JSON or an unknown name just comes back as
   content.
 - With `max_calls` (1 for `parallel_tool_calls: false`, as vLLM does it), calls after that many
@@ -29,8 +30,9 @@ and `StreamingToolCallParser` (deltas), is per block:
   `content` is None beside calls (as OpenAI sends it) and "" without them.
 
 So for the usual "text, then calls" output, `content` is the text before the first call, stripped,
-or None ("" when there are none); an output whose only block is malformed but closed comes back whole as content, without
-calls; and one cut off inside its first block has the text before the block as content.
+or None; an output whose only block is malformed but closed comes back whole as content, without
+calls; and one cut off inside its first block has the text before the block as content ("" when
+there is none).
 A stream holds back only a possible prefix of `<tool_call>`, trailing whitespace, and an open
 block; each call is sent as a header delta (index, id, type, name, empty arguments) followed by
 one arguments delta, which is what OpenAI clients reassemble.

@@ -265,6 +265,28 @@ def test_forced_calls_resolve_refs_against_the_tools_own_parameters(ll_tok, qwen
                 node = node["child"]
 
 
+@pytest.mark.parametrize("literal", ["<tool_call>", "</tool_call>", "<|im_end|>",
+                                     "<|endoftext|>", "a<|fim_prefix|>b"])
+def test_schema_text_spelled_like_a_special_token_is_written_as_text(ll_tok, qwen_tokenizer,
+                                                                     literal):
+    """A `const` spelled like an added token: llguidance offers that token alone (and then
+    rejects it, wanting the text); the constraint offers the text's plain tokens instead, in
+    a response format and in a forced call's arguments alike."""
+    value = {"type": "object", "properties": {"s": {"const": literal}}, "required": ["s"],
+             "additionalProperties": False}
+    fmt = make_constraint(ll_tok, grammar_for(_schema_format(value)))
+    tool = {"type": "function", "function": {"name": "f", "parameters": value}}
+    call = make_constraint(ll_tok, grammar_for(None, [tool], "required", False), "tools")
+    for constraint, seed in [(fmt, 0), (call, 1)]:
+        text, ended = run_random(constraint, qwen_tokenizer, seed)
+        assert ended, text
+        if constraint is call:
+            (found,) = parse_calls(text)
+            assert found == {"name": "f", "arguments": {"s": literal}}
+        else:
+            assert json.loads(text) == {"s": literal}
+
+
 def test_tool_call_tags_are_single_tokens(ll_tok, qwen_tokenizer):
     # The grammar asks for the model's own <tool_call> token, not the text spelled out.
     c = make_constraint(ll_tok, grammar_for(None, [WEATHER], "required"))
