@@ -53,8 +53,8 @@ class ConstraintError(ValueError):
 
 
 class GrammarDeadEnd(RequestError, ConstraintError):
-    """The grammar allows nothing more before it is complete: the request's schema has no
-    value that can be generated (a 400 naming `param`, even when found mid-generation)."""
+    """The grammar cannot go on before it is complete: the request's schema has no value that
+    can be generated (a 400 naming `param`, even when found mid-generation)."""
 
 
 def _backend_json(tokenizer: Any) -> str:
@@ -203,20 +203,31 @@ class GrammarConstraint:
     def allowed_tokens(self) -> np.ndarray:
         """bool[vocab_size] over the tokenizer's ids; EOS is set when the grammar may end.
 
-        A grammar that allows nothing more before it is complete (a schema with no finite
-        value, such as a property that is itself: {"$ref": "#"}) raises GrammarDeadEnd naming
-        the request field: the request's fault, found only while generating. Any other matcher
-        error (a limit, a bug in llguidance) is a plain ConstraintError: a server error."""
+        A schema with no finite value raises GrammarDeadEnd naming the request field: the
+        request's fault, found only while generating (`_matcher_error`)."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         mask = np.unpackbits(bits, bitorder="little")[: self._vocab_size].astype(bool)
         if self._matcher.is_error():
-            first = _first_error_line(self._matcher)
-            if first == "NoExtensionBias" and self._param is not None:
-                raise GrammarDeadEnd(
+            raise self._matcher_error("grammar error")
+        return self._without_stray_specials(mask)
+
+    def _matcher_error(self, what: str) -> ConstraintError:
+        """The matcher's error: GrammarDeadEnd when the request's schema has no finite value
+        (llguidance finds nothing that can follow before it is complete, as for a property
+        that is itself, or the text it must force grows past its parser's limit, as for a
+        required property that is the whole schema again); else a plain ConstraintError, a
+        server error (the engine sampling outside the mask, a bug in llguidance)."""
+        first = _first_error_line(self._matcher)
+        if self._param is not None:
+            if first == "NoExtensionBias":
+                return GrammarDeadEnd(
                     f"the schema in {self._param} admits no value that can be generated: after "
                     "the output so far no token can follow", self._param)
-            raise ConstraintError(f"grammar error: {first}")
-        return self._without_stray_specials(mask)
+            if "Too many items" in first:
+                return GrammarDeadEnd(
+                    f"the schema in {self._param} admits no value that can be generated: the "
+                    f"text it forces does not end ({first})", self._param)
+        return ConstraintError(f"{what}: {first}")
 
     def _without_stray_specials(self, mask: np.ndarray) -> np.ndarray:
         """Where the grammar forces text such as "<tool_call>" or "<|im_end|>" (a schema's
@@ -241,11 +252,9 @@ class GrammarConstraint:
         return mask
 
     def advance(self, token: int) -> None:
-        # No param: the engine samples inside allowed_tokens(), so a rejection is its bug.
+        # The engine samples inside allowed_tokens(), so a rejected token is its bug.
         if not self._matcher.consume_token(int(token)):
-            raise ConstraintError(
-                f"token {token} rejected by the grammar: {self._matcher.get_error()}"
-            )
+            raise self._matcher_error(f"token {token} rejected by the grammar")
 
     def is_finished(self) -> bool:
         """True once only EOS can follow (the grammar is complete and cannot be extended)."""

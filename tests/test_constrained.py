@@ -346,6 +346,17 @@ def test_a_schema_that_dead_ends_later_names_the_field_while_generating(ll_tok, 
     assert text.replace(" ", "") == '{"a":'
 
 
+def test_a_schema_whose_forced_text_never_ends_names_the_field(ll_tok):
+    """A required property that is the whole schema again: `{"a": {"a": ...` is forced
+    forever, and llguidance gives up past its limit when the first token comes (it was a 500)."""
+    schema = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    constraint = make_constraint(ll_tok, grammar_for(_schema_format(schema)))
+    with pytest.raises(RequestError, match="admits no value") as e:
+        for _ in range(20):
+            constraint.advance(int(np.flatnonzero(constraint.allowed_tokens())[0]))
+    assert e.value.param == "response_format"
+
+
 def test_choices_get_independent_constraints(ll_tok, qwen_tokenizer):
     cs = make_constraints(ll_tok, grammar_for({"type": "json_object"}), 3)
     assert len(cs) == 3 and len({id(c) for c in cs}) == 3
