@@ -542,7 +542,8 @@ class Engine:
         self._programs: dict[tuple, Any] = {}
         self.stats = _Stats()
         self._warm = False
-        self._thread = threading.local()  # programs compiled on each thread (_note_other_compiles)
+        # Programs compiled on each thread (_note_other_compiles).
+        self._compiled_here = threading.local()
         self._slots: list[_Row | None] = [None] * max_slots
         # Admitted requests still prefilling, in turn order (a request goes to the back after
         # each of its prefill calls).
@@ -761,7 +762,7 @@ class Engine:
             prog = _SHARED_PROGRAMS[shared_key] = self._jitted(kind).lower(
                 *specs, **static).compile()
             self.stats.compiles += 1
-            self._thread.programs = getattr(self._thread, "programs", 0) + 1
+            self._compiled_here.programs = getattr(self._compiled_here, "programs", 0) + 1
             self.stats.extra["compile_s"] = self.stats.extra.get("compile_s", 0.0) + (
                 time.perf_counter() - t0)
             if self._warm:
@@ -811,7 +812,8 @@ class Engine:
                                         or any(self._slots))
                     if self._closed:
                         break
-                compiled = self._warm, thread_compile_count(), getattr(self._thread, "programs", 0)
+                compiled = (self._warm, thread_compile_count(),
+                            getattr(self._compiled_here, "programs", 0))
                 self._handle_cancels()
                 self._admit()
                 with self._device_lock:
@@ -842,7 +844,7 @@ class Engine:
         jitted helper or an array operation meeting a new shape, a stall that warm-up should
         have taken."""
         other = (thread_compile_count() - thread_compiles
-                 - (getattr(self._thread, "programs", 0) - programs))
+                 - (getattr(self._compiled_here, "programs", 0) - programs))
         if other > 0 and warm:
             log.warning("engine thread compiled %d XLA computation(s) besides its programs "
                         "after warm-up (JAX_LOG_COMPILES=1 names them)", other)

@@ -35,6 +35,7 @@ from qwen_jax.engine import (
     default_prefill_chunk,
     pow2_bucket,
     prefill_plan,
+    thread_compile_count,
     wait_idle,
 )
 from qwen_jax.generate import greedy_generate
@@ -479,6 +480,38 @@ def test_a_compile_after_warmup_besides_the_programs_is_counted_and_logged(param
             # Counted at the end of the engine iteration, after the tokens streamed.
             wait_until(lambda: eng.stats.compiles_after_warmup >= 1)
         assert "besides its programs after warm-up" in caplog.text
+    finally:
+        eng.close()
+
+
+def test_a_program_compiled_on_another_thread_hides_no_compile_of_the_engine_thread(
+        params, monkeypatch):
+    """The engine thread's compiles besides its programs are what it compiled minus the
+    programs it compiled itself: a program another thread compiles meanwhile (warmup() called
+    from the server's thread) must not be subtracted."""
+    import threading
+
+    eng = Engine(params, CFG, max_slots=2, max_len=64, vocab_limit=250)
+    try:
+        eng.warmup(prompt_lengths=[3], rows=[1])
+        masks = Engine._masks
+
+        own = []
+
+        def compiling(self, slots):
+            before = thread_compile_count()
+            jax.jit(lambda x: x * 5 + 3)(np.arange(7)).block_until_ready()  # a new program
+            own.append(thread_compile_count() - before)
+            other = threading.Thread(target=self._program, args=("prefill", 13, None))
+            other.start()
+            other.join()
+            return masks(self, slots)
+
+        monkeypatch.setattr(Engine, "_masks", compiling)
+        run(eng, prompt=[1, 2, 3], max_tokens=2)
+        # The program (counted by _program) and what the engine thread's jit compiled.
+        wait_until(lambda: eng.stats.compiles_after_warmup >= 1 + sum(own))
+        assert own[0] >= 1 and eng.stats.compiles_after_warmup == 1 + sum(own)
     finally:
         eng.close()
 
