@@ -60,26 +60,30 @@ def tojson(value: Any) -> str:
 # Normalisation of OpenAI input
 
 
-def _text(content: Any, param: str, *, allow_none: bool = False) -> str | None:
-    """A message's content as one string: a string, or a list of text parts joined by "\\n"."""
+def _text(content: Any, param: str, *, allow_none: bool = False,
+          refusals: bool = False) -> str | None:
+    """A message's content as one string: a string, or a list of text parts joined by "\\n"
+    (with `refusals`, for an assistant message, OpenAI's refusal parts are read as text too)."""
     if content is None and allow_none:
         return None
     if isinstance(content, str):
         return content
     if isinstance(content, list):
+        kinds = ("text", "refusal") if refusals else ("text",)
         texts = []
         for j, part in enumerate(content):
             where = f"{param}[{j}]"
             if not isinstance(part, Mapping):
                 raise ChatTemplateError(where, "content parts must be objects")
             kind = part.get("type")
-            if kind != "text":
+            if kind not in kinds:
+                allowed = " or ".join(map(repr, kinds))
                 raise ChatTemplateError(
-                    where, f"content part type {kind!r} is not supported (only 'text')"
+                    where, f"content part type {kind!r} is not supported (only {allowed})"
                 )
-            if not isinstance(part.get("text"), str):
-                raise ChatTemplateError(f"{where}.text", "a text part needs a string 'text'")
-            texts.append(part["text"])
+            if not isinstance(part.get(kind), str):
+                raise ChatTemplateError(f"{where}.{kind}", f"a {kind} part needs a string {kind!r}")
+            texts.append(part[kind])
         return "\n".join(texts)
     expected = "a string, a list of text parts or null" if allow_none else "a string or a list"
     raise ChatTemplateError(param, f"content must be {expected} of text parts")
@@ -143,18 +147,23 @@ def normalize_messages(messages: Any) -> list[dict]:
         calls = message.get("tool_calls") if role == "assistant" else None
         if calls is not None and not isinstance(calls, list):
             raise ChatTemplateError(f"{where}.tool_calls", "must be a list")
+        assistant = role == "assistant"
+        content = message.get("content")
+        if assistant and content is None and isinstance(message.get("refusal"), str):
+            content = message["refusal"]  # a refusal replayed as OpenAI sent it
         if calls:
-            content = _text(message.get("content"), f"{where}.content", allow_none=True)
+            text = _text(content, f"{where}.content", allow_none=True, refusals=True)
             tool_calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
-            out.append({"role": role, "content": content or "", "tool_calls": tool_calls})
+            out.append({"role": role, "content": text or "", "tool_calls": tool_calls})
         else:
             if role == "tool" and not in_tool_turn:
                 raise ChatTemplateError(
                     where, "a 'tool' message must follow an assistant message with tool_calls"
                 )
-            if message.get("content") is None:
+            if content is None:
                 raise ChatTemplateError(f"{where}.content", f"a {role!r} message needs content")
-            out.append({"role": role, "content": _text(message["content"], f"{where}.content")})
+            text = _text(content, f"{where}.content", refusals=assistant)
+            out.append({"role": role, "content": text})
         if role != "tool":
             in_tool_turn = bool(calls)
     return out

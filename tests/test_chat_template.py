@@ -62,6 +62,20 @@ def test_openai_input_shapes():
     )
 
 
+def test_an_assistant_refusal_replays_as_its_text():
+    """OpenAI replies to a refused request with content null and `refusal` set; a client that
+    sends the conversation back, or sends refusal parts, gets the refusal's text rendered."""
+    def turn(assistant: dict) -> str:
+        return render_chat([{"role": "user", "content": "q"}, {"role": "assistant", **assistant},
+                            {"role": "user", "content": "r"}])
+
+    want = turn({"content": "I can't.\nSorry."})
+    assert turn({"content": [{"type": "refusal", "refusal": "I can't."},
+                             {"type": "text", "text": "Sorry."}]}) == want
+    assert turn({"content": None, "refusal": "I can't.\nSorry."}) == want
+    assert turn({"content": "I can't.\nSorry.", "refusal": "other"}) == want  # content wins
+
+
 def test_tools_section():
     tool = {"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}
     rendered = render_chat([{"role": "user", "content": "q"}], tools=[tool])
@@ -92,6 +106,11 @@ def test_tools_section():
             "image_url",
         ),
         ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text", "text"),
+        # Refusal parts are an assistant's only, as in OpenAI's schema.
+        ([{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}],
+         "messages[0].content[0]", "refusal"),
+        ([{"role": "assistant", "content": [{"type": "refusal"}]}],
+         "messages[0].content[0].refusal", "refusal"),
         ([{"role": "user", "content": 3}], "messages[0].content", "string"),
         ([{"role": "user", "content": None}], "messages[0].content", "needs content"),
         ([{"role": "assistant", "content": None}], "messages[0].content", "needs content"),
