@@ -1,10 +1,11 @@
-"""Constrained decoding with llguidance: JSON mode, JSON schema and forced tool calls.
+"""Constrained decoding with llguidance: JSON mode, JSON schema, forced tool calls, and vLLM's
+structured outputs (a JSON schema, a regular expression or a choice of strings).
 
-The server turns a request's `response_format` / `tool_choice` into an llguidance grammar
-(`grammar_for`), then gives the engine one `GrammarConstraint` per choice. The engine asks each
-constraint for the allowed token ids before a step (`allowed_tokens()`, a bool mask over the
-tokenizer's ids; it includes EOS exactly when the grammar may end) and feeds the sampled token back
-(`advance(token)`).
+The server turns a request's `response_format` / `tool_choice` / structured output into an
+llguidance grammar (`grammar_for`), then gives the engine one `GrammarConstraint` per choice. The
+engine asks each constraint for the allowed token ids before a step (`allowed_tokens()`, a bool
+mask over the tokenizer's ids; it includes EOS exactly when the grammar may end) and feeds the
+sampled token back (`advance(token)`).
 
 Why no free whitespace: with random (or weak) weights a JSON grammar that allows whitespace
 between tokens can emit whitespace until max_tokens. We compile JSON with fixed separators
@@ -34,6 +35,7 @@ import llguidance
 import numpy as np
 
 from qwen_jax.engine import RequestError
+from qwen_jax.protocol import StructuredOutput
 
 # JSON layout options (llguidance JsonCompileOptions): compact, deterministic separators.
 JSON_OPTIONS: dict[str, Any] = {
@@ -139,11 +141,13 @@ def grammar_for(
     tools: list[dict] | tuple[dict, ...] | None = None,
     tool_choice: str | dict = "none",
     parallel_tool_calls: bool = True,
+    structured: StructuredOutput | None = None,
 ) -> str | None:
     """The llguidance grammar a request needs, or None for free text.
 
     A forced tool call (tool_choice "required" or {"type": "function", ...}) wins over
-    response_format, since the answer is then a call and not a message. tool_choice "auto" and
+    response_format and vLLM's structured outputs (`structured`; the request has one of those
+    two at most), since the answer is then a call and not a message. tool_choice "auto" and
     "none" never constrain (the model may still write a call under "auto"; see server.py for
     how "none" is handled).
     """
@@ -158,6 +162,8 @@ def grammar_for(
         if not chosen:
             raise ConstraintError(f"tool_choice names unknown function {name!r}", "tool_choice")
         return llguidance.LLMatcher.grammar_from_lark(tool_call_lark(chosen, several=False))
+    if structured is not None:
+        return _structured_grammar(structured)
     if response_format is None or response_format.get("type") == "text":
         return None
     kind = response_format.get("type")
@@ -175,10 +181,35 @@ def grammar_for(
     raise ConstraintError(f"unsupported response_format type {kind!r}", "response_format.type")
 
 
+def _structured_grammar(structured: StructuredOutput) -> str:
+    """The grammar of vLLM's structured output: a JSON schema (compiled like response_format's),
+    a regular expression (llguidance's syntax: Rust's regex crate, no lookaround or
+    backreferences), or a choice among literal strings."""
+    kind, value, param = structured.kind, structured.value, structured.param
+    if kind == "json":
+        return _json_grammar(value, param)
+    if kind == "regex":
+        grammar = llguidance.LLMatcher.grammar_from_regex(value)
+    else:  # a Lark rule of string literals, written as JSON strings (escapes included)
+        grammar = llguidance.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(choice) for choice in value))
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        # The regex parser's own words are on the line starting "error:", after a drawing.
+        why = next((line[len("error:"):].strip() for line in error.splitlines()
+                    if line.startswith("error:")), _first_line(error))
+        raise ConstraintError(f"invalid {kind} {value!r}: {why}", param)
+    return grammar
+
+
+def _first_line(error: str) -> str:
+    return (error.strip().splitlines() or ["unknown error"])[0].strip()
+
+
 def _first_error_line(matcher: llguidance.LLMatcher) -> str:
     """The matcher's error without what follows its first line (the grammar's listing or a
     dump of the parser's state)."""
-    return (matcher.get_error().strip().splitlines() or ["unknown error"])[0].strip()
+    return _first_line(matcher.get_error())
 
 
 @functools.lru_cache(maxsize=8)

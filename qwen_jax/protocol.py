@@ -9,9 +9,10 @@ status codes and messages live in one place.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qwen_jax.sampler import (
@@ -234,6 +235,20 @@ DEFAULTS: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """vLLM's structured outputs: the reply is JSON that follows a schema, text that matches a
+    regular expression, or one of some strings (`structured_outputs`, or vLLM's older
+    `guided_json` / `guided_regex` / `guided_choice`)."""
+
+    kind: str  # one of STRUCTURED_KINDS
+    value: Any  # a JSON schema (dict), a regular expression (str), the choices (tuple of str)
+    param: str = field(default="structured_outputs", compare=False)  # named in errors
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice")
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     model: str
     messages: tuple[dict, ...]  # as sent; chat_template.render_chat validates their details
@@ -257,6 +272,7 @@ class ChatRequest:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    structured_output: StructuredOutput | None = None
 
     @property
     def max_tool_calls(self) -> int | None:
@@ -294,6 +310,10 @@ class ChatRequest:
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
         }
+        so = self.structured_output
+        if so is not None:
+            body["structured_outputs"] = {
+                so.kind: list(so.value) if so.kind == "choice" else so.value}
         return body
 
 
@@ -544,6 +564,67 @@ def _response_format(value: object) -> dict | None:
     return {"type": "json_schema", "json_schema": out}
 
 
+# Options of vLLM's structured_outputs that change nothing here: qwen-jax's JSON grammars
+# never allow free whitespace, and there is no other grammar backend to fall back to.
+_STRUCTURED_NOOPS = ("disable_any_whitespace", "disable_fallback")
+
+
+def _structured_output(body: dict) -> StructuredOutput | None:
+    """vLLM's structured outputs, from `structured_outputs` or the top-level `guided_*` fields:
+    at most one. What qwen-jax cannot do (a grammar, a whitespace pattern) is refused rather
+    than ignored, so no client takes free text for constrained output."""
+    found: list[StructuredOutput] = []
+    options = body.get("structured_outputs")
+    if options is not None:
+        for key, value in _require_dict(options, "structured_outputs").items():
+            param = f"structured_outputs.{key}"
+            if value is None or key in _STRUCTURED_NOOPS:
+                continue
+            if key == "json_object":
+                if _optional_bool(value, param, False):
+                    found.append(StructuredOutput("json", {"type": "object"}, param))
+            elif key in STRUCTURED_KINDS:
+                found.append(_structured(key, value, param))
+            else:
+                raise invalid_request(
+                    f"'{param}' is not supported (only json, regex, choice and json_object).",
+                    param)
+    for kind in STRUCTURED_KINDS:
+        if body.get(f"guided_{kind}") is not None:
+            found.append(_structured(kind, body[f"guided_{kind}"], f"guided_{kind}"))
+    for name in ("guided_grammar", "guided_whitespace_pattern"):
+        if body.get(name) is not None:
+            raise invalid_request(f"'{name}' is not supported (use guided_json, guided_regex "
+                                  "or guided_choice).", name)
+    if len(found) > 1:
+        raise invalid_request(f"'{found[0].param}' and '{found[1].param}' both constrain the "
+                              "reply: give one.", found[1].param)
+    return found[0] if found else None
+
+
+def _structured(kind: str, value: object, param: str) -> StructuredOutput:
+    if kind == "json":
+        if isinstance(value, str):  # vLLM takes the schema's JSON text too
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError):
+                raise invalid_request(f"'{param}' is not valid JSON.", param) from None
+            check_json_values({param: value})
+        if not isinstance(value, dict):
+            raise invalid_request(f"'{param}' must be a JSON schema (an object, or its JSON "
+                                  f"text), got {_type_name(value)}.", param)
+    elif kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise invalid_request(f"'{param}' must be a regular expression (a non-empty "
+                                  "string).", param)
+    elif (not isinstance(value, list) or not value
+          or not all(isinstance(c, str) and c for c in value)):
+        raise invalid_request(f"'{param}' must be a non-empty list of non-empty strings.", param)
+    else:
+        value = tuple(value)
+    return StructuredOutput(kind, value, param)
+
+
 # JSON nests no deeper than this in a request. Tool parameter schemas are the deep part and real
 # ones stay far below it; deeper bodies would run Python's recursion limit out in the JSON
 # encoder, the chat template or the grammar compiler (a 500 instead of an answer).
@@ -644,6 +725,11 @@ def validate_chat_request(
             f"'{legacy}' (OpenAI's deprecated function calling) is not supported: use 'tools' "
             "and 'tool_choice'.", legacy
         )
+    response_format = _response_format(body.get("response_format"))
+    structured_output = _structured_output(body)
+    if response_format is not None and structured_output is not None:
+        raise invalid_request(f"'response_format' and '{structured_output.param}' both "
+                              "constrain the reply: give one.", structured_output.param)
     return ChatRequest(
         model=model,
         messages=messages,
@@ -652,7 +738,7 @@ def validate_chat_request(
         parallel_tool_calls=_optional_bool(
             body.get("parallel_tool_calls"), "parallel_tool_calls", True
         ),
-        response_format=_response_format(body.get("response_format")),
+        response_format=response_format,
         stream=stream,
         include_usage=include_usage,
         n=n,
@@ -665,6 +751,7 @@ def validate_chat_request(
         stop_token_ids=_stop_token_ids(body.get("stop_token_ids"), vocab_limit),
         ignore_eos=_optional_bool(body.get("ignore_eos"), "ignore_eos", False),
         min_tokens=get("min_tokens") or 0,
+        structured_output=structured_output,
     )
 
 

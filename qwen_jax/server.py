@@ -418,13 +418,15 @@ class App:
         try:
             if tools:
                 check_tool_schemas(tools)
+            structured = req.structured_output
             grammar = grammar_for(req.response_format, tools, req.tool_choice,
-                                  req.parallel_tool_calls)
+                                  req.parallel_tool_calls, structured)
             if grammar is None:
                 return None
             forced_tool = tools and req.tool_choice not in ("none", "auto")
-            return make_constraints(self._ll(), grammar, req.n,
-                                    "tools" if forced_tool else "response_format")
+            param = ("tools" if forced_tool else structured.param if structured
+                     else "response_format")
+            return make_constraints(self._ll(), grammar, req.n, param)
         except ConstraintError as e:
             raise protocol.invalid_request(str(e), e.param) from None
 

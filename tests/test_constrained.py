@@ -22,6 +22,7 @@ from qwen_jax.constrained import (
     make_constraints,
 )
 from qwen_jax.engine import RequestError
+from qwen_jax.protocol import StructuredOutput
 
 MAX_STEPS = 400
 
@@ -285,6 +286,39 @@ def test_schema_text_spelled_like_a_special_token_is_written_as_text(ll_tok, qwe
             assert found == {"name": "f", "arguments": {"s": literal}}
         else:
             assert json.loads(text) == {"s": literal}
+
+
+def test_vllm_structured_outputs_match_their_regex_choice_or_schema(ll_tok, qwen_tokenizer):
+    """guided_regex / guided_choice / guided_json: every random walk through the grammar ends
+    (EOS) with text that matches; over the seeds every choice comes up, one spelled like a
+    special token too."""
+    regex = StructuredOutput("regex", r"[a-c]{2,5}-(x|yz)\.[0-9]")
+    choices = ("yes", "no way", 'q"uo\\te', "<tool_call>")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    picked = set()
+    for seed in range(24):
+        text, ended = run_random(make_constraint(ll_tok, grammar_for(structured=regex)),
+                                 qwen_tokenizer, seed)
+        assert ended and re.fullmatch(regex.value, text), text
+        choice = StructuredOutput("choice", choices)
+        text, ended = run_random(make_constraint(ll_tok, grammar_for(structured=choice)),
+                                 qwen_tokenizer, seed)
+        assert ended and text in choices, text
+        picked.add(text)
+    assert picked == set(choices)
+    text, ended = run_random(
+        make_constraint(ll_tok, grammar_for(structured=StructuredOutput("json", schema))),
+        qwen_tokenizer, 0)
+    assert ended and set(json.loads(text)) == {"n"}
+
+
+@pytest.mark.parametrize("pattern, why", [("(?=a)b", "look-around"), ("a{5,2}", "repetition"),
+                                          ("(", "unclosed")])
+def test_a_regex_llguidance_cannot_take_is_a_clear_error(pattern, why):
+    with pytest.raises(ConstraintError, match=why) as e:
+        grammar_for(structured=StructuredOutput("regex", pattern, "guided_regex"))
+    assert e.value.param == "guided_regex"
 
 
 def test_tool_call_tags_are_single_tokens(ll_tok, qwen_tokenizer):

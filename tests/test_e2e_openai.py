@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 import time
 
@@ -364,6 +365,25 @@ def assert_error(status, headers, raw, expected, param=None):
     return err
 
 
+def test_vllm_structured_outputs(client, live_server):
+    """vLLM's guided_choice / structured_outputs as its clients send them (extra_body): each
+    choice, streamed or not, is one of the strings or matches the regex, and ends there; a
+    regex llguidance cannot take is a 400 naming the field."""
+    colours = ["red", "green", "<|im_end|>"]  # the last spelled like the end-of-turn token
+    r = chat(client, live_server, max_tokens=16, n=2, seed=1,
+             extra_body={"guided_choice": colours})
+    assert [(c.message.content in colours, c.finish_reason) for c in r.choices] == \
+        [(True, "stop")] * 2
+    regex = r"[0-9]{3}-[a-z]{2}"
+    texts, reasons, _ = stream_text(client, live_server, max_tokens=16, seed=2, stop=["-"],
+                                    extra_body={"structured_outputs": {"regex": regex}})
+    assert re.fullmatch(regex, texts[0]) and reasons[0] == "stop", texts
+    bad = {"model": live_server.model, "messages": HELLO, "guided_regex": "(?<=a)b"}
+    err = assert_error(*http_request(live_server, "POST", "/v1/chat/completions", bad), 400,
+                       "guided_regex")
+    assert "look-around" in err["message"]
+
+
 def test_vllm_ignore_eos_and_min_tokens(client, live_server, qwen_tokenizer):
     """With the end-of-turn token forced (logit_bias +100), a reply is that one token; with
     ignore_eos it runs to max_tokens (the token is not text); with min_tokens 3 the token is
@@ -429,6 +449,8 @@ def test_error_statuses(live_server):
     assert status == 200 and events[-1] == "[DONE]"
     err = json.loads(events[-2])["error"]
     assert (err["type"], err["param"]) == ("invalid_request_error", "response_format")
+    guided = {**ok, "max_tokens": 64, "seed": 3, "guided_json": endless}
+    assert_error(*http_request(L, "POST", post, guided), 400, "guided_json")
     forced = {**ok, "max_tokens": 64, "seed": 3, "tool_choice": "required", "tools": [
         {"type": "function", "function": {"name": "f", "parameters": endless}}]}
     assert_error(*http_request(L, "POST", post, forced), 400, "tools")

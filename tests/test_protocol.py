@@ -74,6 +74,56 @@ def test_deprecated_function_calling_is_refused_not_ignored():
     assert ok(functions=[], function_call="none") == ok(functions=None, function_call="auto")
 
 
+def test_vllm_structured_outputs_in_either_spelling():
+    """structured_outputs (vLLM 0.10.2+) and the older top-level guided_* fields give the same
+    request; a schema may come as its JSON text; no-op options pass; the rest is refused."""
+    from qwen_jax.protocol import StructuredOutput
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    same = [
+        (StructuredOutput("json", schema), [{"guided_json": schema},
+                                            {"guided_json": json.dumps(schema)},
+                                            {"structured_outputs": {"json": schema}},
+                                            {"structured_outputs": {"json": json.dumps(schema),
+                                                                    "disable_fallback": True}}]),
+        (StructuredOutput("json", {"type": "object"}),
+         [{"structured_outputs": {"json_object": True, "regex": None}}]),
+        (StructuredOutput("regex", r"\d+"), [{"guided_regex": r"\d+"},
+                                              {"structured_outputs": {"regex": r"\d+"}}]),
+        (StructuredOutput("choice", ("yes", "no")),
+         [{"guided_choice": ["yes", "no"]},
+          {"structured_outputs": {"choice": ["yes", "no"], "disable_any_whitespace": True}}]),
+    ]
+    for want, spellings in same:
+        for fields in spellings:
+            r = ok(**fields)
+            assert r.structured_output == want, fields
+            assert validate_chat_request(r.to_body(), served_model_name=MODEL) == r
+    assert ok(structured_outputs={"json_object": False}).structured_output is None
+    assert ok(guided_json=None, structured_outputs={}).structured_output is None
+    for fields, param in [
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"guided_json": "[1]"}, "guided_json"),
+        ({"guided_json": 3}, "guided_json"),
+        ({"guided_regex": ""}, "guided_regex"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_choice": ["a", 1]}, "guided_choice"),
+        ({"guided_choice": "a"}, "guided_choice"),
+        ({"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
+        ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+        ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs.grammar"),
+        ({"structured_outputs": "json"}, "structured_outputs"),
+        ({"structured_outputs": {"json_object": "yes"}}, "structured_outputs.json_object"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+        ({"structured_outputs": {"regex": "a"}, "guided_json": schema}, "guided_json"),
+        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+    ]:
+        e = err({**BASE, **fields})
+        assert e.status == 400 and e.param == param, (fields, e.param, e.message)
+    # A text response_format constrains nothing, so it goes with a structured output.
+    assert ok(guided_regex="a", response_format={"type": "text"}).structured_output
+
+
 def test_fields_are_carried():
     r = ok(
         temperature=0.7,

@@ -216,7 +216,9 @@ json_values = st.one_of(
 )
 # Fields whose every rule the JSON Schema expresses (cross-field rules are tested elsewhere).
 SCHEMA_FIELDS = sorted(
-    set(REQUEST) - {"model", "messages", "tools", "tool_choice", "response_format", "top_logprobs"}
+    set(REQUEST) - {"model", "messages", "tools", "tool_choice", "response_format", "top_logprobs",
+                    # one at most, and a schema may come as JSON text
+                    "structured_outputs", "guided_json", "guided_regex", "guided_choice"}
 )
 
 
