@@ -79,9 +79,10 @@ def _axes_like(axes: tuple[str, ...], w):
     return axes
 
 
-def cache_logical_axes() -> KVCache:
+def cache_logical_axes(num_layers: int) -> KVCache:
+    """Logical axes of a KV cache of `num_layers` layers: kv heads split as k_proj's are."""
     axes = ("batch", "sequence", "kv_heads", "head_dim")
-    return KVCache(k=axes, v=axes)
+    return KVCache(k=[axes] * num_layers, v=[axes] * num_layers)
 
 
 def _is_axes(x: object) -> bool:
@@ -120,4 +121,5 @@ def shard_params(
 def shard_cache(
     cache: KVCache, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES
 ) -> KVCache:
+    """Place a KV cache on `mesh` following `rules`, its kv heads beside the k/v projections."""
     return _shard(cache, cache_logical_axes(len(cache.k)), mesh, rules)

@@ -180,8 +180,8 @@ def test_two_device_tensor_parallel_forward(tmp_path):
     script = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from qwen_jax.config import QwenConfig
-        from qwen_jax.model import forward, init_params
-        from qwen_jax.sharding import make_mesh, shard_params
+        from qwen_jax.model import forward, init_cache, init_params
+        from qwen_jax.sharding import make_mesh, shard_cache, shard_params
         cfg = QwenConfig(vocab_size=256, hidden_size=64, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
         params = init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
@@ -196,6 +196,18 @@ def test_two_device_tensor_parallel_forward(tmp_path):
         a, _ = f(params, cfg, tok, pos)
         b, _ = f(sharded, cfg, tok, pos)
         err = float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max())
+        assert err < 1e-5, err
+        # The KV cache splits by kv head too, and decoding through it gives the same logits.
+        cache = shard_cache(init_cache(cfg, 2, 16, jnp.float32), mesh)
+        assert cache.k[1].sharding.spec[2] == "tp" and len(cache.v) == 2
+        assert cache.v[0].addressable_shards[0].data.shape == (2, 16, 1, 16)
+        c, cache = f(sharded, cfg, tok, pos, cache)
+        d, _ = f(sharded, cfg, tok[:, :1] + 1, pos[:, :1] + 12, cache)
+        e, _ = f(params, cfg, np.concatenate([tok, tok[:, :1] + 1], 1),
+                 np.broadcast_to(np.arange(13, dtype=np.int32), (2, 13)))
+        for got, want in ((c, a), (d, e[:, 12:])):
+            err = max(err, float(np.abs(np.asarray(got) - np.asarray(want)).max()
+                                 / np.abs(np.asarray(want)).max()))
         assert err < 1e-5, err
         print("OK", err)
     """)
