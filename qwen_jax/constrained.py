@@ -291,9 +291,6 @@ class GrammarConstraint:
         """True once only EOS can follow (the grammar is complete and cannot be extended)."""
         return self._matcher.is_stopped()
 
-    def is_accepting(self) -> bool:
-        return self._matcher.is_accepting()
-
     def fork(self) -> GrammarConstraint:
         """An independent copy (for the other choices of an n > 1 request)."""
         return GrammarConstraint(self._matcher.deep_copy(), self._tokenizer, self._param)

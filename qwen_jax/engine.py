@@ -69,7 +69,6 @@ KV_CHUNK = 256
 # for the sampler's lax.cond, engine.lookahead), which the chunk loop would do per layer and
 # chunk; so one program per bucket there (not measured on a GPU: none was lent).
 DECODE_MIN_KV = 256
-TOP_LOGPROBS_MAX = 20
 
 
 class QueueFullError(RuntimeError):
@@ -681,8 +680,8 @@ class Engine:
             raise ValueError(f"n must be in [1, {self.max_slots}], got {r.n!r}")
         if r.constraints is not None and len(r.constraints) != r.n:
             raise ValueError(f"need one constraint per choice ({r.n}), got {len(r.constraints)}")
-        if not 0 <= r.top_logprobs <= TOP_LOGPROBS_MAX:
-            raise ValueError(f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}]")
+        if not 0 <= r.top_logprobs <= S.NUM_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {S.NUM_TOP_LOGPROBS}]")
         if not isinstance(r.min_tokens, int) or not 0 <= r.min_tokens <= r.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {r.min_tokens!r}")
 
@@ -1218,7 +1217,7 @@ class Engine:
 
 
 def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
-    """Block until the engine has no active or waiting request (for tests and the benchmark)."""
+    """Block until the engine has no active or waiting request (for tests)."""
     t0 = time.monotonic()
     while engine.snapshot()["active"] or engine.snapshot()["waiting"]:
         if time.monotonic() - t0 > timeout:

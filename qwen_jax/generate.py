@@ -1,4 +1,6 @@
-"""Simple batched greedy generation on top of `model.forward`.
+"""Simple batched greedy generation on top of `model.forward`: the reference path the notebooks
+and the parity tests use. The server and `qwen-jax generate` run `engine.Engine` instead
+(continuous batching, sampling, and on the CPU a cache read in chunks).
 
 Prompts of different lengths share one batch: each row is right-padded to a common bucket length
 and decodes at its own positions. Prefill and the decode step are jit-compiled with the cache

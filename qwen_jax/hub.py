@@ -33,11 +33,6 @@ def hf_hub_cache(env: Mapping[str, str] | None = None) -> Path:
     return base / "huggingface" / "hub"
 
 
-def is_hub_id(name: str) -> bool:
-    """'Org/Name' shaped (and not an existing local path)."""
-    return bool(_HUB_ID.match(name)) and not Path(name).exists()
-
-
 def download_command(repo_id: str) -> str:
     return f"huggingface-cli download {repo_id}   (or: hf download {repo_id})"
 

@@ -34,9 +34,6 @@ from qwen_jax.layout import LINEAR_LAYER_WEIGHTS, column_blocks, int8_block_widt
 if TYPE_CHECKING:  # model.py and linear.py import this module for Int8Weight
     from qwen_jax.model import Params
 
-QUANTIZED_LAYER_WEIGHTS = LINEAR_LAYER_WEIGHTS
-
-
 @jax.tree_util.register_dataclass
 @dataclass
 class Int8Weight:
@@ -84,7 +81,7 @@ def quantize_params(params: Params) -> Params:
     `load_checkpoint(..., quantize="int8")` quantizes each tensor as it loads instead."""
     layers = [
         replace(layer, **{name: quantize_int8(plain(getattr(layer, name)))
-                          for name in QUANTIZED_LAYER_WEIGHTS})
+                          for name in LINEAR_LAYER_WEIGHTS})
         for layer in params.layers
     ]
     return replace(

@@ -195,12 +195,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
-    @classmethod
-    def from_api(cls, fields: Mapping[str, Any], *, vocab_limit: int | None = None
-                 ) -> SamplingParams:
-        """Build from a request body's fields (others are ignored); see validate_sampling_params."""
-        return validate_sampling_params(fields, vocab_limit=vocab_limit)
-
 
 IDLE_PARAMS = SamplingParams(temperature=0.0)  # rows without a request: greedy, the cheapest path
 _FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))

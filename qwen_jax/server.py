@@ -786,9 +786,8 @@ def serve(args: Any) -> int:
                     vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,
                     steps_per_call=steps, prefill_chunk=chunk)
     t = time.perf_counter()
-    if not getattr(args, "no_warmup", False):
-        engine.warmup()
-        print(f"compiled in {time.perf_counter() - t:.1f} s", flush=True)
+    engine.warmup()
+    print(f"compiled in {time.perf_counter() - t:.1f} s", flush=True)
     name = args.served_model_name or model.served_name
     app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors)
     try:

@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from qwen_jax.config import ConfigError, QwenConfig, load_config
 from qwen_jax.layout import LINEAR_LAYER_WEIGHTS, maybe_blocks, plain
 from qwen_jax.model import LayerParams, Params, layer_shapes
-from qwen_jax.quantize import QUANTIZED_LAYER_WEIGHTS, is_quantized, quantize_int8
+from qwen_jax.quantize import is_quantized, quantize_int8
 
 # Our per-layer leaf name -> the Hugging Face tensor name inside `model.layers.{i}.`
 _HF_LAYER_NAMES = {
@@ -165,7 +165,7 @@ def load_checkpoint(
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{model_dir}: missing tensors {', '.join(missing[:5])}{more}")
 
-    quantized = (*QUANTIZED_LAYER_WEIGHTS, "embed", "lm_head") if quantize else ()
+    quantized = (*LINEAR_LAYER_WEIGHTS, "embed", "lm_head") if quantize else ()
     linear = (*LINEAR_LAYER_WEIGHTS, "lm_head")
 
     def finish(leaf: str, arr: jax.Array):
