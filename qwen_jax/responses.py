@@ -13,7 +13,9 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-# $ per million tokens, from the seed document ("$0.025/$0.05 in/out Mtoken").
+# $ per million tokens for `usage.estimated_cost`, a field of the hosted Qwen2.5-7B-Instruct API
+# this server imitates (DeepInfra's, described in ../shared/reference/: "$0.025/$0.05 in/out
+# Mtoken"); OpenAI clients ignore it.
 PRICE_IN_PER_M = 0.025
 PRICE_OUT_PER_M = 0.05
 
