@@ -214,7 +214,8 @@ def _first_error_line(matcher: llguidance.LLMatcher) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _special_ids(ll_tokenizer: llguidance.LLTokenizer) -> np.ndarray:
-    """Ids of the tokens llguidance treats as special: the tokenizer's added tokens."""
+    """Ids of the tokens llguidance treats as special: the added tokens (and the byte 0xFF,
+    its marker of special tokens, which no UTF-8 text holds)."""
     return np.array([i for i in range(ll_tokenizer.vocab_size)
                      if ll_tokenizer.is_special_token(i)], dtype=np.int64)
 
@@ -243,21 +244,22 @@ class GrammarConstraint:
         return self._without_stray_specials(mask)
 
     def _matcher_error(self, what: str) -> ConstraintError:
-        """The matcher's error: GrammarDeadEnd when the request's schema has no finite value
-        (llguidance finds nothing that can follow before it is complete, as for a property
-        that is itself, or the text it must force grows past its parser's limit, as for a
-        required property that is the whole schema again); else a plain ConstraintError, a
-        server error (the engine sampling outside the mask, a bug in llguidance)."""
+        """The matcher's error: GrammarDeadEnd, naming the request field, when the request's
+        grammar cannot be followed to its end: llguidance finds nothing that can follow before
+        it is complete (a property that is itself), or its parser or lexer passes a limit (the
+        text a required property that is the whole schema again forces never ends; a regex
+        such as ((a{1000}){1000}){1000}); else a plain ConstraintError, a server error (the
+        engine sampling outside the mask, a bug in llguidance)."""
         first = _first_error_line(self._matcher)
         if self._param is not None:
             if first == "NoExtensionBias":
                 return GrammarDeadEnd(
-                    f"the schema in {self._param} admits no value that can be generated: after "
-                    "the output so far no token can follow", self._param)
-            if "Too many items" in first:
+                    f"{self._param} admits no value that can be generated: after the output so "
+                    "far no token can follow", self._param)
+            if "too many" in first.lower():
                 return GrammarDeadEnd(
-                    f"the schema in {self._param} admits no value that can be generated: the "
-                    f"text it forces does not end ({first})", self._param)
+                    f"{self._param} admits no value that can be generated within the grammar "
+                    f"engine's limits ({first})", self._param)
         return ConstraintError(f"{what}: {first}")
 
     def _without_stray_specials(self, mask: np.ndarray) -> np.ndarray:
@@ -283,7 +285,8 @@ class GrammarConstraint:
         return mask
 
     def advance(self, token: int) -> None:
-        # The engine samples inside allowed_tokens(), so a rejected token is its bug.
+        # The engine samples inside allowed_tokens(): a rejected token is its bug, unless the
+        # matcher passed a limit (_matcher_error).
         if not self._matcher.consume_token(int(token)):
             raise self._matcher_error(f"token {token} rejected by the grammar")
 

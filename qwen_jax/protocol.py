@@ -579,6 +579,7 @@ def _structured_output(body: dict) -> StructuredOutput | None:
         for key, value in _require_dict(options, "structured_outputs").items():
             param = f"structured_outputs.{key}"
             if value is None or key in _STRUCTURED_NOOPS:
+                _optional_bool(value, param, False)
                 continue
             if key == "json_object":
                 if _optional_bool(value, param, False):
@@ -638,9 +639,11 @@ def _path_text(path: str) -> str:
 
 
 def check_json_values(body: object) -> None:
-    """Reject what JSON can carry but a prompt cannot: nesting deeper than MAX_JSON_DEPTH, and a
+    """Reject what JSON can carry but a prompt cannot: nesting deeper than MAX_JSON_DEPTH, a
     string or key holding a lone UTF-16 surrogate (`"\\ud800"` is valid JSON but not Unicode
-    text, and no tokenizer takes it; a surrogate pair decodes to one character and passes)."""
+    text, and no tokenizer takes it; a surrogate pair decodes to one character and passes), and
+    NaN or Infinity inside a field (Python's JSON parser takes them, a schema compiler reads
+    them as null; a top-level number's own range check names it)."""
     stack: list[tuple[object, str, int]] = [(body, "", 0)]
     while stack:
         value, path, depth = stack.pop()
@@ -658,6 +661,9 @@ def check_json_values(body: object) -> None:
                     "not valid Unicode text.",
                     _path_text(path),
                 )
+        elif isinstance(value, float) and not math.isfinite(value) and depth > 1:
+            raise invalid_request(
+                f"'{_path_text(path)}' is {value}, which is not JSON.", _path_text(path))
         elif isinstance(value, dict):
             items = [(f"{path}.{k}" if path else k, v) for k, v in value.items()]
             for sub, _ in items:

@@ -313,6 +313,28 @@ def test_vllm_structured_outputs_match_their_regex_choice_or_schema(ll_tok, qwen
     assert ended and set(json.loads(text)) == {"n"}
 
 
+def test_a_choice_forced_to_the_spelling_of_a_special_token_is_written_as_text(ll_tok,
+                                                                              qwen_tokenizer):
+    """One choice: its text is forced from the first token, where llguidance offers the added
+    token of that spelling alone (with several choices nothing is forced at first)."""
+    for literal in ("<|im_end|>", "<tool_call>"):
+        choice = StructuredOutput("choice", (literal,))
+        text, ended = run_random(make_constraint(ll_tok, grammar_for(structured=choice)),
+                                 qwen_tokenizer, 0)
+        assert ended and text == literal
+
+
+def test_a_regex_past_the_lexers_limits_names_the_field(ll_tok):
+    """Accepted when compiled, it fails at the first token: the request's fault (a 400), not
+    the engine's (it was a 500)."""
+    regex = StructuredOutput("regex", "((a{1000}){1000}){1000}", "guided_regex")
+    constraint = make_constraint(ll_tok, grammar_for(structured=regex), regex.param)
+    with pytest.raises(RequestError, match="limits") as e:
+        for _ in range(5):
+            constraint.advance(int(np.flatnonzero(constraint.allowed_tokens())[0]))
+    assert e.value.param == "guided_regex"
+
+
 @pytest.mark.parametrize("pattern, why", [("(?=a)b", "look-around"), ("a{5,2}", "repetition"),
                                           ("(", "unclosed")])
 def test_a_regex_llguidance_cannot_take_is_a_clear_error(pattern, why):

@@ -120,6 +120,15 @@ def test_vllm_structured_outputs_in_either_spelling():
     ]:
         e = err({**BASE, **fields})
         assert e.status == 400 and e.param == param, (fields, e.param, e.message)
+    # NaN / Infinity inside a schema (Python's JSON parser takes them) would compile as null.
+    for fields, param in [({"guided_json": '{"const": NaN}'}, "guided_json.const"),
+                          ({"response_format": {"type": "json_schema", "json_schema": {
+                              "name": "x", "schema": {"enum": [float("inf")]}}}},
+                           "response_format.json_schema.schema.enum[0]"),
+                          ({"structured_outputs": {"regex": "a", "disable_fallback": "no"}},
+                           "structured_outputs.disable_fallback")]:
+        e = err({**BASE, **fields})
+        assert e.status == 400 and e.param == param, (fields, e.param, e.message)
     # A text response_format constrains nothing, so it goes with a structured output.
     assert ok(guided_regex="a", response_format={"type": "text"}).structured_output
 
