@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. Qwen/Qwen2.5-7B-Instruct), or 'demo' (random weights, real tokenizer)",
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000, help="0: any free port")
     serve.add_argument(
         "--dtype",
         choices=["auto", "bfloat16", "float32"],
@@ -41,12 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         "'local' (default: localhost, 127.0.0.1, [::1], any port), origins such as "
         "http://192.168.1.5:3000, or '*' for any (vLLM's default)",
     )
-    serve.add_argument("--max-model-len", type=int, default=None,
+    serve.add_argument("--max-model-len", type=_int_at_least(2), default=None,
                        help="tokens per sequence, prompt and reply (default: the model's "
                        "context, at most 8192; 4096 for the demo model)")
-    serve.add_argument("--max-num-seqs", type=int, default=8,
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=8,
                        help="rows in the running batch (default: %(default)s)")
-    serve.add_argument("--max-queue", type=int, default=64,
+    serve.add_argument("--max-queue", type=_int_at_least(0), default=64,
                        help="waiting requests before 429 (default: %(default)s)")
     serve.add_argument(
         "--steps-per-call", type=int, default=None,
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--no-reference", action="store_true", help="skip transformers")
     bench.add_argument("--json", default=None, help="write the JSON record here")
-    bench.add_argument("--bandwidth-gbs", type=float, default=None,
+    bench.add_argument("--bandwidth-gbs", type=_positive_float, default=None,
                        help="memory bandwidth for the decode bound (default: measured, a jitted "
                        "sum over 1 GiB on the CPU, a jitted x + 1 on an accelerator)")
     bench.add_argument("--steps-per-call", type=int, default=None,
@@ -100,15 +100,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low (checked before the model loads)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+def _port(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading or compiling: no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from qwen_jax.server import serve
 

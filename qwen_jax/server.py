@@ -761,6 +761,11 @@ def serve(args: Any) -> int:
             cache_dir = enable_compilation_cache(cache_dir)
         except OSError as e:
             return _fail(f"--compilation-cache: cannot use {cache_dir or 'the default'}: {e}")
+    try:  # before loading, which takes minutes at 7B: a bad host or a port in use fails now
+        probe = make_server(_not_ready, args.host, args.port)
+        probe.server_close()
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e}")
     loaded = _load_or_report(args)
     if loaded is None:
         return 2
@@ -782,11 +787,17 @@ def serve(args: Any) -> int:
           + f", {steps} decode step{'s' if steps > 1 else ''} per call" + _cpu_plan_note(),
           flush=True)
     print(f"compilation cache: {cache_dir}", flush=True)
-    engine = Engine(params, cfg, max_slots=args.max_num_seqs, max_len=max_len,
-                    vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,
-                    steps_per_call=steps, prefill_chunk=chunk)
     t = time.perf_counter()
-    engine.warmup()
+    try:
+        engine = Engine(params, cfg, max_slots=args.max_num_seqs, max_len=max_len,
+                        vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,
+                        steps_per_call=steps, prefill_chunk=chunk)
+        engine.warmup()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return _fail(f"out of memory for the KV cache ({kv / 2**30:.2f} GiB) and the compiled "
+                     "programs: lower --max-model-len or --max-num-seqs")
     print(f"compiled in {time.perf_counter() - t:.1f} s", flush=True)
     name = args.served_model_name or model.served_name
     app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors)
@@ -807,6 +818,12 @@ def serve(args: Any) -> int:
         server.server_close()
         engine.close()
     return 0
+
+
+def _not_ready(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    """The app of the socket `serve` opens to check its address before loading (never called:
+    the socket is closed at once)."""
+    raise AssertionError("not serving yet")
 
 
 def generate_once(args: Any) -> int:

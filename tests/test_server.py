@@ -967,6 +967,11 @@ def test_serve_missing_model_exits_cleanly(tmp_path):
     ("--allowed-origins", " , ", "--allowed-origins needs at least one origin"),
     # README.md is a file: no directory can be made inside it.
     ("--compilation-cache", "README.md/xla", "--compilation-cache: cannot use README.md/xla"),
+    ("--port", "99999", "--port: must be in 0..65535, got 99999"),
+    ("--max-num-seqs", "0", "--max-num-seqs: must be at least 1, got 0"),
+    ("--max-model-len", "0", "--max-model-len: must be at least 2, got 0"),
+    ("--max-queue", "-1", "--max-queue: must be at least 0, got -1"),
+    ("--host", "no.such.host.invalid", "cannot listen on no.such.host.invalid:"),
 ])
 def test_serve_rejects_bad_engine_flags_before_loading(tmp_path, flag, value, message):
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
@@ -979,6 +984,23 @@ def test_serve_rejects_bad_engine_flags_before_loading(tmp_path, flag, value, me
     assert message in p.stderr
     assert "huggingface-cli download" not in p.stderr  # failed before looking for the model
     assert "Traceback" not in p.stderr
+
+
+def test_serve_reports_a_port_in_use_before_loading(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+        p = subprocess.run(
+            [sys.executable, "-m", "qwen_jax.cli", "serve", "--model",
+             "Qwen/Qwen2.5-7B-Instruct", "--port", str(port)],
+            capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent,
+            timeout=120)
+    assert p.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in p.stderr
+    assert "huggingface-cli download" not in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.mark.parametrize("value", [None, "DIR", "off"])
