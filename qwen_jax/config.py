@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ class QwenConfig:
             raise ConfigError(f"architectures is {archs!r}: {supported}")
         quant = d.get("quantization_config")
         if quant:  # AWQ / GPTQ / FP8 files hold packed or 8-bit tensors the loader cannot read
-            method = quant.get("quant_method", "pre-") if isinstance(quant, dict) else "pre-"
+            method = quant.get("quant_method", "pre") if isinstance(quant, dict) else "pre"
             raise ConfigError(
                 f"{method}-quantized checkpoints are not supported (config.json has a "
                 "quantization_config): use the unquantized model, with --quantize int8 for "
@@ -132,8 +133,8 @@ class QwenConfig:
             num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=d["num_attention_heads"],
             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            rope_theta=float(theta),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=_positive("rope_theta", theta),
+            rms_norm_eps=_positive("rms_norm_eps", d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             max_position_embeddings=d.get("max_position_embeddings", 32768),
             rope_scaling=scaling,
@@ -181,12 +182,13 @@ def _parse_rope(d: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     if "factor" not in params:
         raise ConfigError("yarn rope scaling needs a 'factor'")
     # transformers falls back to max_position_embeddings when the original length is absent.
-    original = params.get("original_max_position_embeddings",
-                          d.get("original_max_position_embeddings",
-                                d.get("max_position_embeddings", 32768)))
+    original = (params.get("original_max_position_embeddings")
+                or d.get("original_max_position_embeddings")
+                or d.get("max_position_embeddings") or 32768)
     scaling = YarnScaling(
-        factor=float(params["factor"]),
-        original_max_position_embeddings=int(original),
+        factor=_positive("yarn factor", params["factor"]),
+        original_max_position_embeddings=int(_positive("original_max_position_embeddings",
+                                                       original)),
         # transformers uses `or` here, so 0/None both mean the default.
         beta_fast=float(params.get("beta_fast") or 32),
         beta_slow=float(params.get("beta_slow") or 1),
@@ -202,6 +204,15 @@ def _opt_float(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
+def _positive(name: str, value: Any) -> float:
+    """A config number that must be finite and above 0 (a null or a string is an error that
+    names the key, not a TypeError from float())."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
 def load_config(model_dir: str | Path) -> QwenConfig:
     """Read `<model_dir>/config.json` (or a config.json path)."""
     path = Path(model_dir)
@@ -210,12 +221,12 @@ def load_config(model_dir: str | Path) -> QwenConfig:
     if not path.is_file():
         raise ConfigError(f"no config.json at {path}")
     try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # not UTF-8, not JSON
         raise ConfigError(f"cannot read {path}: {e}") from e
     try:
         return QwenConfig.from_hf_dict(d)
-    except ConfigError as e:
+    except (ConfigError, TypeError, ValueError) as e:  # e.g. a size given as a list
         raise ConfigError(f"{path}: {e}") from e
 
 

@@ -84,6 +84,10 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        if not (isinstance(weight_map, dict)
+                and all(isinstance(f, str) and f for f in weight_map.values())):
+            raise CheckpointError(f"{index}: not a valid safetensors index (weight_map must map "
+                                  "tensor names to file names)")
         files = {name: model_dir / fname for name, fname in weight_map.items()}
         for path in sorted(set(files.values())):
             if not path.is_file():

@@ -126,6 +126,14 @@ def test_demo_preset_is_small_with_the_real_vocab():
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"hidden_size": -4}, "hidden_size"),
     ({"vocab_size": None}, "vocab_size"),
+    ({"quantization_config": "fp8"}, "^pre-quantized checkpoints"),
+    # Nulls and strings name their key (they were TypeErrors and float()'s ValueErrors).
+    ({"rms_norm_eps": None}, "rms_norm_eps must be a positive number, got None"),
+    ({"rope_theta": "x"}, "rope_theta must be a positive number, got 'x'"),
+    ({"rope_scaling": {"type": "yarn", "factor": 0}}, "yarn factor must be a positive number"),
+    ({"rope_scaling": {"type": "yarn", "factor": float("nan")}}, "yarn factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": -2, "rope_theta": 1e6}},
+     "yarn factor"),
 ])
 def test_rejects_unsupported_configs(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -144,6 +152,12 @@ def test_rejects_missing_keys_and_bad_files(tmp_path):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="JSON object"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff{}")
+    with pytest.raises(ConfigError, match="cannot read .*config.json"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**QWEN25_7B_INSTRUCT, "rope_theta": None}))
+    with pytest.raises(ConfigError, match="config.json: rope_theta must be a positive number"):
         load_config(tmp_path)
 
 

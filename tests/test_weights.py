@@ -195,6 +195,14 @@ def test_index_naming_a_missing_shard(tmp_path, hf_checkpoint_factory):
         load_checkpoint(ckpt)
 
 
+@pytest.mark.parametrize("weight_map", [[1, 2], "model.safetensors", {"model.norm.weight": 5}])
+def test_a_malformed_index_is_a_checkpoint_error(tmp_path, tiny_checkpoint, weight_map):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+        load_checkpoint(ckpt)
+
+
 def test_corrupt_safetensors(tmp_path, tiny_checkpoint):
     ckpt = _copy(tiny_checkpoint, tmp_path / "c")
     (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!")
