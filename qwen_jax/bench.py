@@ -364,12 +364,18 @@ def _build(args: argparse.Namespace):
     import jax.numpy as jnp
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    if args.model:
+    if args.model:  # a directory, a hub id in the local cache, or "demo", as for `serve`
+        from qwen_jax.hub import ModelNotFoundError
         from qwen_jax.quantize import quantize_option
+        from qwen_jax.server import resolve_model
         from qwen_jax.weights import load_checkpoint
 
-        cfg, params = load_checkpoint(args.model, dtype, quantize=quantize_option(args.quantize))
-        return cfg, params, args.model
+        try:
+            path = str(resolve_model(args.model).path)
+            cfg, params = load_checkpoint(path, dtype, quantize=quantize_option(args.quantize))
+        except (ModelNotFoundError, OSError, ValueError) as e:
+            raise SystemExit(f"cannot load --model {args.model}: {e}") from None
+        return cfg, params, path
     from qwen_jax.config import PRESETS
     from qwen_jax.model import init_params
 
@@ -428,6 +434,8 @@ def _table(rec: dict[str, Any]) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     lengths = _parse_lengths(args.prompt_lengths)
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # before minutes of work
+        raise SystemExit(f"--json {args.json}: its directory does not exist")
     if args.decode_tokens < 2 or args.batch < 1:
         raise SystemExit("--decode-tokens must be >= 2 and --batch >= 1")
     steps = getattr(args, "steps_per_call", None)

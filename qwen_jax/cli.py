@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = sub.add_parser("bench", help="measure prefill, time to first token and decode speed")
-    bench.add_argument("--model", default=None, help="checkpoint dir (default: random weights)")
+    bench.add_argument("--model", default=None,
+                       help="a checkpoint dir, a hub id in the local HF cache, or demo (default: "
+                       "random weights of --preset)")
     bench.add_argument("--preset", default="0.5b", help="config preset for random weights")
     bench.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     bench.add_argument("--quantize", choices=["none", "int8"], default="none",

@@ -7,6 +7,8 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+
 from qwen_jax.cpu_matmul import PLANS
 
 
@@ -74,12 +76,18 @@ def test_read_bandwidth_frees_its_buffer():
     assert rss_bytes() - before < 128 << 20, (before, rss_bytes())
 
 
-def test_bench_rejects_a_bad_prefill_chunk():
+@pytest.mark.parametrize("flags, message", [
+    (["--prefill-chunk", "24"], "--prefill-chunk must be a power of two >= 16, got 24"),
+    (["--bandwidth-gbs", "0"], "--bandwidth-gbs: must be a positive number, got 0"),
+    (["--json", "no/such/dir/out.json"], "its directory does not exist"),
+    (["--model", "no-such-dir"], "cannot load --model no-such-dir: "),
+])
+def test_bench_rejects_bad_arguments_before_measuring(flags, message):
     res = subprocess.run(
         [sys.executable, "-m", "qwen_jax.cli", "bench", "--preset", "demo", "--no-reference",
-         "--prefill-chunk", "24"], capture_output=True, text=True, timeout=120)
+         *flags], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
-    assert "--prefill-chunk must be a power of two >= 16, got 24" in res.stderr
+    assert message in res.stderr
     assert "Traceback" not in res.stderr
 
 
