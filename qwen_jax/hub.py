@@ -88,8 +88,9 @@ def resolve_model_dir(model: str, cache: Path | None = None) -> Path:
             return found
         where = hf_hub_cache() if cache is None else cache
         raise ModelNotFoundError(
-            f"{model} is not in the local Hugging Face cache ({where}); nothing is downloaded "
-            f"automatically. Download it with:\n    {download_command(model)}"
+            f"{model} is neither a local directory nor in the local Hugging Face cache "
+            f"({where}); nothing is downloaded automatically. Download it with:\n"
+            f"    {download_command(model)}"
         )
     raise ModelNotFoundError(
         f"--model {model!r} is neither a directory nor a hub id like {DEFAULT_MODEL_ID}"

@@ -956,6 +956,7 @@ def test_serve_missing_model_exits_cleanly(tmp_path):
     )
     assert p.returncode == 2
     assert "huggingface-cli download Qwen/Qwen2.5-7B-Instruct" in p.stderr
+    assert "neither a local directory nor in the local Hugging Face cache" in p.stderr
     assert "Traceback" not in p.stderr
 
 
