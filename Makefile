@@ -25,7 +25,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(PY)
 
 .PHONY: serve test test-fast lint bench
 serve: $(VENV)/.serve-installed
-	$(VENV)/bin/qwen-jax serve $(if $(MODEL),--model $(MODEL)) $(SERVE_ARGS)
+	$(VENV)/bin/qwen-jax serve $(if $(MODEL),--model "$(MODEL)") $(SERVE_ARGS)
 
 test: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check qwen_jax tests benchmarks

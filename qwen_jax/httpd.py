@@ -242,6 +242,9 @@ class RequestHandler(WSGIRequestHandler):
 def make_server(app: Callable, host: str, port: int, *,
                 socket_timeout: float = SOCKET_TIMEOUT_S) -> ThreadingWSGIServer:
     handler = type("Handler", (RequestHandler,), {"timeout": socket_timeout})
-    server = ThreadingWSGIServer((host, port), handler)
+    # An IPv6 address (--host ::1, --host ::) needs an IPv6 socket; socketserver makes IPv4 ones.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("Server", (ThreadingWSGIServer,), {"address_family": family})
+    server = server_class((host, port), handler)
     server.set_app(app)
     return server

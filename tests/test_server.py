@@ -426,10 +426,10 @@ def test_health_and_models_auth(app):
 
 
 @contextlib.contextmanager
-def http_server(app, *, start: bool = True, **kw):
+def http_server(app, *, start: bool = True, host: str = "127.0.0.1", **kw):
     """The real threaded HTTP server on a free local port; yields it (start it yourself with
     `start=False`)."""
-    server = make_server(app, "127.0.0.1", 0, **kw)
+    server = make_server(app, host, 0, **kw)
     if start:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -437,6 +437,18 @@ def http_server(app, *, start: bool = True, **kw):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_serves_on_an_ipv6_address(app):
+    """--host ::1 (the CORS default allows [::1] pages): an IPv6 socket, not an IPv4 error."""
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("this machine has no IPv6 sockets")
+    with http_server(app, host="::1") as server:
+        with socket.create_connection(("::1", server.server_address[1]), timeout=5) as s:
+            s.sendall(b"GET /health HTTP/1.0\r\nHost: test\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.0 200")
 
 
 def test_a_burst_of_connections_waits_for_the_accept_loop(app):
