@@ -719,7 +719,13 @@ def _load_or_report(args: Any):
     except hub.ModelNotFoundError as e:
         _fail(str(e))
     except (OSError, ValueError) as e:
-        _fail(f"cannot load the model: {e}")
+        hint = ""
+        if args.model is None and hub.find_in_cache(hub.DEFAULT_MODEL_ID) is not None:
+            # Picked without being asked for: say where it came from and what else to do.
+            hint = (f"\n(no --model given: this is {hub.DEFAULT_MODEL_ID} from the local Hugging "
+                    "Face cache, perhaps an incomplete download; complete it with: "
+                    f"{hub.download_command(hub.DEFAULT_MODEL_ID)}; or pass --model demo)")
+        _fail(f"cannot load the model: {e}{hint}")
     return None
 
 

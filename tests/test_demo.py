@@ -51,6 +51,29 @@ def test_no_model_falls_back_to_demo(demo_dir, tmp_path, monkeypatch):
     assert "NOISE" in banner and "download Qwen/Qwen2.5-7B-Instruct" in banner
 
 
+def test_a_broken_cached_default_model_says_where_it_came_from(tmp_path, monkeypatch, capsys):
+    """No --model and a Qwen2.5-7B-Instruct snapshot in the HF cache that holds only its
+    config (an interrupted download): the error says the model was picked from the cache and
+    how to complete it or run the demo instead."""
+    import json
+
+    from qwen_jax import cli
+    from qwen_jax.config import PRESETS
+
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-7B-Instruct"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "config.json").write_text(
+        json.dumps(PRESETS["7b"].to_hf_dict()))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert cli.main(["generate", "hi", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "no --model given: this is Qwen/Qwen2.5-7B-Instruct from the local Hugging Face" in err
+    assert "huggingface-cli download Qwen/Qwen2.5-7B-Instruct" in err and "--model demo" in err
+    assert "Traceback" not in err
+
+
 def test_stale_demo_is_rebuilt(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(demo, "build_demo_checkpoint",
