@@ -569,10 +569,11 @@ def _response_format(value: object) -> dict | None:
 _STRUCTURED_NOOPS = ("disable_any_whitespace", "disable_fallback")
 
 
-def _structured_output(body: dict) -> StructuredOutput | None:
+def _structured_output(body: dict, response_format: dict | None) -> StructuredOutput | None:
     """vLLM's structured outputs, from `structured_outputs` or the top-level `guided_*` fields:
-    at most one. What qwen-jax cannot do (a grammar, a whitespace pattern) is refused rather
-    than ignored, so no client takes free text for constrained output."""
+    at most one, and not beside a (non-text) `response_format`. What qwen-jax cannot do (a
+    grammar, a whitespace pattern) is refused rather than ignored, so no client takes free text
+    for constrained output."""
     found: list[StructuredOutput] = []
     options = body.get("structured_outputs")
     if options is not None:
@@ -597,9 +598,10 @@ def _structured_output(body: dict) -> StructuredOutput | None:
         if body.get(name) is not None:
             raise invalid_request(f"'{name}' is not supported (use guided_json, guided_regex "
                                   "or guided_choice).", name)
-    if len(found) > 1:
-        raise invalid_request(f"'{found[0].param}' and '{found[1].param}' both constrain the "
-                              "reply: give one.", found[1].param)
+    given = ["response_format"] * (response_format is not None) + [f.param for f in found]
+    if len(given) > 1:
+        raise invalid_request(f"'{given[0]}' and '{given[1]}' both constrain the reply: give "
+                              "one.", given[1])
     return found[0] if found else None
 
 
@@ -732,10 +734,7 @@ def validate_chat_request(
             "and 'tool_choice'.", legacy
         )
     response_format = _response_format(body.get("response_format"))
-    structured_output = _structured_output(body)
-    if response_format is not None and structured_output is not None:
-        raise invalid_request(f"'response_format' and '{structured_output.param}' both "
-                              "constrain the reply: give one.", structured_output.param)
+    structured_output = _structured_output(body, response_format)
     return ChatRequest(
         model=model,
         messages=messages,
