@@ -268,10 +268,12 @@ class ChatRequest:
     top_logprobs: int
     user: str | None
     # vLLM's sampling extensions: stop at these ids too; never stop at EOS; no stop (token or
-    # string) before this many tokens (clamped to max_tokens).
+    # string) before this many tokens (clamped to max_tokens); keep the stop string's or stop
+    # token's text at the end of the output.
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None
 
     @property
@@ -309,6 +311,7 @@ class ChatRequest:
             "stop_token_ids": list(self.stop_token_ids) or None,
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
         }
         so = self.structured_output
         if so is not None:
@@ -756,6 +759,9 @@ def validate_chat_request(
         stop_token_ids=_stop_token_ids(body.get("stop_token_ids"), vocab_limit),
         ignore_eos=_optional_bool(body.get("ignore_eos"), "ignore_eos", False),
         min_tokens=get("min_tokens") or 0,
+        include_stop_str_in_output=_optional_bool(
+            body.get("include_stop_str_in_output"), "include_stop_str_in_output", False
+        ),
         structured_output=structured_output,
     )
 

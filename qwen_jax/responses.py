@@ -96,8 +96,10 @@ def choice(
     tool_calls: list | None,
     finish_reason: str,
     logprobs: dict | None,
+    stop_reason: int | str | None = None,
 ) -> dict:
-    """One element of a chat.completion's `choices`."""
+    """One element of a chat.completion's `choices`; `stop_reason` is vLLM's: the stop string
+    or stop_token_ids id that ended the choice (None for the model's end of turn)."""
     _check_finish_reason(finish_reason, allow_none=False)
     message: dict = {"role": "assistant", "content": content, "refusal": None}
     if tool_calls:
@@ -107,6 +109,7 @@ def choice(
         "message": message,
         "logprobs": logprobs,
         "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
     }
 
 
@@ -124,10 +127,15 @@ def completion_response(
     }
 
 
-def chunk_choice(index: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
-    """One element of a chunk's `choices`; `delta` holds role/content/tool_calls as they arrive."""
+def chunk_choice(index: int, delta: dict, finish_reason: str | None = None, logprobs=None,
+                 *, stop_reason: int | str | None = None) -> dict:
+    """One element of a chunk's `choices`; `delta` holds role/content/tool_calls as they arrive.
+    The chunk that ends a choice also carries vLLM's `stop_reason` (see `choice`)."""
     _check_finish_reason(finish_reason, allow_none=True)
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    out = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    if finish_reason is not None:
+        out["stop_reason"] = stop_reason
+    return out
 
 
 def chunk(

@@ -136,6 +136,11 @@ class ChoiceState:
     top_logprobs: int
     token_text: TokenText | None
     min_tokens: int = 0  # stop strings are not matched in the text of the first min_tokens
+    # The request's stop_token_ids (vLLM's): the choice's last token, whose text is dropped
+    # unless include_stop (as vLLM does); the EOS ids are never text.
+    stop_ids: frozenset[int] = frozenset()
+    include_stop: bool = False
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it
     text: str = ""  # everything emitted so far (after stop strings), tool-call markup included
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -167,7 +172,9 @@ class ChoiceState:
         if token is None:
             return [], False
         self.completion_tokens += 1
-        if token in self.eos_ids:
+        if token in self.stop_ids:
+            self.stop_reason = token
+        if token in self.eos_ids or (token in self.stop_ids and not self.include_stop):
             return [], False  # counts in usage, is not text
         if self.want_logprobs and self.token_text is not None:
             alts = list(top or ())[: self.top_logprobs]
@@ -209,6 +216,8 @@ class ChoiceState:
             deltas, hit = self._push(self.detok.finish(), end=True)
             if hit and reason == "length":
                 reason = "stop"
+        if self.stops.matched is not None:
+            self.stop_reason = self.stops.matched
         if reason == "cancelled":
             reason = "stop"
         if self.made_tool_calls and reason == "stop":
@@ -437,7 +446,8 @@ class App:
             detok=self.tokenizer.detokenizer(skip_special_tokens=True),
             # Grammar-constrained output (JSON modes, forced calls) ends where its grammar does:
             # a stop string would cut it short and still say "stop", as if it were complete.
-            stops=StopStringMatcher(() if constrained else req.stop),
+            stops=StopStringMatcher(() if constrained else req.stop,
+                                    include=req.include_stop_str_in_output),
             tool_parser=StreamingToolCallParser(tools, max_calls=req.max_tool_calls)
             if parse_tools else None,
             markup=MarkupSplitter() if parse_tools else None,
@@ -446,6 +456,9 @@ class App:
             top_logprobs=req.top_logprobs,
             token_text=self.token_text if req.logprobs else None,
             min_tokens=req.min_tokens,
+            stop_ids=frozenset(req.stop_token_ids) - (frozenset() if req.ignore_eos
+                                                      else self.eos_ids),
+            include_stop=req.include_stop_str_in_output,
         )
 
     @staticmethod
@@ -486,7 +499,8 @@ class App:
             reason = st.finish_reason
             if calls and reason == "stop":
                 reason = "tool_calls"
-            choices.append(responses.choice(st.index, content, calls, reason, st.take_logprobs()))
+            choices.append(responses.choice(st.index, content, calls, reason, st.take_logprobs(),
+                                            st.stop_reason))
         completion = sum(st.completion_tokens for st in states)
         meta["completion"] = completion
         return responses.completion_response(
@@ -513,7 +527,8 @@ class App:
                         yield responses.sse_event(st.error_object().to_dict())
                         break
                     yield event([responses.chunk_choice(st.index, {}, st.finish_reason,
-                                                        st.take_logprobs(null_if_none=True))])
+                                                        st.take_logprobs(null_if_none=True),
+                                                        stop_reason=st.stop_reason)])
             else:
                 meta["completion"] = sum(st.completion_tokens for st in states)
                 if req.include_usage:

@@ -3,8 +3,8 @@
 Generated text arrives as deltas that can split a stop string anywhere ("<|im" + "_end|>").
 `StopStringMatcher` emits only text that can no longer become part of a stop string: the longest
 tail of the pending text that is a prefix of some stop string is held back until the next delta
-decides it. The text ends where the first stop string to complete begins; the stop string itself
-and everything after it are never emitted.
+decides it. The text ends where the first stop string to complete begins (or, with `include`,
+where it ends: vLLM's include_stop_str_in_output); everything after it is never emitted.
 
 Why holding back the longest such tail is enough: if a stop string started inside already-emitted
 text, the emitted part of it would have been a tail of the emitted text that is a prefix of that
@@ -20,13 +20,15 @@ from collections.abc import Sequence
 class StopStringMatcher:
     """Incremental matcher: `push` deltas, emit what it returns, `flush` at the end."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include: bool = False) -> None:
         # Empty stop strings would match before any text; the request validator rejects them,
         # here they are simply ignored.
         self.stops: tuple[str, ...] = tuple(dict.fromkeys(s for s in stops if s))
+        self.include = include
         self._max_hold = max((len(s) - 1 for s in self.stops), default=0)
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, text_delta: str) -> tuple[str, bool]:
         """Add generated text; return (text safe to emit now, whether a stop string was hit)."""
@@ -38,11 +40,12 @@ class StopStringMatcher:
         # The stop that completes first ends the text (ties: the one starting first). Generation
         # cannot know about a longer stop that would complete later, so "first" means first to
         # end; this also makes the result independent of how the text was split into deltas.
-        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
+        hits = [(i + len(s), i, s) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
+            end, start, self.matched = min(hits)
             self._pending = ""
             self.stopped = True
-            return text[: min(hits)[1]], True
+            return text[: end if self.include else start], True
         hold = self._held_tail_length(text)
         self._pending = text[len(text) - hold :]
         return text[: len(text) - hold], False

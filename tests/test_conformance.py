@@ -150,6 +150,7 @@ def valid_requests(draw, model: str) -> dict:
                 "stop_token_ids": st.lists(st.integers(0, 100), max_size=3),
                 "ignore_eos": st.booleans(),
                 "min_tokens": st.integers(0, 8),
+                "include_stop_str_in_output": st.booleans(),
             },
         )
     )
@@ -226,6 +227,7 @@ INVALID = [
     ("stop_token_ids", _set("stop_token_ids", "7"), 400),
     ("ignore_eos", _set("ignore_eos", "yes"), 400),
     ("min_tokens", _set("min_tokens", -1), 400),
+    ("include_stop_str_in_output", _set("include_stop_str_in_output", 1), 400),
     ("functions", _set("functions", [WEATHER["function"]]), 400),
     ("messages", _set("messages", []), 400),
     ("messages", _set("messages", "hello"), 400),

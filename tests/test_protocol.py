@@ -162,15 +162,20 @@ def test_fields_are_carried():
 
 
 def test_vllm_extensions_are_carried_and_checked():
-    r = ok(stop_token_ids=[7, 3.0, 7], ignore_eos=True, min_tokens=4)
+    r = ok(stop_token_ids=[7, 3.0, 7], ignore_eos=True, min_tokens=4,
+           include_stop_str_in_output=True)
     assert (r.stop_token_ids, r.ignore_eos, r.min_tokens) == ((7, 3), True, 4)
+    assert r.include_stop_str_in_output is True
     assert (ok().stop_token_ids, ok().ignore_eos, ok().min_tokens) == ((), False, 0)
+    assert ok().include_stop_str_in_output is ok(include_stop_str_in_output=None).\
+        include_stop_str_in_output is False
     for fields, param in (({"stop_token_ids": 5}, "stop_token_ids"),
                           ({"stop_token_ids": [-1]}, "stop_token_ids"),
                           ({"stop_token_ids": [True]}, "stop_token_ids"),
                           ({"stop_token_ids": [1.5]}, "stop_token_ids"),
                           ({"stop_token_ids": [0] * 1025}, "stop_token_ids"),
                           ({"ignore_eos": 1}, "ignore_eos"),
+                          ({"include_stop_str_in_output": "no"}, "include_stop_str_in_output"),
                           ({"min_tokens": -1}, "min_tokens"),
                           ({"min_tokens": 2.5}, "min_tokens")):
         assert err({**BASE, **fields}).param == param
@@ -464,6 +469,10 @@ valid_fields = st.fixed_dictionaries(
         "response_format": st.sampled_from(
             [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {}}}]
         ),
+        "stop_token_ids": st.lists(st.integers(0, 151664), max_size=3, unique=True),
+        "ignore_eos": st.booleans(),
+        "min_tokens": st.integers(0, 100),
+        "include_stop_str_in_output": st.booleans(),
     },
 )
 

@@ -62,6 +62,7 @@ class FakeEngine:
         self.finish = "stop"
         self.error_at = None
         self.raise_on_submit: Exception | None = None
+        self.end_with: list[int] | None = None  # the last tokens (default: EOS for a stop)
         self.requests, self.handles = [], []
 
     def submit(self, req):
@@ -69,6 +70,7 @@ class FakeEngine:
             raise self.raise_on_submit
         self.requests.append(req)
         eos = [self.tok.eos_token_ids[0]] if self.finish == "stop" else []
+        eos = eos if self.end_with is None else self.end_with
         script = [self.tok.encode(self.texts[i % len(self.texts)]) + eos for i in range(req.n)]
         handle = FakeHandle(script, self.finish, self.error_at)
         self.handles.append(handle)
@@ -781,6 +783,53 @@ def test_vllm_stop_extensions_reach_the_engine(app, engine, qwen_tokenizer):
         assert call(app, body=req(**fields))[0] == 200
         sent = engine.requests[-1]
         assert set(sent.stop_token_ids) == stops and sent.min_tokens == min_tokens
+
+
+def reply_and_stream(app, **fields) -> tuple[dict, dict, list]:
+    """The JSON reply's first choice, the stream's final chunk choice, the streamed text."""
+    whole = json.loads(call(app, body=req(**fields))[2])["choices"][0]
+    events = sse(call(app, body=req(stream=True, **fields))[2])
+    last = [c for ev in events[:-1] for c in ev["choices"] if c["finish_reason"]]
+    assert len(last) == 1
+    return whole, last[0], [streamed_content(events)[0]]
+
+
+def test_a_stop_token_ids_token_ends_the_reply_without_its_text(app, engine, qwen_tokenizer):
+    """As vLLM: the stop token counts in usage but its text is not in the reply unless
+    include_stop_str_in_output; stop_reason names it (and is null for the model's EOS)."""
+    hello, world = qwen_tokenizer.encode("Hello world")
+    engine.texts, engine.end_with = ["Hello"], [world]
+    for include, text in ((False, "Hello"), (True, "Hello world")):
+        fields = {"stop_token_ids": [world], "include_stop_str_in_output": include}
+        whole, last, streamed = reply_and_stream(app, **fields)
+        assert whole["message"]["content"] == text and streamed == [text]
+        assert whole["finish_reason"] == last["finish_reason"] == "stop"
+        assert whole["stop_reason"] == last["stop_reason"] == world
+        body = json.loads(call(app, body=req(logprobs=True, **fields))[2])
+        assert body["usage"]["completion_tokens"] == 2
+        tokens = [e["token"] for e in body["choices"][0]["logprobs"]["content"]]
+        assert "".join(tokens) == text
+    engine.end_with = None  # the model's end of turn, listed or not (vLLM checks EOS first)
+    eos = qwen_tokenizer.eos_token_ids[0]
+    for ids in ([world], [world, eos]):
+        whole, last, _ = reply_and_stream(app, stop_token_ids=ids)
+        assert whole["stop_reason"] is last["stop_reason"] is None
+        assert whole["message"]["content"] == "Hello"
+    whole, last, _ = reply_and_stream(app, stop_token_ids=[eos], ignore_eos=True)
+    assert whole["stop_reason"] == last["stop_reason"] == eos
+
+
+def test_stop_reason_names_the_stop_string_and_include_keeps_it(app, engine):
+    engine.texts = ["Hello world, again"]
+    for include, text in ((False, "Hello "), (True, "Hello wor")):
+        whole, last, streamed = reply_and_stream(app, stop=["xyz", "wor", "again"],
+                                                 include_stop_str_in_output=include)
+        assert whole["message"]["content"] == text and streamed == [text]
+        assert whole["stop_reason"] == last["stop_reason"] == "wor"
+    engine.finish = "length"
+    whole, last, _ = reply_and_stream(app, stop=["xyz"])
+    assert (whole["finish_reason"], whole["stop_reason"]) == ("length", None)
+    assert (last["finish_reason"], last["stop_reason"]) == ("length", None)
 
 
 @pytest.mark.parametrize("min_tokens, content", [(0, "Hell"), (1, "Hello w"),

@@ -109,3 +109,23 @@ def test_non_ascii_stop():
     m = StopStringMatcher(["。\n"])
     assert m.push("你好。") == ("你好", False)
     assert m.push("\n再见") == ("", True)
+
+
+@given(split_text(), stop_lists)
+def test_with_include_the_text_ends_after_the_first_stop_and_names_it(split, stops):
+    """vLLM's include_stop_str_in_output: the same cut, moved past the stop string that made it."""
+    text, deltas = split
+    hits = [(i + len(s), i, s) for s in stops if (i := text.find(s)) >= 0]
+    m = StopStringMatcher(stops, include=True)
+    emitted, stopped = "", False
+    for delta in deltas:
+        out, stopped = m.push(delta)
+        emitted += out
+        if stopped:
+            break
+    if hits:
+        end, _, stop = min(hits)
+        assert stopped and emitted == text[:end] and m.matched == stop
+    else:
+        assert not stopped and m.matched is None
+        assert emitted + m.flush() == text
