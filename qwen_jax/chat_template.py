@@ -18,7 +18,10 @@ the same conversation. It works in two steps:
      `<|im_start|>{role}\\n{content}<|im_end|>\\n`;
    - assistant tool calls: one `<tool_call>` block per call after the (optional) content;
    - consecutive `tool` messages: one `user` turn of `<tool_response>` blocks;
-   - `add_generation_prompt`: `<|im_start|>assistant\\n`.
+   - `add_generation_prompt`: `<|im_start|>assistant\\n`;
+   - `continue_final_message` (a "prefill" of the reply): the text ends right after the last
+     message's content, its turn left open for the model to continue (as transformers does it:
+     render with a marker after that content, then cut at the marker).
 """
 
 from __future__ import annotations
@@ -193,14 +196,28 @@ def render_tool_call(name: str, arguments: Any) -> str:
     return f'<tool_call>\n{{"name": "{name}", "arguments": {tojson(arguments)}}}\n</tool_call>'
 
 
+# Put after the content to continue. Messages may hold it too: the cut is at the last one, and
+# after the final message's content comes only template text (or tools as JSON, NUL escaped).
+CONTINUE_MARKER = "\x00continue here\x00"
+
+
 def render_chat(
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> str:
     """The Qwen2.5-Instruct prompt for an OpenAI conversation (raises ChatTemplateError)."""
     msgs = normalize_messages(messages)
     tool_list = _normalize_tools(tools)
+    if continue_final_message:
+        msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] + CONTINUE_MARKER}
+        rendered = _render(msgs, tool_list, add_generation_prompt=False)
+        return rendered[: rendered.rindex(CONTINUE_MARKER)]
+    return _render(msgs, tool_list, add_generation_prompt)
+
+
+def _render(msgs: list[dict], tool_list: list[dict], add_generation_prompt: bool) -> str:
     first_is_system = msgs[0]["role"] == "system"
     system = msgs[0]["content"] if first_is_system else DEFAULT_SYSTEM_PROMPT
 

@@ -274,6 +274,10 @@ class ChatRequest:
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    # vLLM's chat-template extensions: end the prompt with the assistant's turn opened (default),
+    # or leave the last message open for the model to continue (a prefilled reply).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     structured_output: StructuredOutput | None = None
 
     @property
@@ -312,6 +316,8 @@ class ChatRequest:
             "ignore_eos": self.ignore_eos,
             "min_tokens": self.min_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
         }
         so = self.structured_output
         if so is not None:
@@ -736,8 +742,18 @@ def validate_chat_request(
             f"'{legacy}' (OpenAI's deprecated function calling) is not supported: use 'tools' "
             "and 'tool_choice'.", legacy
         )
+    _refuse_unsupported(body)
     response_format = _response_format(body.get("response_format"))
     structured_output = _structured_output(body, response_format)
+    add_generation_prompt = _optional_bool(body.get("add_generation_prompt"),
+                                           "add_generation_prompt", True)
+    continue_final_message = _optional_bool(body.get("continue_final_message"),
+                                            "continue_final_message", False)
+    if continue_final_message and body.get("add_generation_prompt") is True:
+        raise invalid_request(  # vLLM's words: the two ask for different prompt ends
+            "Cannot set both 'continue_final_message' and 'add_generation_prompt' to true.",
+            "continue_final_message",
+        )
     return ChatRequest(
         model=model,
         messages=messages,
@@ -762,8 +778,36 @@ def validate_chat_request(
         include_stop_str_in_output=_optional_bool(
             body.get("include_stop_str_in_output"), "include_stop_str_in_output", False
         ),
+        add_generation_prompt=add_generation_prompt and not continue_final_message,
+        continue_final_message=continue_final_message,
         structured_output=structured_output,
     )
+
+
+# Options of OpenAI's or vLLM's API that this server cannot honour, with the values that ask for
+# nothing: ignoring them would answer something other than what was asked, so they are a 400.
+# (Unknown fields and hints such as `store`, `prediction` or `service_tier` are ignored.)
+UNSUPPORTED: dict[str, tuple] = {
+    "echo": (None, False),  # vLLM: prepend the last message to the reply
+    "use_beam_search": (None, False),  # vLLM
+    "best_of": (None, 1),  # vLLM
+    "prompt_logprobs": (None,),  # vLLM
+    "chat_template": (None,),  # vLLM: a template sent with the request
+    "audio": (None,),  # OpenAI: spoken replies
+    "modalities": (None, ["text"]),
+}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name, accepted in UNSUPPORTED.items():
+        value = body.get(name)
+        # JSON equality, as the spec's enums: 1.0 is 1, but true is not 1 nor false 0.
+        if not any(value == a and isinstance(value, bool) == isinstance(a, bool)
+                   for a in accepted):
+            shown = json.dumps(value, ensure_ascii=False)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise invalid_request(f"'{name}' is not supported by this server (got {shown}).",
+                                  name)
 
 
 def resolve_max_tokens(requested: int | None, prompt_tokens: int, max_model_len: int) -> int:

@@ -376,7 +376,9 @@ class App:
         )
         tools = list(req.tools) if req.tools else None
         try:
-            prompt = render_chat(list(req.messages), tools=tools, add_generation_prompt=True)
+            prompt = render_chat(list(req.messages), tools=tools,
+                                 add_generation_prompt=req.add_generation_prompt,
+                                 continue_final_message=req.continue_final_message)
         except ChatTemplateError as e:
             param = getattr(e, "param", None) or "messages"
             raise protocol.invalid_request(str(e), param) from None

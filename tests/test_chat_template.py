@@ -293,12 +293,13 @@ def official(shared_reference):
     utils = pytest.importorskip("transformers.utils.chat_template_utils")
     source = (shared_reference / "qwen2.5-instruct-chat-template.jinja").read_text(encoding="utf-8")
 
-    def render(messages, tools, add_generation_prompt):
+    def render(messages, tools, add_generation_prompt, continue_final_message=False):
         rendered, _ = utils.render_jinja_template(
             [messages],
             tools=tools,
             chat_template=source,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
         )
         return rendered[0]
 
@@ -307,12 +308,17 @@ def official(shared_reference):
 
 @pytest.mark.needs_shared
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(messages=_conversation(), tools=_tools(), add_generation_prompt=st.booleans())
-def test_matches_official_template(official, messages, tools, add_generation_prompt):
+@given(messages=_conversation(), tools=_tools(), add_generation_prompt=st.booleans(),
+       continue_final_message=st.booleans())
+def test_matches_official_template(official, messages, tools, add_generation_prompt,
+                                   continue_final_message):
     # The oracle gets the normalised messages (text parts joined, developer->system, arguments
-    # parsed): the official template cannot read OpenAI's shapes itself.
-    expected = official(normalize_messages(messages), tools, add_generation_prompt)
-    assert render_chat(messages, tools, add_generation_prompt) == expected
+    # parsed): the official template cannot read OpenAI's shapes itself. Continuing the final
+    # message leaves no generation prompt (transformers cuts the text after that message).
+    expected = official(normalize_messages(messages), tools, add_generation_prompt,
+                        continue_final_message)
+    assert render_chat(messages, tools, add_generation_prompt,
+                       continue_final_message) == expected
 
 
 @pytest.mark.needs_shared

@@ -473,6 +473,8 @@ valid_fields = st.fixed_dictionaries(
         "ignore_eos": st.booleans(),
         "min_tokens": st.integers(0, 100),
         "include_stop_str_in_output": st.booleans(),
+        "add_generation_prompt": st.booleans(),
+        "continue_final_message": st.booleans(),
     },
 )
 
@@ -483,7 +485,11 @@ def test_valid_requests_round_trip(fields):
         fields["logprobs"] = True
     if "stream_options" in fields:  # only valid on a stream
         fields["stream"] = True
+    if fields.get("continue_final_message"):  # not with a generation prompt asked for
+        fields.pop("add_generation_prompt", None)
     r = ok(**fields)
+    assert r.add_generation_prompt == (fields.get("add_generation_prompt", True)
+                                       and not fields.get("continue_final_message", False))
     for name in ("temperature", "top_p", "top_k", "min_p", "seed"):
         if name in fields:
             assert getattr(r.sampling, name) == fields[name]

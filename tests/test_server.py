@@ -832,6 +832,42 @@ def test_stop_reason_names_the_stop_string_and_include_keeps_it(app, engine):
     assert (last["finish_reason"], last["stop_reason"]) == ("length", None)
 
 
+def test_the_prompt_ends_as_add_generation_prompt_and_continue_final_message_ask(
+        app, engine, qwen_tokenizer):
+    """vLLM's chat-template switches reach the prompt: a prefilled reply is continued."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, 4"}]
+    for fields, end in (({}, "Sure, 4<|im_end|>\n<|im_start|>assistant\n"),
+                        ({"add_generation_prompt": False}, "Sure, 4<|im_end|>\n"),
+                        ({"continue_final_message": True}, "<|im_start|>assistant\nSure, 4"),
+                        ({"continue_final_message": True, "add_generation_prompt": False},
+                         "<|im_start|>assistant\nSure, 4")):
+        body = json.loads(call(app, body=req(messages=messages, **fields))[2])
+        prompt = qwen_tokenizer.decode(list(engine.requests[-1].prompt_ids),
+                                       skip_special_tokens=False)
+        assert prompt.endswith(end), (fields, prompt[-40:])
+        assert body["choices"][0]["message"]["content"] == "Hello world"
+    status, _, raw = call(app, body=req(messages=messages, continue_final_message=True,
+                                        add_generation_prompt=True))
+    assert status == 400 and json.loads(raw)["error"]["param"] == "continue_final_message"
+
+
+@pytest.mark.parametrize("field, value", [("echo", True), ("use_beam_search", True),
+                                          ("best_of", 2), ("prompt_logprobs", 1),
+                                          ("chat_template", "{{ messages }}"),
+                                          ("audio", {"voice": "alloy", "format": "wav"}),
+                                          ("modalities", ["text", "audio"])])
+def test_options_the_server_cannot_honour_are_refused_not_ignored(app, engine, field, value):
+    status, _, raw = call(app, body=req(**{field: value}))
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == field and "not supported" in error["message"]
+    assert engine.requests == []
+    # The values that ask for nothing are fine.
+    accepted = {"echo": False, "use_beam_search": False, "best_of": 1,
+                "modalities": ["text"]}.get(field)
+    assert call(app, body=req(**{field: accepted}))[0] == 200
+    assert len(engine.requests) == 1
+
+
 @pytest.mark.parametrize("min_tokens, content", [(0, "Hell"), (1, "Hello w"),
                                                  (2, "Hello world")])
 def test_stop_strings_wait_for_min_tokens(app, engine, min_tokens, content):

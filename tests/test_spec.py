@@ -218,7 +218,9 @@ json_values = st.one_of(
 SCHEMA_FIELDS = sorted(
     set(REQUEST) - {"model", "messages", "tools", "tool_choice", "response_format", "top_logprobs",
                     # one at most, and a schema may come as JSON text
-                    "structured_outputs", "guided_json", "guided_regex", "guided_choice"}
+                    "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                    # not with add_generation_prompt true
+                    "continue_final_message"}
 )
 
 
