@@ -11,7 +11,10 @@ QUANTIZE_HELP = ("int8: weight-only int8 with per-row scales (half the bytes of 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qwen_jax import __version__
+
     parser = argparse.ArgumentParser(prog="qwen-jax", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the OpenAI Chat Completions API")

@@ -74,6 +74,9 @@ def resolve_model_dir(model: str, cache: Path | None = None) -> Path:
 
     Raises ModelNotFoundError with the command that downloads the model.
     """
+    if not model.strip():  # Path("") is the working directory
+        raise ModelNotFoundError(f"--model is empty: give a snapshot directory, a hub id like "
+                                 f"{DEFAULT_MODEL_ID} or 'demo'")
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

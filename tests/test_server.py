@@ -1043,6 +1043,19 @@ def test_missing_model_names_the_download_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(hub.ModelNotFoundError, match="is a file"):
         hub.resolve_model_dir("plain/model.bin", tmp_path)
+    # An empty --model (an unset shell variable) is not the working directory.
+    (tmp_path / "config.json").write_text("{}")
+    for empty in ("", " "):
+        with pytest.raises(hub.ModelNotFoundError, match="--model is empty"):
+            hub.resolve_model_dir(empty, tmp_path)
+
+
+def test_version_flag(capsys):
+    from qwen_jax import __version__, cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"qwen-jax {__version__}"
 
 
 def test_serve_missing_model_exits_cleanly(tmp_path):
