@@ -60,11 +60,14 @@ def build_hf_checkpoint(
     cfg = Qwen2Config(**{**TINY_HF_CONFIG, **overrides})
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg).to(torch.float32).eval()
-    # transformers initialises biases to zero; random biases make the q/k/v-bias path testable.
+    # transformers initialises biases to zero and RMSNorm weights to one; random values make the
+    # q/k/v-bias path and every norm's scale (input, post-attention, final) testable.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.02)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path

@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import platform
 import threading
+import time
 import weakref
 from functools import partial
 
@@ -311,6 +312,58 @@ def test_queue_bound_and_cancel_frees_slot(params):
         assert [e.finish_reason for e in d.events(timeout=TIMEOUT)] == ["cancelled"]
         c.cancel()
         collect(c)
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("queue_size", [0, 1])
+def test_a_request_that_free_slots_take_does_not_count_as_waiting(params, queue_size):
+    """With one of four slots busy and the engine held (so nothing is admitted), a request of
+    exactly the three free slots is accepted even with queue_size 0, and the next request counts
+    as the only one waiting: queue_size 1 accepts it, a third is refused."""
+    eng = Engine(params, CFG, max_slots=4, max_len=64, vocab_limit=250, queue_size=queue_size)
+    try:
+        busy = eng.submit(request(max_tokens=60))
+        assert next(busy.events(timeout=TIMEOUT)).finish_reason is None  # holds one slot
+        with eng._device_lock:  # the engine thread stops before its next call
+            time.sleep(0.3)  # ... once it has gone round its loop (admitting nothing new)
+            fits = eng.submit(request(max_tokens=3, n=3))
+            later = []
+            if queue_size:
+                later.append(eng.submit(request(max_tokens=3)))
+            with pytest.raises(QueueFullError):
+                eng.submit(request(max_tokens=3))
+        busy.cancel()
+        for h in [fits, *later]:
+            assert all(evs[-1].finish_reason == "length" for evs in collect(h).values())
+    finally:
+        eng.close()
+
+
+def test_cancelling_one_choice_of_a_waiting_request_serves_the_others(params):
+    eng = Engine(params, CFG, max_slots=2, max_len=64, vocab_limit=250)
+    try:
+        busy = eng.submit(request(max_tokens=60, n=2))
+        next(busy.events(timeout=TIMEOUT))  # busy holds both slots: the next request waits
+        waiting = eng.submit(request(max_tokens=4, n=2))
+        waiting.cancel(1)
+        time.sleep(0.2)  # the engine sees the cancel while the request still waits
+        busy.cancel()
+        evs = collect(waiting)
+        assert [e.finish_reason for e in evs[1]] == ["cancelled"]
+        assert tokens(evs[0]) == argmax_continuation(params, (1, 2, 3), 4)
+    finally:
+        eng.close()
+
+
+def test_a_freed_row_goes_back_to_greedy(params):
+    """A row freed by a sampled request gets greedy parameters again before the next decode,
+    so idle rows never force the batch onto the sampling path."""
+    eng = Engine(params, CFG, max_slots=2, max_len=64, vocab_limit=250)
+    try:
+        run(eng, sampling=SAMPLED, max_tokens=4, n=2)
+        run(eng, max_tokens=4)  # one greedy row decodes beside the freed one
+        assert np.all(np.asarray(eng.sbatch.temperature) == 0.0)
     finally:
         eng.close()
 

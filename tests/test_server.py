@@ -161,7 +161,8 @@ def test_stop_strings_streamed_and_not(qwen_tokenizer, text, stop):
     assert stop not in "".join(
         c["delta"].get("content") or "" for ev in events[:-1] for c in ev["choices"])
     if cut >= 0:
-        assert engine.handles[-1].cancelled  # the choice was cancelled at the stop string
+        # The choice was cancelled at the stop string (the final cancel() adds None).
+        assert 0 in engine.handles[-1].cancelled
 
 
 def test_stream_shape_n2_and_usage(app, engine):
@@ -169,7 +170,11 @@ def test_stream_shape_n2_and_usage(app, engine):
     events = sse(call(app, body=req(n=2, stream=True, stream_options={"include_usage": True}))[2])
     assert events[-1] == "[DONE]"
     usage = events[-2]
-    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+    assert usage["choices"] == []
+    n_text = sum(len(engine.tok.encode(t)) + 1 for t in engine.texts)  # + EOS each
+    u = usage["usage"]
+    assert (u["prompt_tokens"], u["completion_tokens"], u["total_tokens"]) == (
+        len(engine.requests[-1].prompt_ids), n_text, len(engine.requests[-1].prompt_ids) + n_text)
     assert streamed_content(events) == {0: "one two", 1: "three"}
     firsts = {}
     finals = {}
@@ -180,6 +185,18 @@ def test_stream_shape_n2_and_usage(app, engine):
             finals[c["index"]] = c["finish_reason"]
     assert all(d.get("role") == "assistant" for d in firsts.values())
     assert finals == {0: "stop", 1: "stop"}
+
+
+def test_a_choice_the_engine_cancels_ends_with_stop(app, engine):
+    """The engine cancels what it still holds when it closes (server shutdown): the client gets
+    the text so far and finish_reason "stop", not an error or an unknown reason."""
+    engine.finish = "cancelled"
+    body = json.loads(call(app, body=req())[2])
+    assert body["choices"][0]["message"]["content"] == "Hello world"
+    assert body["choices"][0]["finish_reason"] == "stop"
+    events = sse(call(app, body=req(stream=True))[2])
+    assert [c["finish_reason"] for ev in events[:-1] for c in ev["choices"]
+            if c["finish_reason"]] == ["stop"]
 
 
 def test_disconnect_cancels_the_request(app, engine, caplog):
