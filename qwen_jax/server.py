@@ -453,7 +453,9 @@ class App:
             tool_parser=StreamingToolCallParser(tools, max_calls=req.max_tool_calls)
             if parse_tools else None,
             markup=MarkupSplitter() if parse_tools else None,
-            eos_ids=self.eos_ids,
+            # With ignore_eos an end-of-turn token is just a token: it has a logprobs entry
+            # (and no text, being special) like any other.
+            eos_ids=frozenset() if req.ignore_eos else self.eos_ids,
             want_logprobs=req.logprobs,
             top_logprobs=req.top_logprobs,
             token_text=self.token_text if req.logprobs else None,

@@ -836,6 +836,22 @@ def test_a_stop_token_ids_token_ends_the_reply_without_its_text(app, engine, qwe
     assert whole["stop_reason"] == last["stop_reason"] == eos
 
 
+def test_with_ignore_eos_an_end_of_turn_mid_reply_has_a_logprobs_entry(app, engine,
+                                                                        qwen_tokenizer):
+    """ignore_eos: the model's end-of-turn token is generated past; like every generated token it
+    counts in usage and gets a logprobs entry, and, being special, adds no text."""
+    eos = qwen_tokenizer.eos_token_ids[0]
+    again = qwen_tokenizer.encode(" again")
+    engine.finish, engine.end_with = "length", [eos, *again]
+    n = len(qwen_tokenizer.encode("Hello world")) + 1 + len(again)
+    body = json.loads(call(app, body=req(ignore_eos=True, logprobs=True))[2])
+    (choice,) = body["choices"]
+    assert choice["message"]["content"] == "Hello world again"
+    entries = choice["logprobs"]["content"]
+    assert body["usage"]["completion_tokens"] == len(entries) == n
+    assert entries[n - 1 - len(again)]["token"] == qwen_tokenizer.decode([eos])
+
+
 def test_stop_reason_names_the_stop_string_and_include_keeps_it(app, engine):
     engine.texts = ["Hello world, again"]
     for include, text in ((False, "Hello "), (True, "Hello wor")):
