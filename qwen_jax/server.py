@@ -410,13 +410,11 @@ class App:
         states = [self._choice_state(i, req, tools, constraints is not None)
                   for i in range(req.n)]
         cid, created = responses.new_completion_id(), int(time.time())
-        if req.stream:
-            return 200, [], self._stream(handle, states, req, cid, created, len(prompt_ids), meta)
-        done = threading.Event()
         gone = environ.get(CLIENT_GONE)
-        if gone is not None:
-            threading.Thread(target=_cancel_when_gone, args=(handle, gone, done),
-                             daemon=True).start()
+        if req.stream:
+            return 200, [], self._stream(handle, states, req, cid, created, len(prompt_ids), meta,
+                                         gone)
+        done = _watch_client(handle, gone)
         try:
             return 200, [], _json_bytes(
                 self._complete(handle, states, req, cid, created, len(prompt_ids), meta)
@@ -511,8 +509,10 @@ class App:
             cid, created, self.served_model_name, choices, responses.usage(n_prompt, completion)
         )
 
-    def _stream(self, handle, states, req, cid, created, n_prompt, meta) -> Iterator[bytes]:
+    def _stream(self, handle, states, req, cid, created, n_prompt, meta,
+                gone: Callable[[], bool] | None = None) -> Iterator[bytes]:
         model = self.served_model_name
+        done = _watch_client(handle, gone)
 
         def event(choices: list[dict], usage: dict | None = None) -> bytes:
             return responses.sse_event(responses.chunk(cid, created, model, choices, usage,
@@ -540,6 +540,7 @@ class App:
             yield responses.sse_event("[DONE]")
         finally:
             # Also runs on GeneratorExit when the client disconnects: free the rows at once.
+            done.set()
             handle.cancel()
             meta["completion"] = sum(st.completion_tokens for st in states)  # for the log line
 
@@ -547,10 +548,20 @@ class App:
 CLIENT_POLL_S = 0.25
 
 
+def _watch_client(handle, client_gone: Callable[[], bool] | None) -> threading.Event:
+    """Watch the client's socket until the returned event is set (see _cancel_when_gone)."""
+    done = threading.Event()
+    if client_gone is not None:
+        threading.Thread(target=_cancel_when_gone, args=(handle, client_gone, done),
+                         daemon=True).start()
+    return done
+
+
 def _cancel_when_gone(handle, client_gone: Callable[[], bool], done: threading.Event) -> None:
-    """A JSON (non-streamed) reply sends nothing until it is complete, so a client that gives up
-    (a timeout, Ctrl-C) is noticed only by watching its socket: cancel its rows at once rather
-    than generating to max_tokens for nobody. (A stream notices at its next write.)"""
+    """A JSON reply sends nothing until it is complete, and a stream nothing while its request
+    waits in the queue or is prefilled, so a client that gives up (a timeout, Ctrl-C) is
+    noticed only by watching its socket: cancel its rows (or its place in the queue) at once
+    rather than generating to max_tokens for nobody, or holding a place others are refused."""
     while not done.wait(CLIENT_POLL_S):
         if client_gone():
             log.info("client closed the connection: request cancelled")

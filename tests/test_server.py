@@ -565,6 +565,49 @@ class SlowHandle(FakeHandle):
             yield ev
 
 
+class QueuedHandle(FakeHandle):
+    """A request that waits in the engine's queue until it is cancelled."""
+
+    def __init__(self):
+        super().__init__([[]], "cancelled")
+        self.released = threading.Event()
+
+    def events(self):
+        self.released.wait(30)
+        yield TokenEvent(0, None, None, (), "cancelled")
+
+    def cancel(self, choice=None):
+        super().cancel(choice)
+        self.released.set()
+
+
+def test_a_client_that_hangs_up_on_a_queued_stream_gives_up_its_place(engine, qwen_tokenizer):
+    """A stream sends its role chunk, then nothing while its request waits for a slot: the
+    server watches the socket, so a client that leaves frees its place in the queue (which
+    would otherwise turn others away with 429s) instead of holding it until admitted."""
+    handles = []
+
+    def submit(request):
+        handles.append(QueuedHandle())
+        return handles[-1]
+
+    engine.submit = submit
+    app = make_app(engine, qwen_tokenizer, MODEL, 10**6)
+    body = json.dumps(req(stream=True)).encode()
+    with http_server(app) as server:
+        s = socket.create_connection(server.server_address[:2], timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert s.recv(64).startswith(b"HTTP/1.0 200")
+        time.sleep(0.5)
+        assert handles and not handles[0].cancelled  # connected and waiting: kept
+        s.close()
+        t0 = time.monotonic()
+        while not handles[0].cancelled:
+            assert time.monotonic() - t0 < 3, "the abandoned stream kept its queue place"
+            time.sleep(0.01)
+
+
 @pytest.mark.parametrize("how", ["close", "reset"])
 def test_a_client_that_hangs_up_on_a_json_reply_has_its_request_cancelled(engine, qwen_tokenizer,
                                                                           how):
