@@ -24,6 +24,7 @@ import re
 import select
 import socket
 import socketserver
+import sys
 from collections.abc import Callable
 from functools import partial
 from http import HTTPStatus
@@ -154,6 +155,19 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     # reset or timed out before the accept loop reached them. Queue them (the kernel caps this
     # at net.core.somaxconn); past the engine's queue they get a 429, not a dead socket.
     request_queue_size = socket.SOMAXCONN
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """An exception that escaped the handler, in the log rather than on stderr: a client that
+        times out or drops the connection before its request is read (no app has run, so there
+        is nobody to answer) is one line; anything else keeps its traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, TimeoutError):
+            log.warning("client %s sent no complete request in time: connection closed",
+                        client_address[0])
+        elif isinstance(exc, ConnectionError):
+            log.info("client %s dropped the connection: %s", client_address[0], exc)
+        else:
+            log.exception("error handling a request from %s", client_address[0])
 
 
 # Seconds a connection may sit without sending or taking a byte: a client that announces a body

@@ -458,6 +458,31 @@ def http_server(app, *, start: bool = True, host: str = "127.0.0.1", **kw):
         server.server_close()
 
 
+@pytest.mark.parametrize("how", ["timeout", "reset"])
+def test_a_client_that_leaves_mid_headers_is_a_log_line_not_a_traceback(app, engine, how,
+                                                                        caplog, capfd):
+    """The request line and headers are read before the app runs; a client that stalls or
+    resets there is logged in one line (socketserver printed a traceback to stderr)."""
+    caplog.set_level("INFO", "qwen_jax.server")
+    with http_server(app, socket_timeout=0.3) as server:
+        s = socket.create_connection(server.server_address[:2], timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: appl")
+        if how == "reset":
+            time.sleep(0.05)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        expected = "sent no complete request" if how == "timeout" else "dropped the connection"
+        deadline = time.monotonic() + 10
+        while not any(expected in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.02)
+        if how == "timeout":
+            assert s.recv(1024) == b""  # closed by the server, without an answer
+            s.close()
+    assert "Traceback" not in capfd.readouterr().err
+    assert not engine.requests
+
+
 def test_serves_on_an_ipv6_address(app):
     """--host ::1 (the CORS default allows [::1] pages): an IPv6 socket, not an IPv4 error."""
     try:
