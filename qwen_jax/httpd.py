@@ -25,6 +25,7 @@ import select
 import socket
 import socketserver
 import sys
+import threading
 from collections.abc import Callable
 from functools import partial
 from http import HTTPStatus
@@ -148,6 +149,12 @@ def _read_chunked(stream: Any, limit: int) -> bytes:
     return bytes(body)
 
 
+# Connections served at once (a thread each). Requests past the engine's slots and queue get
+# a quick 429, so only a flood of idle or slow connections reaches this: past it a new
+# connection gets a 503 at once instead of one more thread.
+MAX_CONNECTIONS = 1024
+
+
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a stuck client never blocks shutdown
     allow_reuse_address = True
@@ -155,6 +162,30 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     # reset or timed out before the accept loop reached them. Queue them (the kernel caps this
     # at net.core.somaxconn); past the engine's queue they get a 429, not a dead socket.
     request_queue_size = socket.SOMAXCONN
+    max_connections = MAX_CONNECTIONS
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._open, self._open_lock = 0, threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            full = self._open >= self.max_connections
+            self._open += not full
+        if full:
+            log.warning("%d connections open: refused one from %s with a 503",
+                        self.max_connections, client_address[0])
+            _refuse_busy(request, self.max_connections)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open -= 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """An exception that escaped the handler, in the log rather than on stderr: a client that
@@ -168,6 +199,21 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
             log.info("client %s dropped the connection: %s", client_address[0], exc)
         else:
             log.exception("error handling a request from %s", client_address[0])
+
+
+def _refuse_busy(sock: socket.socket, limit: int) -> None:
+    """Answer 503 without reading the request (on the accept thread: never block it)."""
+    body = json.dumps(protocol.too_many_connections(limit).to_dict()).encode()
+    head = (b"HTTP/1.0 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+    try:
+        sock.setblocking(False)
+        sock.send(head + body)  # a few hundred bytes: the socket's buffer takes them at once
+        # Unread request bytes would make close() send a reset, which can beat the answer.
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
 
 
 # Seconds a connection may sit without sending or taking a byte: a client that announces a body
@@ -254,11 +300,13 @@ class RequestHandler(WSGIRequestHandler):
 
 
 def make_server(app: Callable, host: str, port: int, *,
-                socket_timeout: float = SOCKET_TIMEOUT_S) -> ThreadingWSGIServer:
+                socket_timeout: float = SOCKET_TIMEOUT_S,
+                max_connections: int = MAX_CONNECTIONS) -> ThreadingWSGIServer:
     handler = type("Handler", (RequestHandler,), {"timeout": socket_timeout})
     # An IPv6 address (--host ::1, --host ::) needs an IPv6 socket; socketserver makes IPv4 ones.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("Server", (ThreadingWSGIServer,), {"address_family": family})
+    server_class = type("Server", (ThreadingWSGIServer,),
+                        {"address_family": family, "max_connections": max_connections})
     server = server_class((host, port), handler)
     server.set_app(app)
     return server

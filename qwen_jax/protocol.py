@@ -171,6 +171,16 @@ def queue_full() -> APIError:
     )
 
 
+def too_many_connections(limit: int) -> APIError:
+    return APIError(
+        503,
+        f"The server is busy: {limit} connections are open. Retry later.",
+        "server_error",
+        None,
+        "too_many_connections",
+    )
+
+
 def server_error(
     message: str = "The server had an error while processing your request.",
 ) -> APIError:

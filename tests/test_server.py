@@ -483,6 +483,44 @@ def test_a_client_that_leaves_mid_headers_is_a_log_line_not_a_traceback(app, eng
     assert not engine.requests
 
 
+def test_connections_past_the_limit_get_a_503_at_once(app, engine):
+    """Each connection holds a thread: past max_connections a new one is answered 503 (an
+    OpenAI error object) without a thread, and served again once one closes."""
+    body = json.dumps(req()).encode()
+    post = (b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer sekrit\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    def answer(s) -> bytes:
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        return reply
+
+    with http_server(app, max_connections=2) as server:
+        addr = server.server_address[:2]
+        idle = [socket.create_connection(addr, timeout=10) for _ in range(2)]
+        time.sleep(0.2)  # both accepted (and waiting for a request line)
+        with socket.create_connection(addr, timeout=10) as s:
+            s.sendall(post)
+            head, _, raw = answer(s).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 503") and b"Retry-After: 1" in head
+        err = json.loads(raw)["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["code"] == "too_many_connections" and err["type"] == "server_error"
+        assert not engine.requests
+        idle[0].close()
+        deadline = time.monotonic() + 5
+        while True:  # the closed connection's thread ends and frees its place
+            with socket.create_connection(addr, timeout=10) as s:
+                s.sendall(post)
+                head = answer(s).partition(b"\r\n\r\n")[0]
+            if head.startswith(b"HTTP/1.0 200"):
+                break
+            assert time.monotonic() < deadline, head
+            time.sleep(0.05)
+        idle[1].close()
+
+
 def test_serves_on_an_ipv6_address(app):
     """--host ::1 (the CORS default allows [::1] pages): an IPv6 socket, not an IPv4 error."""
     try:
