@@ -8,7 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen_jax.chat_template import ChatTemplateError, normalize_messages, render_chat
+from qwen_jax.chat_template import (
+    CONTINUE_MARKER,
+    ChatTemplateError,
+    normalize_messages,
+    render_chat,
+)
 
 DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -86,6 +91,29 @@ def test_tools_section():
     assert rendered.endswith(
         "</tool_call><|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+@pytest.mark.parametrize("arguments", ["", "  \n"])
+def test_empty_arguments_string_renders_as_an_empty_object(arguments):
+    """Clients send "" for a call without arguments: not JSON, yet it means no arguments, {}."""
+    def render(args: str) -> str:
+        return render_chat([{"role": "user", "content": "q"}, {
+            "role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "now", "arguments": args}}]}])
+
+    assert render(arguments) == render("{}")
+    assert '{"name": "now", "arguments": {}}' in render(arguments)
+
+
+def test_continue_final_message_cuts_at_the_final_messages_marker():
+    """The prompt is cut at the last marker: an earlier message holding the marker's own text,
+    or the final message's text, stays whole, and the final turn is left open."""
+    early = f"see {CONTINUE_MARKER} here"
+    messages = [{"role": "user", "content": early}, {"role": "assistant", "content": "Sure, 4"},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "Sure, 4"}]
+    full = render_chat(messages, add_generation_prompt=False)
+    assert render_chat(messages, continue_final_message=True) == full.removesuffix("<|im_end|>\n")
+    assert f"<|im_start|>user\n{early}<|im_end|>\n" in full
 
 
 @pytest.mark.parametrize(

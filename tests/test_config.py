@@ -87,6 +87,41 @@ def test_presets_round_trip_through_hf_dict_and_transformers(name):
     assert hf.rope_parameters["rope_theta"] == cfg.rope_theta
 
 
+def test_absent_keys_take_qwen2config_defaults():
+    """A config.json may leave these out: rope_theta 10000 (with or without YaRN) and untied
+    embeddings, as transformers' Qwen2Config reads the same file."""
+    from transformers import Qwen2Config
+
+    d = {k: v for k, v in QWEN25_7B_INSTRUCT.items()
+         if k not in ("rope_theta", "tie_word_embeddings")}
+    cfg = QwenConfig.from_hf_dict(d)
+    hf = Qwen2Config.from_dict(d)
+    assert cfg.rope_theta == hf.rope_parameters["rope_theta"] == 10000.0
+    assert cfg.tie_word_embeddings is hf.tie_word_embeddings is False
+    yarn = QwenConfig.from_hf_dict({**d, "rope_scaling": YARN_4X})
+    assert yarn.rope_theta == 10000.0 and yarn.rope_scaling.factor == 4.0
+
+
+@pytest.mark.parametrize("kv", ["absent", None])
+def test_no_num_key_value_heads_means_multi_head_attention(kv):
+    """Without a key/value head count every query head has its own (Qwen2Config's documented
+    fallback, which transformers applies to a null; an absent key there takes its class default
+    32, which 28 query heads could not use)."""
+    d = {k: v for k, v in QWEN25_7B_INSTRUCT.items() if k != "num_key_value_heads"}
+    if kv is None:
+        d["num_key_value_heads"] = None
+    cfg = QwenConfig.from_hf_dict(d)
+    assert cfg.num_key_value_heads == cfg.num_attention_heads == 28 and cfg.num_groups == 1
+
+
+@pytest.mark.parametrize("beta", [0, None])
+def test_yarn_zero_or_null_betas_take_the_defaults(beta):
+    """transformers reads `beta_fast or 32`, `beta_slow or 1`: a 0 or null is the default."""
+    rope = {**YARN_4X, "beta_fast": beta, "beta_slow": beta}
+    s = QwenConfig.from_hf_dict({**QWEN25_7B_INSTRUCT, "rope_scaling": rope}).rope_scaling
+    assert (s.beta_fast, s.beta_slow) == (32.0, 1.0)
+
+
 def test_yarn_round_trip():
     cfg = PRESETS["7b"].replace(
         rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=32768))
@@ -123,6 +158,7 @@ def test_demo_preset_is_small_with_the_real_vocab():
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
     ({"rope_scaling": {"type": "yarn"}}, "factor"),
     ({"num_key_value_heads": 5}, "divisible"),
+    ({"hidden_size": 84}, "head_dim 3 must be even"),  # 28 heads of 3: half-split RoPE cannot
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"hidden_size": -4}, "hidden_size"),
     ({"vocab_size": None}, "vocab_size"),

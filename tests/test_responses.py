@@ -137,6 +137,29 @@ def test_logprobs_bytes_and_clamping():
     json.dumps(out, allow_nan=False)
 
 
+def test_nan_logprob_is_reported_as_the_minimum():
+    """NaN (a broken logit) cannot go out as JSON; like -inf it reads as OpenAI's -9999."""
+    out = R.logprobs_content([("a", float("nan"), None, [("a", float("nan")), ("b", -1e30)])])
+    assert_valid("Logprobs", out)
+    (entry,) = out["content"]
+    assert entry["logprob"] == R.MIN_LOGPROB
+    assert [t["logprob"] for t in entry["top_logprobs"]] == [R.MIN_LOGPROB, R.MIN_LOGPROB]
+    json.dumps(out, allow_nan=False)
+
+
+def test_chunk_stop_reason_only_on_the_finishing_chunk():
+    """vLLM's `stop_reason` rides on the chunk that ends a choice (null for an end of turn);
+    chunks before it carry no such key, whatever stop_reason is passed."""
+    middle = R.chunk_choice(0, {"content": "a"}, stop_reason="END")
+    assert "stop_reason" not in middle
+    assert R.chunk_choice(0, {}, "stop", stop_reason="END")["stop_reason"] == "END"
+    assert R.chunk_choice(0, {}, "stop", stop_reason=7)["stop_reason"] == 7
+    end_of_turn = R.chunk_choice(0, {}, "stop")
+    assert "stop_reason" in end_of_turn and end_of_turn["stop_reason"] is None
+    for c in (middle, end_of_turn):
+        assert_valid("ChatCompletionChunk", R.chunk("chatcmpl-s", 1, "m", [c]))
+
+
 def test_finish_reasons_match_spec():
     spec_enum = SPEC["components"]["schemas"]["Choice"]["properties"]["finish_reason"]["enum"]
     assert set(R.FINISH_REASONS) == set(spec_enum)

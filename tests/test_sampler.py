@@ -163,6 +163,24 @@ def test_ties_at_a_cut_off_are_all_kept(candidates):
     assert kept[4:] == [{0}, {0, 1, 2, 3}, set(range(8)), set(range(LIMIT))]
 
 
+@pytest.mark.parametrize("candidates", [4, S.CANDIDATES])
+def test_top_p_drops_a_token_whose_preceding_mass_equals_top_p(candidates):
+    """vLLM keeps a token only while the mass before it is strictly below top_p. Probabilities
+    0.5, 0.25, 0.125, 0.125 are exact in float32, so top_p = 0.5 sits exactly on a prefix mass:
+    the 0.5 token alone is kept. top_k=5 > candidates=4 sends rows to the radix-select path."""
+    ln2 = np.float32(math.log(2))
+    row = np.full(V, -np.inf, np.float32)
+    row[:4] = [0, -ln2, -2 * ln2, -2 * ln2]
+    probs = np.exp(row[:4] - jax.nn.logsumexp(jnp.asarray(row)))
+    assert np.cumsum(probs, dtype=np.float32).tolist() == [0.5, 0.75, 0.875, 1.0]  # exact
+    rows = [SamplingParams(top_p=q, top_k=k) for k in (0, 5) for q in (0.5, 0.75, 0.6, 1.0)]
+    z = np.asarray(S.sampling_logits(jnp.asarray(rep(row[None])), S.make_sampling_batch(rows, V),
+                                     S.init_penalty_state(ROWS, V), jnp.ones((ROWS, V), bool),
+                                     vocab_limit=LIMIT, candidates=candidates))
+    kept = [set(np.nonzero(np.isfinite(r))[0]) for r in z]
+    assert kept == [{0}, {0, 1}, {0, 1}, {0, 1, 2, 3}] * 2
+
+
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(rows=st.lists(params(), min_size=ROWS, max_size=ROWS), data_seed=st.integers(0, 2**32 - 1))
 def test_penalties_bias_and_mask_match_numpy(rows, data_seed):
