@@ -13,7 +13,9 @@ and replies:
 - what `http.server` refuses before the app runs (a malformed request line, too many or too
   long headers, a URL over 64 KiB, conflicting Content-Length headers) is an OpenAI error object
   with a status line, not its HTML page, and a warning in the log;
-- each socket read or write may wait at most SOCKET_TIMEOUT_S.
+- each socket read or write may wait at most SOCKET_TIMEOUT_S, and the whole request must
+  arrive within REQUEST_DEADLINE_S;
+- at most MAX_CONNECTIONS connections are served at once (a 503 past that).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ CLIENT_GONE = "qwen_jax.client_gone"
 # the client asked with `Expect: 100-continue`): called once the body is wanted, after the
 # checks that could refuse the request without it.
 SEND_CONTINUE = "qwen_jax.send_continue"
+# The environ key of a callable the app calls once it has read the request body (read_body
+# does): from then on the request deadline (REQUEST_DEADLINE_S) no longer applies.
+REQUEST_READ = "qwen_jax.request_read"
 
 
 def socket_closed(sock: socket.socket) -> bool:
@@ -58,6 +63,13 @@ def socket_closed(sock: socket.socket) -> bool:
 def read_body(environ: dict[str, Any], limit: int) -> bytes:
     """The request body, by Content-Length or chunked, at most `limit` bytes; protocol errors
     (400, 411, 413) otherwise."""
+    try:
+        return _read_body(environ, limit)
+    finally:
+        environ.get(REQUEST_READ, _nothing)()  # the reply is not bound by the read deadline
+
+
+def _read_body(environ: dict[str, Any], limit: int) -> bytes:
     send_continue = environ.get(SEND_CONTINUE, _nothing)
     encoding = environ.get("HTTP_TRANSFER_ENCODING", "").strip().lower()
     if encoding:
@@ -221,6 +233,10 @@ def _refuse_busy(sock: socket.socket, limit: int) -> None:
 # this instead of holding them for ever. Generating a reply sends nothing for a while and does
 # not count: the clock runs only inside a socket read or write.
 SOCKET_TIMEOUT_S = 60.0
+# Seconds a client has to send its whole request (line, headers, body) once connected: the
+# per-read timeout alone lets a client that trickles a byte now and then hold its connection,
+# and enough of them every connection (MAX_CONNECTIONS), for ever.
+REQUEST_DEADLINE_S = 120.0
 
 
 class _ErrorLog:
@@ -246,6 +262,26 @@ class RequestHandler(WSGIRequestHandler):
     """wsgiref's handler with what it leaves out (module docstring); one request per
     connection."""
 
+    request_deadline = REQUEST_DEADLINE_S
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(self.request_deadline, self._request_too_slow)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _request_too_slow(self) -> None:
+        log.warning("client %s did not send its request within %g s: connection closed",
+                    self.client_address[0], self.request_deadline)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # the app logs one line per request itself
 
@@ -255,6 +291,7 @@ class RequestHandler(WSGIRequestHandler):
     def get_environ(self) -> dict[str, Any]:
         environ = super().get_environ()
         environ[CLIENT_GONE] = partial(socket_closed, self.connection)
+        environ[REQUEST_READ] = self._deadline.cancel
         if self.headers.get("Content-Type") is None:
             environ["CONTENT_TYPE"] = ""  # wsgiref fills in text/plain; say it was missing
         # An HTTP/1.1 client that asks before sending its body (curl does above 1 MiB) would
@@ -301,8 +338,10 @@ class RequestHandler(WSGIRequestHandler):
 
 def make_server(app: Callable, host: str, port: int, *,
                 socket_timeout: float = SOCKET_TIMEOUT_S,
+                request_deadline: float = REQUEST_DEADLINE_S,
                 max_connections: int = MAX_CONNECTIONS) -> ThreadingWSGIServer:
-    handler = type("Handler", (RequestHandler,), {"timeout": socket_timeout})
+    handler = type("Handler", (RequestHandler,),
+                   {"timeout": socket_timeout, "request_deadline": request_deadline})
     # An IPv6 address (--host ::1, --host ::) needs an IPv6 socket; socketserver makes IPv4 ones.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     server_class = type("Server", (ThreadingWSGIServer,),

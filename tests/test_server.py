@@ -483,6 +483,38 @@ def test_a_client_that_leaves_mid_headers_is_a_log_line_not_a_traceback(app, eng
     assert not engine.requests
 
 
+@pytest.mark.parametrize("stage", ["headers", "body"])
+def test_a_request_trickled_in_past_the_deadline_is_dropped(app, engine, stage, caplog):
+    """A byte every 0.1 s never trips the per-read timeout, but the whole request must arrive
+    within the request deadline: then the connection is closed, and its thread freed."""
+    caplog.set_level("INFO", "qwen_jax.server")
+    body = json.dumps(req()).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer sekrit\r\nContent-Length: %d\r\n\r\n" % len(body))
+    sent, trickle = (b"", head) if stage == "headers" else (head, body)
+    with http_server(app, socket_timeout=5, request_deadline=0.6) as server:
+        with socket.create_connection(server.server_address[:2], timeout=10) as s:
+            s.sendall(sent)
+            t0 = time.monotonic()
+            with pytest.raises(OSError):  # a broken pipe or a reset, once the server closed
+                for byte in trickle:
+                    s.sendall(bytes([byte]))
+                    time.sleep(0.1)
+                    assert time.monotonic() - t0 < 5, "the trickled request was never dropped"
+        assert any("did not send its request within 0.6 s" in r.getMessage()
+                   for r in caplog.records)
+        # Once the body is read the deadline is off: a reply may take longer (here 1 s).
+        token = engine.tok.encode("a")[0]
+        engine.submit = lambda request: SlowHandle(token, count=100)
+        with socket.create_connection(server.server_address[:2], timeout=10) as s:
+            s.sendall(head + body)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.0 200")
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["usage"]["completion_tokens"] == 100
+
+
 def test_connections_past_the_limit_get_a_503_at_once(app, engine):
     """Each connection holds a thread: past max_connections a new one is answered 503 (an
     OpenAI error object) without a thread, and served again once one closes."""
@@ -617,8 +649,8 @@ def test_a_client_that_stops_reading_a_stream_has_its_choice_cancelled(engine, q
 class SlowHandle(FakeHandle):
     """One token every 10 ms for 100 s unless cancelled; counts what it yielded."""
 
-    def __init__(self, token: int):
-        super().__init__([[token] * 10_000], "length")
+    def __init__(self, token: int, count: int = 10_000):
+        super().__init__([[token] * count], "length")
         self.yielded = 0
 
     def events(self):
