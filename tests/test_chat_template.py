@@ -318,7 +318,7 @@ def _tools(draw):
 @pytest.fixture(scope="module")
 def official(shared_reference):
     """The official template rendered by transformers' own Jinja renderer."""
-    utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    from transformers.utils import chat_template_utils as utils
     source = (shared_reference / "qwen2.5-instruct-chat-template.jinja").read_text(encoding="utf-8")
 
     def render(messages, tools, add_generation_prompt, continue_final_message=False):

@@ -14,11 +14,10 @@ import threading
 import time
 
 import jsonschema
+import openai
 import pytest
 
 from qwen_jax.chat_template import render_chat
-
-openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.slow  # starts a server (compile) the first time
 
@@ -94,7 +93,7 @@ def test_non_streaming_shape_and_usage(client, live_server, qwen_tokenizer):
 
 def test_prompt_token_count_matches_official_template(client, live_server, qwen_tokenizer,
                                                       shared_reference):
-    utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    from transformers.utils import chat_template_utils as utils
     source = (shared_reference / "qwen2.5-instruct-chat-template.jinja").read_text()
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo 👋"}]
     rendered, _ = utils.render_jinja_template([msgs], chat_template=source,
@@ -312,7 +311,7 @@ LONG_HISTORY = [
                          ids=["short", "chunked"])
 def test_greedy_matches_transformers(client, live_server, served_checkpoint, qwen_tokenizer,
                                      msgs):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import Qwen2ForCausalLM
 
     # Prompt rendered by our render_chat (its byte-equality with the official template is
