@@ -458,6 +458,21 @@ def http_server(app, *, start: bool = True, host: str = "127.0.0.1", **kw):
         server.server_close()
 
 
+def raw_post(body: bytes, *, auth: bool = True) -> bytes:
+    """An HTTP/1.0 POST of `body` to /v1/chat/completions, as bytes for a raw socket."""
+    return (b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            + (b"Authorization: Bearer sekrit\r\n" if auth else b"")
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    reply = b""
+    while chunk := sock.recv(4096):
+        reply += chunk
+    return reply
+
+
 @pytest.mark.parametrize("how", ["timeout", "reset"])
 def test_a_client_that_leaves_mid_headers_is_a_log_line_not_a_traceback(app, engine, how,
                                                                         caplog, capfd):
@@ -489,8 +504,7 @@ def test_a_request_trickled_in_past_the_deadline_is_dropped(app, engine, stage, 
     within the request deadline: then the connection is closed, and its thread freed."""
     caplog.set_level("INFO", "qwen_jax.server")
     body = json.dumps(req()).encode()
-    head = (b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer sekrit\r\nContent-Length: %d\r\n\r\n" % len(body))
+    head = raw_post(body).removesuffix(body)
     sent, trickle = (b"", head) if stage == "headers" else (head, body)
     with http_server(app, socket_timeout=5, request_deadline=0.6) as server:
         with socket.create_connection(server.server_address[:2], timeout=10) as s:
@@ -508,9 +522,7 @@ def test_a_request_trickled_in_past_the_deadline_is_dropped(app, engine, stage, 
         engine.submit = lambda request: SlowHandle(token, count=100)
         with socket.create_connection(server.server_address[:2], timeout=10) as s:
             s.sendall(head + body)
-            reply = b""
-            while chunk := s.recv(4096):
-                reply += chunk
+            reply = read_reply(s)
         assert reply.startswith(b"HTTP/1.0 200")
         assert json.loads(reply.partition(b"\r\n\r\n")[2])["usage"]["completion_tokens"] == 100
 
@@ -519,22 +531,14 @@ def test_connections_past_the_limit_get_a_503_at_once(app, engine):
     """Each connection holds a thread: past max_connections a new one is answered 503 (an
     OpenAI error object) without a thread, and served again once one closes."""
     body = json.dumps(req()).encode()
-    post = (b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer sekrit\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-
-    def answer(s) -> bytes:
-        reply = b""
-        while chunk := s.recv(4096):
-            reply += chunk
-        return reply
-
+    post = raw_post(body)
     with http_server(app, max_connections=2) as server:
         addr = server.server_address[:2]
         idle = [socket.create_connection(addr, timeout=10) for _ in range(2)]
         time.sleep(0.2)  # both accepted (and waiting for a request line)
         with socket.create_connection(addr, timeout=10) as s:
             s.sendall(post)
-            head, _, raw = answer(s).partition(b"\r\n\r\n")
+            head, _, raw = read_reply(s).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.0 503") and b"Retry-After: 1" in head
         err = json.loads(raw)["error"]
         assert set(err) == {"message", "type", "param", "code"}
@@ -545,7 +549,7 @@ def test_connections_past_the_limit_get_a_503_at_once(app, engine):
         while True:  # the closed connection's thread ends and frees its place
             with socket.create_connection(addr, timeout=10) as s:
                 s.sendall(post)
-                head = answer(s).partition(b"\r\n\r\n")[0]
+                head = read_reply(s).partition(b"\r\n\r\n")[0]
             if head.startswith(b"HTTP/1.0 200"):
                 break
             assert time.monotonic() < deadline, head
@@ -607,9 +611,7 @@ def test_a_body_that_never_arrives_is_a_400_not_a_stuck_thread(app, engine, half
         if half_close:
             s.shutdown(socket.SHUT_WR)
         t0 = time.monotonic()
-        reply = b""
-        while chunk := s.recv(4096):
-            reply += chunk
+        reply = read_reply(s)
         waited = time.monotonic() - t0
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 400")
@@ -738,11 +740,8 @@ def test_a_client_that_hangs_up_on_a_json_reply_has_its_request_cancelled(engine
         engine.submit = FakeEngine.submit.__get__(engine)
         engine.texts = ["still here"]
         with socket.create_connection(server.server_address[:2], timeout=10) as s2:
-            s2.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json"
-                       b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            reply = b""
-            while chunk := s2.recv(4096):
-                reply += chunk
+            s2.sendall(raw_post(body, auth=False))
+            reply = read_reply(s2)
         answer = json.loads(reply.partition(b"\r\n\r\n")[2])
         assert answer["choices"][0]["message"]["content"] == "still here"
 
