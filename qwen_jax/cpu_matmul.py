@@ -9,8 +9,12 @@ compiled HLO; tests/test_decode_paths.py checks the programs and the numerics):
 All three accumulate in float32 and round once, like torch's bf16 linear.
 
 Which one is fastest depends on the CPU (measured, benchmarks/README.md):
-- AVX2 only (an AMD EPYC Zen 3 VM): YNNPACK's bf16 matmul runs at 35-45 GFLOP/s, so the
-  emitter wins up to 4 rows, YNNPACK from 5 to 64 rows, the converting float32 matmul beyond.
+- AVX2 only (AMD EPYC VMs): YNNPACK's bf16 matmul runs at 35-50 GFLOP/s, so the emitter wins
+  up to 4 rows, YNNPACK from 5 to 64 rows, the converting float32 matmul beyond. But a row
+  rounds differently through YNNPACK than through the emitter, so a seeded request would decode
+  differently alone than beside 4 or more others: the AVX2 plan keeps the emitter up to 8 rows
+  (the default --max-num-seqs; an 8-row 0.5B decode step 302 instead of 187 ms), and
+  `avx2-batched` (chosen only by QWEN_JAX_CPU_MATMUL) takes YNNPACK from 5 rows.
 - AVX512-BF16 / AMX (an Intel Xeon VM): YNNPACK reaches ~650 GFLOP/s from 256 rows and reads a
   weight faster than the emitter even for one row padded to four (24 gate_proj matrices of the
   0.5B shape: 12.7 vs 15.1 ms); a 512-row product is 3.2x faster than converting. So every bf16
@@ -62,10 +66,22 @@ class CpuMatmulPlan:
     int8_matvec_max_rows: int
     int8_dot_bf16: bool
 
+    def invariant_rows(self, int8: bool = False) -> int | None:
+        """Up to how many rows a product multiplies each row as it would alone (None: any
+        number), so that a seeded request decodes the same alone and in batches of up to that
+        many rows: the rows of one path (per-row products, YNNPACK's, exact int8 sums) do not
+        depend on how many there are, but two paths round differently."""
+        if int8:
+            return self.int8_dot_int8_max_rows or self.int8_matvec_max_rows
+        return self.matvec_max_rows or self.dot_max_rows
 
-AVX2 = CpuMatmulPlan("avx2", matvec_max_rows=4, dot_min_rows=1, dot_max_rows=64,
+
+AVX2 = CpuMatmulPlan("avx2", matvec_max_rows=8, dot_min_rows=1, dot_max_rows=64,
                      column_blocks=True, int8_dot_int8_max_rows=0, int8_matvec_max_rows=8,
                      int8_dot_bf16=False)
+# Opt-in only (not detected): 8 streams of bf16 decode faster, and not batch-invariant beyond 4
+# rows (see the module docstring).
+AVX2_BATCHED = dataclasses.replace(AVX2, name="avx2-batched", matvec_max_rows=4)
 AVX512_BF16 = CpuMatmulPlan("avx512-bf16", matvec_max_rows=0, dot_min_rows=4, dot_max_rows=None,
                             column_blocks=False, int8_dot_int8_max_rows=64,
                             int8_matvec_max_rows=0, int8_dot_bf16=True)
@@ -75,7 +91,8 @@ AVX512_BF16_MATVEC = dataclasses.replace(AVX512_BF16, name="avx512-bf16-matvec",
                                          matvec_max_rows=1, dot_min_rows=1, column_blocks=True)
 # Detected on AVX512-BF16 CPUs without AMX: one row padded to 2 for YNNPACK (faster on a Zen 5).
 AVX512_BF16_NO_AMX = dataclasses.replace(AVX512_BF16, name="avx512-bf16-no-amx", dot_min_rows=2)
-PLANS = {p.name: p for p in (AVX2, AVX512_BF16, AVX512_BF16_NO_AMX, AVX512_BF16_MATVEC)}
+PLANS = {p.name: p for p in (AVX2, AVX2_BATCHED, AVX512_BF16, AVX512_BF16_NO_AMX,
+                             AVX512_BF16_MATVEC)}
 
 # Set from QWEN_JAX_CPU_MATMUL (a plan name) or the CPU's flags on first use.
 _plan: CpuMatmulPlan | None = None

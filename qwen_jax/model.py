@@ -289,7 +289,13 @@ def _attend_in_chunks(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, rows
             jnp.zeros((b, kv, groups, t, 1), jnp.float32),
             jnp.zeros((b, kv, groups, t, hd), jnp.float32))
     _, total, acc = jax.lax.fori_loop(0, chunks, step, init)
-    return (acc / total).astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
+    # Divided as [B, T, H*hd] arrays, so that o_proj's input is written out in that shape: XLA
+    # fuses a reshape of [B, KV, G, T, hd] into the product, which LLVM then vectorised with
+    # two accumulators instead of four (another order of the sum) for one row but not for a
+    # row sliced out of a batch: a request rounded differently alone and beside others.
+    acc = acc.transpose(0, 3, 1, 2, 4).reshape(b, t, -1)
+    total = jnp.repeat(total.transpose(0, 3, 1, 2, 4).reshape(b, t, -1), hd, axis=-1)
+    return (acc / total).astype(dtype)
 
 
 def _qkv(x: jax.Array, p: LayerParams, cos: jax.Array, sin: jax.Array, cfg: QwenConfig):

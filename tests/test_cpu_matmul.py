@@ -79,3 +79,35 @@ def test_use_plan_retraces_and_restores():
         assert takes_library_matmul() == (other.matvec_max_rows < 1)
     assert cpu_matmul.cpu_plan() is before
     assert takes_library_matmul() == (before.matvec_max_rows < 1)
+
+
+def test_invariant_rows_by_plan():
+    """Which decode batches each plan keeps batch-invariant (the real-width engine test runs
+    where this is 8 or more): the AVX2 plan up to 8 rows of bf16, its opt-in batched variant up
+    to 4; YNNPACK's plans any number (int8 up to its 64 rows of exact int8 products)."""
+    got = {name: (plan.invariant_rows(), plan.invariant_rows(int8=True))
+           for name, plan in PLANS.items()}
+    assert got == {"avx2": (8, 8), "avx2-batched": (4, 8), "avx512-bf16": (None, 64),
+                   "avx512-bf16-no-amx": (None, 64), "avx512-bf16-matvec": (1, 64)}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the plan applies to the CPU backend")
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_rows_round_as_alone_up_to_invariant_rows(name):
+    """A bf16 product's row is bit-identical alone and in a batch of up to `invariant_rows`
+    rows; one row more (the matrix-vector plans) and some row rounds differently, as the
+    library's matmul sums in another order: the limit is real, not only cautious."""
+    plan = PLANS[name]
+    limit = plan.invariant_rows()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((9, 3584)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((2048, 3584)) * 0.02, jnp.bfloat16)
+    with use_plan(plan):
+        f = jax.jit(linear.linear)
+        alone = np.stack([np.asarray(f(x[r:r + 1], w), np.float32)[0] for r in range(9)])
+        for rows in range(2, 10):
+            same = np.array_equal(np.asarray(f(x[:rows], w), np.float32), alone[:rows])
+            if limit is None or rows <= limit:
+                assert same, rows
+            elif rows == limit + 1 and plan.matvec_max_rows:
+                assert not same, rows
