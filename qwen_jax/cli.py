@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: bfloat16 on an accelerator and on a CPU with AVX512-BF16/AMX; on other CPUs "
         "float32 when it fits in half the RAM (XLA converts bf16 weights for their long "
-        "matmuls: prefill and batches are slower)",
+        "matmuls: prefill and batches are slower; float32 decode is not batch-invariant)",
     )
     serve.add_argument("--quantize", choices=["none", "int8"], default="none",
                        help=QUANTIZE_HELP)

@@ -29,8 +29,9 @@ differ. The logits do not depend on the batch either wherever the model's arithm
 decode row's sums have an order of their own (model.fixed_order_sum: XLA's sums rounded a row
 differently with the batch's shape, and a seeded request diverged in a 4-row batch), and the
 weight products must read each row in one order for every row count. On the CPU they do for
-bf16 weights under the AVX512-BF16 plan (cpu_matmul.py: YNNPACK for every row count; under the
-AVX2 plan 1-4 rows take another path than 5+) and for int8 weights (exact integer sums, or one
+bf16 weights under the AVX512-BF16 plans (cpu_matmul.py: YNNPACK for every row count) and the
+AVX2 plan up to 8 rows (one matrix-vector product per row; the opt-in avx2-batched takes YNNPACK
+from 5 rows, which rounds differently), and for int8 weights (exact integer sums, or one
 matrix-vector product per row). They do not for float32 weights, where XLA multiplies one row
 by its matrix-vector code and 2+ rows by a matrix product: a seeded float32 request's logprobs
 differ in their last bits between a one-row call and a busy one, so a sampled reply can diverge
