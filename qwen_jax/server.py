@@ -695,6 +695,34 @@ def _cpu_plan_note() -> str:
     return f"; CPU matmul plan {cpu_plan().name} (QWEN_JAX_CPU_MATMUL overrides)"
 
 
+def batch_invariance_note(dtype: str, quantized: bool, max_slots: int,
+                          backend: str | None = None) -> str:
+    """A warning for the start-up output when a seeded request may decode differently alone
+    than in a busy batch with these settings ("" when it may not): float32 weights on the CPU,
+    more rows than the CPU plan keeps invariant (cpu_matmul.py), int8 weights on an accelerator
+    (their one-row product, engine.default_row_buckets)."""
+    import jax
+
+    from qwen_jax.cpu_matmul import cpu_plan
+
+    backend = backend or jax.default_backend()
+    why = ""
+    if backend != "cpu":
+        if quantized:
+            why = "int8 weights multiply one row by another product than a batch"
+    elif dtype == "float32" and not quantized:
+        why = "float32 weights: XLA multiplies one row and several by different products " \
+              "(--dtype bfloat16 keeps them invariant)"
+    else:
+        rows = cpu_plan().invariant_rows(quantized)
+        if rows is not None and max_slots > rows:
+            why = (f"--max-num-seqs {max_slots} is over the {rows} rows that the "
+                   f"{cpu_plan().name} CPU matmul plan multiplies alike")
+    if not why:
+        return ""
+    return f"note: a seeded request's tokens can depend on the other requests in its batch: {why}"
+
+
 def choose_dtype(requested: str, cfg: Any, backend: str | None = None,
                  ram_bytes: int | None = None) -> str:
     """Resolve `--dtype auto`: bfloat16 on an accelerator and on a CPU whose matmul plan
@@ -822,6 +850,9 @@ def serve(args: Any) -> int:
           + (", int8 weights" if is_quantized(params) else "")
           + f", {steps} decode step{'s' if steps > 1 else ''} per call" + _cpu_plan_note(),
           flush=True)
+    note = batch_invariance_note(args.dtype, is_quantized(params), args.max_num_seqs)
+    if note:
+        print(note, flush=True)
     print(f"compilation cache: {cache_dir}", flush=True)
     t = time.perf_counter()
     try:

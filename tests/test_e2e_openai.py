@@ -73,6 +73,13 @@ def test_startup_line_names_the_cpu_matmul_plan(live_server):
     # And how many decode steps each call takes.
     steps = default_steps_per_call()
     assert f", {steps} decode step{'s' if steps > 1 else ''} per call" in line, line
+    # float32 weights, 4 rows: the note on batch invariance is printed where it applies (on
+    # the CPU always: float32).
+    from qwen_jax.server import batch_invariance_note
+
+    note = batch_invariance_note("float32", False, 4)
+    assert (jax.default_backend() == "cpu") == bool(note)
+    assert (note in live_server.log()) if note else ("note: a seeded" not in live_server.log())
 
 
 def test_non_streaming_shape_and_usage(client, live_server, qwen_tokenizer):

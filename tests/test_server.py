@@ -1365,3 +1365,29 @@ def test_default_steps_per_call_by_backend():
     assert default_steps_per_call("cpu") == 1
     assert default_steps_per_call("gpu") == 8
     assert default_steps_per_call("tpu") == 8
+
+
+def test_batch_invariance_note_names_what_breaks_invariance():
+    """The start-up note appears exactly where a seeded request may decode differently in a
+    batch: float32 weights on the CPU, more rows than the plan multiplies alike, int8 weights
+    on an accelerator; not for bf16 or int8 within the plan's rows, nor bf16 on a GPU."""
+    from qwen_jax.cpu_matmul import AVX2, AVX2_BATCHED, AVX512_BF16, use_plan
+    from qwen_jax.server import batch_invariance_note
+
+    with use_plan(AVX2):
+        assert batch_invariance_note("bfloat16", False, 8, backend="cpu") == ""
+        assert batch_invariance_note("float32", True, 8, backend="cpu") == ""  # int8 weights
+        assert "float32 weights" in batch_invariance_note("float32", False, 1, backend="cpu")
+        note = batch_invariance_note("bfloat16", False, 9, backend="cpu")
+        assert "--max-num-seqs 9 is over the 8 rows" in note and "avx2 " in note
+        assert "over the 8 rows" in batch_invariance_note("bfloat16", True, 16, backend="cpu")
+    with use_plan(AVX2_BATCHED):
+        assert "over the 4 rows" in batch_invariance_note("bfloat16", False, 8, backend="cpu")
+        assert batch_invariance_note("bfloat16", False, 4, backend="cpu") == ""
+    with use_plan(AVX512_BF16):
+        assert batch_invariance_note("bfloat16", False, 256, backend="cpu") == ""
+        assert "over the 64 rows" in batch_invariance_note("bfloat16", True, 65, backend="cpu")
+    assert batch_invariance_note("bfloat16", False, 8, backend="gpu") == ""
+    assert batch_invariance_note("float32", False, 8, backend="gpu") == ""
+    note = batch_invariance_note("bfloat16", True, 8, backend="gpu")
+    assert note.startswith("note: a seeded request's tokens can depend on") and "int8" in note
