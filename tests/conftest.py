@@ -23,6 +23,16 @@ def path_rows(plan: CpuMatmulPlan) -> list[int]:
     return sorted(r for r in rows if r >= 1)
 
 
+# Plans that differ in how they multiply int8 weights (the others repeat one of these): what
+# int8 tests run under. The opt-in variants differ in their bf16 rows only.
+INT8_PLANS = sorted({(p.int8_dot_int8_max_rows, p.int8_matvec_max_rows, p.int8_dot_bf16,
+                      p.column_blocks): name for name, p in sorted(PLANS.items(), reverse=True)
+                     }.values())
+
+# Plans that differ in how they multiply a long (512-row) bf16 prompt and lay out its weights.
+PREFILL_PLANS = sorted({(p.dot_max_rows, p.column_blocks): name
+                        for name, p in sorted(PLANS.items(), reverse=True)}.values())
+
 # (plan name, rows) pairs covering every bf16 product path of every CPU plan.
 PLAN_ROWS = [(name, rows) for name, plan in PLANS.items() for rows in path_rows(plan)]
 

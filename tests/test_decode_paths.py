@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PLAN_ROWS
+from conftest import INT8_PLANS, PLAN_ROWS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -93,8 +93,8 @@ def _float_weight_copies(hlo: str, weight_sizes: set[int]) -> list[str]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU code generation")
-@pytest.mark.parametrize("plan", sorted(PLANS))
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
+@pytest.mark.parametrize("weights, plan", [("bf16", name) for name in sorted(PLANS)]
+                         + [("int8", name) for name in INT8_PLANS])
 def test_cpu_decode_step_reads_weights_without_float_copies(weights, plan):
     """A regression guard: under either CPU plan, the compiled batch-1, -4 and -8 decode steps at
     Qwen2.5-0.5B layer shapes (two layers), with bf16 or int8 weights, must not materialise a

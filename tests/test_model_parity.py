@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PREFILL_PLANS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -133,7 +134,7 @@ def test_yarn_frequencies_match_transformers(factor, original, theta, head_dim, 
     assert scale == pytest.approx(ref_scale, rel=1e-12)
 
 
-@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("plan", PREFILL_PLANS)
 def test_bfloat16_against_float32_reference(hf_checkpoint_factory, plan):
     """bf16 weights and activations vs transformers in float32 (the exact reference), under
     either CPU matmul plan (cpu_matmul.py; one backend path or the other for 512 rows).
