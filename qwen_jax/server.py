@@ -699,17 +699,21 @@ def batch_invariance_note(dtype: str, quantized: bool, max_slots: int,
                           backend: str | None = None) -> str:
     """A warning for the start-up output when a seeded request may decode differently alone
     than in a busy batch with these settings ("" when it may not): float32 weights on the CPU,
-    more rows than the CPU plan keeps invariant (cpu_matmul.py), int8 weights on an accelerator
-    (their one-row product, engine.default_row_buckets)."""
+    more rows than the CPU plan keeps invariant (cpu_matmul.py), and on an accelerator any
+    decode program with fewer rows than max_slots (engine.default_row_buckets: int8's one-row
+    program), since its products round differently by row count."""
     import jax
 
     from qwen_jax.cpu_matmul import cpu_plan
+    from qwen_jax.engine import default_row_buckets
 
     backend = backend or jax.default_backend()
     why = ""
     if backend != "cpu":
-        if quantized:
-            why = "int8 weights multiply one row by another product than a batch"
+        fewer = default_row_buckets(max_slots, quantized, backend)
+        if fewer:
+            why = (f"decode calls of {fewer} rows as well as {max_slots}"
+                   + (" (int8 weights' one-row product)" if quantized else ""))
     elif dtype == "float32" and not quantized:
         why = "float32 weights: XLA multiplies one row and several by different products " \
               "(--dtype bfloat16 keeps them invariant)"

@@ -184,11 +184,6 @@ def test_batch_invariance(engine, seed, prompt):
 
 
 
-def _invariant_up_to_8_rows(int8: bool) -> bool:
-    rows = cpu_plan().invariant_rows(int8)
-    return rows is None or rows >= 8
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU plans' products are tested; "
                     "on a GPU, benchmarks/batch_invariance.py measures it")
@@ -204,7 +199,8 @@ def test_batch_invariance_at_real_widths(weights):
     order alone than sliced out of a batch, and the request drew another token at its 39th step
     beside 1 other; and until the plan kept the matrix-vector emitter up to 8 rows, YNNPACK's
     8 rows differed from token 5."""
-    if not _invariant_up_to_8_rows(weights == "int8"):
+    rows = cpu_plan().invariant_rows(weights == "int8")
+    if rows is not None and rows < 8:
         pytest.skip(f"the {cpu_plan().name} plan is not batch-invariant up to 8 rows "
                     f"({weights} weights; cpu_matmul.py)")
     cfg = dataclasses.replace(PRESETS["0.5b"], num_hidden_layers=2)

@@ -1391,3 +1391,4 @@ def test_batch_invariance_note_names_what_breaks_invariance():
     assert batch_invariance_note("float32", False, 8, backend="gpu") == ""
     note = batch_invariance_note("bfloat16", True, 8, backend="gpu")
     assert note.startswith("note: a seeded request's tokens can depend on") and "int8" in note
+    assert batch_invariance_note("bfloat16", True, 1, backend="gpu") == ""  # one row is all
