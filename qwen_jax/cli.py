@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["auto", "bfloat16", "float32"],
         default="auto",
-        help="auto: bfloat16 on an accelerator and on a CPU with AVX512-BF16/AMX; on other CPUs "
-        "float32 when it fits in half the RAM (XLA converts bf16 weights for their long "
-        "matmuls: prefill and batches are slower; float32 decode is not batch-invariant)",
+        help="auto: bfloat16 (batch-invariant decode). float32: on CPUs without AVX512-BF16 "
+        "faster prefill and batches (XLA converts bf16 weights for long products), twice the "
+        "memory, and a request's tokens can depend on its batch",
     )
     serve.add_argument("--quantize", choices=["none", "int8"], default="none",
                        help=QUANTIZE_HELP)

@@ -727,27 +727,14 @@ def batch_invariance_note(dtype: str, quantized: bool, max_slots: int,
     return f"note: a seeded request's tokens can depend on the other requests in its batch: {why}"
 
 
-def choose_dtype(requested: str, cfg: Any, backend: str | None = None,
-                 ram_bytes: int | None = None) -> str:
-    """Resolve `--dtype auto`: bfloat16 on an accelerator and on a CPU whose matmul plan
-    multiplies bf16 natively (AVX512-BF16 / AMX, cpu_matmul.py: the 0.5B shape prefilled 1039
-    vs 392 tok/s and decoded 17.3 vs 12.8 tok/s against float32); on other CPUs, float32 when
-    its weights fit in half the RAM: there XLA converts bf16 weights to f32 for long matmuls, so
-    prefill is faster in float32 (0.5B, 512 tokens: 2.6 vs 3.7 s) and decode about even
-    (benchmarks/README.md)."""
-    if requested != "auto":
-        return requested
-    import jax
-
-    from qwen_jax.cpu_matmul import cpu_plan
-    from qwen_jax.model import param_count
-
-    backend = backend or jax.default_backend()
-    if backend != "cpu" or cpu_plan().dot_max_rows is None:  # bf16 products of any length
-        return "bfloat16"
-    if ram_bytes is None:
-        ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return "float32" if 4 * param_count(cfg) <= ram_bytes // 2 else "bfloat16"
+def choose_dtype(requested: str) -> str:
+    """Resolve `--dtype auto`: bfloat16 everywhere, the dtype Qwen2.5 checkpoints ship in and
+    the one whose CPU decode is batch-invariant (float32's is not: batch_invariance_note). On
+    an AVX2-only CPU, where XLA converts bf16 weights for long products, float32 once prefilled
+    faster; measured there in one session at the 0.5B shape (benchmarks/README.md), bf16 vs
+    float32: 512-token prompt 2.77 vs 3.38 s to the first token, decode 17.6 vs 11.3 tok/s (8
+    streams 26.2 vs 31.3), peak RSS 1.83 vs 2.73 GiB."""
+    return "bfloat16" if requested == "auto" else requested
 
 
 def _load(args: Any):
@@ -759,10 +746,8 @@ def _load(args: Any):
 
     model = resolve_model(args.model)
     quantize = quantize_option(getattr(args, "quantize", None))
-    if quantize and args.dtype == "auto":
-        args.dtype = "bfloat16"  # the weights are int8 either way; bf16 halves the KV cache
     cfg = load_config(model.path)
-    args.dtype = choose_dtype(args.dtype, cfg)
+    args.dtype = choose_dtype(args.dtype)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
     tokenizer = load_tokenizer(model.path)  # before the weights: a missing one fails at once
     if tokenizer.vocab_size > cfg.vocab_size:
