@@ -62,7 +62,8 @@ def build_demo_checkpoint(out: Path) -> Path:
 
 def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:
     """The demo checkpoint's directory, built on first use (atomically: a half-written build
-    from an interrupted run is never picked up)."""
+    from an interrupted run is never picked up, and a process that finishes building after
+    another one did keeps the first build, which a server may already be reading)."""
     path = demo_cache_dir() if cache_dir is None else Path(cache_dir)
     if _is_complete(path):
         return path
@@ -70,6 +71,8 @@ def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=path.parent))
     try:
         build_demo_checkpoint(tmp)
+        if _is_complete(path):  # a concurrent builder finished first
+            return path
         if path.exists():  # stale (older version) or incomplete
             shutil.rmtree(path)
         try:

@@ -86,6 +86,24 @@ def test_stale_demo_is_rebuilt(tmp_path, monkeypatch):
     assert demo.ensure_demo_checkpoint(target) == target and len(calls) == 1
 
 
+def test_a_build_finished_by_another_process_first_is_kept(tmp_path, monkeypatch):
+    """Two processes building the demo at once (e.g. test workers on a fresh machine): the one
+    that finishes second keeps the first build, which may already be in use, and removes its own."""
+    target = tmp_path / "demo"
+
+    def build(out):
+        (out / demo.MARKER).write_text(__import__("json").dumps(demo._marker()))
+        (out / "mine").write_text("")
+        target.mkdir()  # meanwhile another process finished its build
+        (target / demo.MARKER).write_text((out / demo.MARKER).read_text())
+        (target / "theirs").write_text("")
+
+    monkeypatch.setattr(demo, "build_demo_checkpoint", build)
+    assert demo.ensure_demo_checkpoint(target) == target
+    assert sorted(p.name for p in target.iterdir()) == sorted([demo.MARKER, "theirs"])
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # its own build is removed
+
+
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_generate_cli_streams_the_greedy_reply(demo_dir, quantize):
     """`qwen-jax generate` on the demo prints the greedy continuation (computed here with the
