@@ -163,7 +163,11 @@ def start_server(args: list[str], log_path: Path, timeout: float = 300.0):
     import time
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.setdefault("QWEN_JAX_XLA_CACHE", str(Path.home() / ".cache" / "qwen-jax" / "xla-tests"))
+    # One compilation cache per pytest-xdist worker: JAX writes an entry in place, so a server
+    # in the other worker could read one half-written.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    env.setdefault("QWEN_JAX_XLA_CACHE",
+                   str(Path.home() / ".cache" / "qwen-jax" / f"xla-tests{worker}"))
     log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwen_jax.cli", "serve", "--host", "127.0.0.1", "--port", "0",
