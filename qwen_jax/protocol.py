@@ -289,6 +289,10 @@ class ChatRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     structured_output: StructuredOutput | None = None
+    # Top-level fields of the body that validation never read (typos such as `max_token`,
+    # hints such as `store`): ignored, as vLLM does, and logged by the server. Not part of the
+    # request's meaning, so not of its equality.
+    ignored_fields: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def max_tool_calls(self) -> int | None:
@@ -700,12 +704,33 @@ def check_json_values(body: object) -> None:
                 enumerate(value))))
 
 
+class _ReadFields(dict):
+    """A request body that notes which of its fields were looked up."""
+
+    def __init__(self, body: dict):
+        super().__init__(body)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
+
+
 def validate_chat_request(
     body: object, *, served_model_name: str, vocab_limit: int | None = None
 ) -> ChatRequest:
     """Check a decoded request body and fill in defaults; raise APIError on the first problem."""
     if not isinstance(body, dict):
         raise invalid_request(f"The request body must be a JSON object, got {_type_name(body)}.")
+    body = _ReadFields(body)
     check_json_values(body)
     model = body.get("model")
     if model is None:
@@ -791,6 +816,7 @@ def validate_chat_request(
         add_generation_prompt=add_generation_prompt and not continue_final_message,
         continue_final_message=continue_final_message,
         structured_output=structured_output,
+        ignored_fields=tuple(sorted(k for k in body if k not in body.read)),
     )
 
 

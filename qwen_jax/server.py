@@ -374,6 +374,9 @@ class App:
         req = protocol.validate_chat_request(
             body, served_model_name=self.served_model_name, vocab_limit=self.tokenizer.vocab_size
         )
+        if req.ignored_fields:  # a misspelt option would otherwise go unnoticed
+            log.warning("request fields ignored (unknown to this server): %s",
+                        ", ".join(req.ignored_fields))
         tools = list(req.tools) if req.tools else None
         try:
             prompt = render_chat(list(req.messages), tools=tools,

@@ -58,7 +58,8 @@ def test_defaults_are_the_seed_documents():
 def test_null_means_default_and_unknown_fields_are_ignored():
     nulls = {k: None for k in ("temperature", "top_p", "n", "stop", "seed", "tools", "stream")}
     assert ok(**nulls) == ok()
-    assert ok(metadata={"a": 1}, service_tier="auto", store=False) == ok()
+    hints = ok(metadata={"a": 1}, service_tier="auto", store=False)
+    assert hints == ok() and hints.ignored_fields == ("metadata", "service_tier", "store")
 
 
 def test_deprecated_function_calling_is_refused_not_ignored():
@@ -479,15 +480,20 @@ valid_fields = st.fixed_dictionaries(
 )
 
 
-@given(valid_fields)
-def test_valid_requests_round_trip(fields):
+def consistent(fields: dict) -> dict:
+    """valid_fields made valid together."""
     if fields.get("top_logprobs"):
         fields["logprobs"] = True
     if "stream_options" in fields:  # only valid on a stream
         fields["stream"] = True
     if fields.get("continue_final_message"):  # not with a generation prompt asked for
         fields.pop("add_generation_prompt", None)
-    r = ok(**fields)
+    return fields
+
+
+@given(valid_fields)
+def test_valid_requests_round_trip(fields):
+    r = ok(**consistent(fields))
     assert r.add_generation_prompt == (fields.get("add_generation_prompt", True)
                                        and not fields.get("continue_final_message", False))
     for name in ("temperature", "top_p", "top_k", "min_p", "seed"):
@@ -502,6 +508,23 @@ def test_valid_requests_round_trip(fields):
         assert r.stop == (fields["stop"],)
     # The canonical body validates back to the same request.
     assert validate_chat_request(r.to_body(), served_model_name=MODEL) == r
+
+
+@given(valid_fields, st.dictionaries(st.from_regex(r"x_[a-z_]{1,10}", fullmatch=True),
+                                     st.none() | st.integers() | st.text(max_size=3),
+                                     max_size=3))
+def test_fields_that_validation_does_not_read_are_reported_as_ignored(fields, extra):
+    """Every field a request may carry is read, whatever it is combined with; any other field
+    (a typo, an unknown option) is reported for the server's log, not silently dropped."""
+    fields = consistent(fields)
+    assert ok(**fields).ignored_fields == ()
+    assert ok(**fields, **extra).ignored_fields == tuple(sorted(extra))
+
+
+def test_a_misspelt_option_and_unused_hints_are_reported_as_ignored():
+    r = ok(max_token=3, store=True, metadata={"a": "b"}, temperature=0.5)
+    assert r.ignored_fields == ("max_token", "metadata", "store")
+    assert r.max_tokens is None and r.sampling.temperature == 0.5
 
 
 # --------------------------------------------------------------- what JSON carries but text can't

@@ -212,6 +212,18 @@ def test_disconnect_cancels_the_request(app, engine, caplog):
     assert "completion_tokens=2 " in line, line
 
 
+def test_ignored_request_fields_are_logged(app, engine, caplog):
+    """A misspelt option is ignored as vLLM ignores it, but the log names it (here the reply
+    would run to the context's end instead of 3 tokens)."""
+    caplog.set_level("INFO", "qwen_jax.server")
+    assert call(app, body=req(max_token=3, store=True))[0] == 200
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ["request fields ignored (unknown to this server): max_token, store"]
+    caplog.clear()
+    assert call(app, body=req(max_tokens=3))[0] == 200
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
          for n in ("f", "g")]
 CALL_TEXT = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
