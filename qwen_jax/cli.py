@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["auto", "bfloat16", "float32"],
         default="auto",
-        help="auto: bfloat16 (batch-invariant decode). float32: on CPUs without AVX512-BF16 "
-        "faster prefill and batches (XLA converts bf16 weights for long products), twice the "
-        "memory, and a request's tokens can depend on its batch",
+        help="auto: bfloat16 (batch-invariant decode). float32: twice the memory, slower for "
+        "one stream; on CPUs without AVX512-BF16 faster for many streams at once (XLA "
+        "converts bf16 weights for their products); a request's tokens can depend on its batch",
     )
     serve.add_argument("--quantize", choices=["none", "int8"], default="none",
                        help=QUANTIZE_HELP)

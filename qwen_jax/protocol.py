@@ -709,7 +709,7 @@ class _ReadFields(dict):
 
     def __init__(self, body: dict):
         super().__init__(body)
-        self.read: set[str] = set()
+        self.read: set[object] = set()
 
     def get(self, key: str, default: Any = None) -> Any:
         self.read.add(key)
@@ -720,7 +720,7 @@ class _ReadFields(dict):
         return super().__getitem__(key)
 
     def __contains__(self, key: object) -> bool:
-        self.read.add(key)  # type: ignore[arg-type]
+        self.read.add(key)
         return super().__contains__(key)
 
 
