@@ -98,6 +98,16 @@ def unsupported_media_type(content_type: str | None) -> APIError:
     )
 
 
+def unsupported_content_encoding(encoding: str) -> APIError:
+    return APIError(
+        415,
+        f"Unsupported Content-Encoding {encoding!r}: send the body uncompressed.",
+        "invalid_request_error",
+        None,
+        "unsupported_media_type",
+    )
+
+
 def unauthorized(provided: bool) -> APIError:
     message = (
         "Incorrect API key provided."

@@ -366,6 +366,10 @@ class App:
         ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise protocol.unsupported_media_type(environ.get("CONTENT_TYPE"))
+        # A compressed body would otherwise fail as JSON that is not UTF-8.
+        encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip()
+        if encoding.lower() not in ("", "identity"):
+            raise protocol.unsupported_content_encoding(encoding)
         return _parse_json(read_body(environ, self.max_body_bytes))
 
     # -- chat completions --------------------------------------------------------------------

@@ -8,6 +8,7 @@ exercised end to end in test_e2e_openai.py.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -387,6 +388,10 @@ def test_errors_map_to_openai_objects(app, engine):
     assert err(app, method="DELETE", path="/v1/models")[0] == 405
     assert err(app, raw=b"{nope")[0] == 400
     assert err(app, body=req(), headers={"CONTENT_TYPE": "text/plain"})[0] == 415
+    status, e = err(app, raw=gzip.compress(json.dumps(req()).encode()),
+                    headers={"HTTP_CONTENT_ENCODING": "gzip"})
+    assert status == 415 and "Content-Encoding 'gzip'" in e["message"]
+    assert call(app, body=req(), headers={"HTTP_CONTENT_ENCODING": "Identity"})[0] == 200
     assert err(app, body=req(), headers={"CONTENT_LENGTH": str(10**8)})[0] == 413
     status, e = err(app, body=req(top_p=7))
     assert status == 400 and e["param"] == "top_p"
