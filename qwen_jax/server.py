@@ -737,10 +737,8 @@ def batch_invariance_note(dtype: str, quantized: bool, max_slots: int,
 def choose_dtype(requested: str) -> str:
     """Resolve `--dtype auto`: bfloat16 everywhere, the dtype Qwen2.5 checkpoints ship in and
     the one whose CPU decode is batch-invariant (float32's is not: batch_invariance_note). It
-    was float32 on AVX2-only CPUs, where XLA converts bf16 weights for long products, for a
-    faster prefill that no longer holds; measured there in one session at the 0.5B shape
-    (benchmarks/README.md), bf16 vs float32: 512-token prompt 2.77 vs 3.38 s to the first
-    token, decode 17.6 vs 11.3 tok/s (8 streams 26.2 vs 31.3), peak RSS 1.83 vs 2.73 GiB."""
+    was float32 on AVX2-only CPUs, for a faster prefill that a same-session measurement no
+    longer showed (benchmarks/README.md: float32 is faster there only for many streams)."""
     return "bfloat16" if requested == "auto" else requested
 
 
