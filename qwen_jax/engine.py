@@ -567,7 +567,9 @@ class Engine:
             if self._closed or self._dead:
                 raise EngineClosedError(self._dead or "engine is closed")
             if not self._has_room_unlocked(request.n):
-                raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
+                raise QueueFullError(f"the queue is full: {self._waiting_unlocked()} "
+                                     f"request(s) wait for free rows (queue_size "
+                                     f"{self.queue_size})")
             self._waiting.append(handle)
             self._cond.notify_all()
         return handle
@@ -706,17 +708,26 @@ class Engine:
     def _free_slots_unlocked(self) -> int:
         return sum(r is None for r in self._slots)
 
-    def _has_room_unlocked(self, n: int) -> bool:
-        """Whether a request of `n` choices may join the queue. Requests the free slots would
-        take now (first in, first out, all of a request's choices at once) are not waiting;
-        the others are, and at most `queue_size` may. (Counting every free slot as room let
-        requests of several choices, which free slots cannot always take, pile up past it.)"""
+    def _queued_unlocked(self) -> tuple[int, int]:
+        """(free slots left, requests waiting) once the free slots have taken the queued
+        requests they would take now: first in, first out, all of a request's choices at once;
+        behind a request that does not fit, everything waits."""
         free, waiting = self._free_slots_unlocked(), 0
         for h in self._waiting:
             if waiting == 0 and h.request.n <= free:
                 free -= h.request.n
             else:
-                waiting += 1  # behind a request that does not fit, everything waits
+                waiting += 1
+        return free, waiting
+
+    def _waiting_unlocked(self) -> int:
+        return self._queued_unlocked()[1]
+
+    def _has_room_unlocked(self, n: int) -> bool:
+        """Whether a request of `n` choices may join the queue: at most `queue_size` requests
+        may wait (`_queued_unlocked`). (Counting every free slot as room let requests of several
+        choices, which free slots cannot always take, pile up past it.)"""
+        free, waiting = self._queued_unlocked()
         return (waiting == 0 and n <= free) or waiting < self.queue_size
 
     def _spec(self, tree: Any) -> Any:

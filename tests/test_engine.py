@@ -339,7 +339,9 @@ def test_a_request_that_free_slots_take_does_not_count_as_waiting(params, queue_
             later = []
             if queue_size:
                 later.append(eng.submit(request(max_tokens=3)))
-            with pytest.raises(QueueFullError):
+            # The message counts the requests that wait, not those the free slots take.
+            with pytest.raises(QueueFullError, match=rf"full: {queue_size} request\(s\) wait "
+                               rf"for free rows \(queue_size {queue_size}\)"):
                 eng.submit(request(max_tokens=3))
         busy.cancel()
         for h in [fits, *later]:
