@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "2.76 instead of 2.51 GiB after a warm-up of 18 instead of 40 s)",
     )
     serve.add_argument(
+        "--generation-config", choices=["auto", "off"], default="auto",
+        help="auto (default, as vLLM): the sampling fields a request omits (temperature, top_p, "
+        "top_k, min_p, repetition_penalty, max_tokens) take the values of the model's "
+        "generation_config.json (Qwen2.5-Instruct: temperature 0.7, top_p 0.8, top_k 20, "
+        "repetition_penalty 1.05); off: the API's defaults (temperature 1, no top_k, ...)",
+    )
+    serve.add_argument(
         "--prefill-chunk", type=int, default=None,
         help="prompt tokens per prefill call, a power of two >= 16 (default: 512 on the CPU, "
         "2048 on an accelerator): longer prompts are prefilled in chunks, with decode steps "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -474,9 +475,11 @@ def _stop_token_ids(value: object, vocab_limit: int | None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def _sampling(body: dict, vocab_limit: int | None) -> SamplingParams:
-    """The sampling fields, checked by the sampler (its SAMPLING_RANGES are the single source)."""
+def _sampling(body: dict, vocab_limit: int | None, defaults: Mapping[str, Any]) -> SamplingParams:
+    """The sampling fields, checked by the sampler (its SAMPLING_RANGES are the single source);
+    those omitted or null take `defaults`' values where it has them."""
     fields = {name: body.get(name) for name in _SAMPLING_FIELDS}
+    fields.update({k: v for k, v in defaults.items() if k in fields and fields[k] is None})
     for name in ("top_k", "seed"):
         value = fields[name]
         # JSON has one number type: 3.0 is the integer 3 (as in JSON Schema), 3.5 is not.
@@ -735,9 +738,14 @@ class _ReadFields(dict):
 
 
 def validate_chat_request(
-    body: object, *, served_model_name: str, vocab_limit: int | None = None
+    body: object, *, served_model_name: str, vocab_limit: int | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> ChatRequest:
-    """Check a decoded request body and fill in defaults; raise APIError on the first problem."""
+    """Check a decoded request body and fill in defaults; raise APIError on the first problem.
+
+    `defaults`: values for the sampling fields and `max_tokens` when the request omits them (the
+    model's generation_config.json, generation_config.py), instead of the API's own."""
+    defaults = defaults or {}
     if not isinstance(body, dict):
         raise invalid_request(f"The request body must be a JSON object, got {_type_name(body)}.")
     body = _ReadFields(body)
@@ -755,11 +763,13 @@ def validate_chat_request(
         value = _optional_number(body, name)
         return DEFAULTS.get(name) if value is None else value
 
-    sampling = _sampling(body, vocab_limit)
+    sampling = _sampling(body, vocab_limit, defaults)
     n = get("n")
     max_tokens, max_completion_tokens = get("max_tokens"), get("max_completion_tokens")
     if max_completion_tokens is not None:  # OpenAI's newer name wins
         max_tokens = max_completion_tokens
+    if max_tokens is None:
+        max_tokens = defaults.get("max_tokens")
     logprobs = _optional_bool(body.get("logprobs"), "logprobs", False)
     top_logprobs = get("top_logprobs")
     if top_logprobs and not logprobs:

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http import HTTPStatus
@@ -248,6 +248,8 @@ class App:
     max_body_bytes: int = MAX_BODY_BYTES
     ll_tokenizer: Any = None
     cors: CorsPolicy = field(default_factory=CorsPolicy)
+    # Values for the sampling fields and max_tokens a request omits (generation_config.py).
+    sampling_defaults: Mapping[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -376,7 +378,8 @@ class App:
 
     def _chat(self, environ: Environ, body: Any, meta: dict):
         req = protocol.validate_chat_request(
-            body, served_model_name=self.served_model_name, vocab_limit=self.tokenizer.vocab_size
+            body, served_model_name=self.served_model_name, vocab_limit=self.tokenizer.vocab_size,
+            defaults=self.sampling_defaults,
         )
         if req.ignored_fields:  # a misspelt option would otherwise go unnoticed
             log.warning("request fields ignored (unknown to this server): %s",
@@ -600,10 +603,12 @@ def make_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     ll_tokenizer: Any = None,
     cors: CorsPolicy | None = None,
+    sampling_defaults: Mapping[str, Any] | None = None,
 ) -> App:
-    """A WSGI callable serving /v1/chat/completions, /v1/models and /health."""
+    """A WSGI callable serving /v1/chat/completions, /v1/models and /health. `sampling_defaults`:
+    values for the sampling fields and max_tokens a request omits (generation_config.py)."""
     return App(engine, tokenizer, served_model_name, max_model_len, api_key, max_body_bytes,
-               ll_tokenizer, cors or CorsPolicy())
+               ll_tokenizer, cors or CorsPolicy(), dict(sampling_defaults or {}))
 
 
 def _parse_json(raw: bytes) -> Any:
@@ -746,12 +751,15 @@ def _load(args: Any):
     import jax.numpy as jnp
 
     from qwen_jax.config import load_config
+    from qwen_jax.generation_config import load_generation_defaults
     from qwen_jax.tokenizer import load_tokenizer
     from qwen_jax.weights import load_checkpoint
 
     model = resolve_model(args.model)
     quantize = quantize_option(getattr(args, "quantize", None))
     cfg = load_config(model.path)
+    if getattr(args, "generation_config", "off") != "off":  # read before the weights: fail fast
+        args.sampling_defaults = load_generation_defaults(model.path)
     args.dtype = choose_dtype(args.dtype)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
     tokenizer = load_tokenizer(model.path)  # before the weights: a missing one fails at once
@@ -861,7 +869,13 @@ def serve(args: Any) -> int:
                      "programs: lower --max-model-len or --max-num-seqs")
     print(f"compiled in {time.perf_counter() - t:.1f} s", flush=True)
     name = args.served_model_name or model.served_name
-    app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors)
+    defaults = getattr(args, "sampling_defaults", {})
+    if defaults:  # as vLLM says it: a request's omitted fields will not mean the API's defaults
+        print("default sampling for fields a request omits, from the model's "
+              f"generation_config.json: {_format_defaults(defaults)} (--generation-config off: "
+              "the API's defaults)", flush=True)
+    app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors,
+                   sampling_defaults=defaults)
     try:
         server = make_server(app, args.host, args.port)
     except OSError as e:
@@ -879,6 +893,10 @@ def serve(args: Any) -> int:
         server.server_close()
         engine.close()
     return 0
+
+
+def _format_defaults(defaults: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in defaults.items())
 
 
 def _not_ready(environ: dict, start_response: Callable) -> Iterable[bytes]:

@@ -195,3 +195,40 @@ def test_a_tokenizer_larger_than_the_model_is_a_load_error(demo_dir, tiny_checkp
     err = capsys.readouterr().err
     assert code == 2 and "the tokenizer has 151665 tokens, more than the model's vocab_size" in err
     assert "loading weights" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["auto", "off"])
+def test_serve_reads_the_models_file_before_its_weights_unless_off(
+        demo_dir, tmp_path, monkeypatch, flag):
+    """`--generation-config auto` puts the file's values in args.sampling_defaults; a broken file
+    stops loading before the weights are read; `off` reads nothing."""
+    import argparse
+    import json
+    import shutil
+
+    from qwen_jax import server
+    from qwen_jax.generation_config import GenerationConfigError, load_generation_defaults
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_dir, model)
+    (model / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [151645, 151643], "temperature": 0.7, "top_p": 0.8, "top_k": 20}))
+    args = argparse.Namespace(model=str(model), dtype="auto", quantize="none",
+                              generation_config=flag)
+    server._load(args)
+    assert getattr(args, "sampling_defaults", {}) == (
+        {} if flag == "off" else load_generation_defaults(model))
+
+    (model / "generation_config.json").write_text('{"temperature": 5}')
+    loaded = []
+    monkeypatch.setattr("qwen_jax.weights.load_checkpoint",
+                        lambda *a, **k: loaded.append(1) or (None, None))
+    args = argparse.Namespace(model=str(model), dtype="auto", quantize="none",
+                              generation_config=flag)
+    if flag == "off":
+        server._load(args)
+        assert loaded == [1]
+    else:
+        with pytest.raises(GenerationConfigError, match="temperature"):
+            server._load(args)
+        assert loaded == []

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from qwen_jax import hub
 from qwen_jax.engine import QueueFullError, TokenEvent
 from qwen_jax.httpd import make_server
+from qwen_jax.sampler import SamplingParams
 from qwen_jax.server import kv_cache_bytes, make_app
 
 MODEL = "fake-model"
@@ -1389,3 +1390,24 @@ def test_batch_invariance_note_names_what_breaks_invariance():
     note = batch_invariance_note("bfloat16", True, 8, backend="gpu")
     assert note.startswith("note: a seeded request's tokens can depend on") and "int8" in note
     assert batch_invariance_note("bfloat16", True, 1, backend="gpu") == ""  # one row is all
+
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def test_the_server_gives_the_engine_the_defaults_for_omitted_fields(qwen_tokenizer):
+    engine = FakeEngine(qwen_tokenizer)
+    defaults = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    app = make_app(engine, qwen_tokenizer, MODEL, 512, sampling_defaults=defaults)
+    status, _, _ = call(app, body={"model": MODEL, "messages": MSGS}, auth=False)
+    status2, _, _ = call(app, body={"model": MODEL, "messages": MSGS, "temperature": 0,
+                                    "top_k": None}, auth=False)
+    assert status == status2 == 200
+    first, second = (r.sampling for r in engine.requests)
+    assert (first.temperature, first.top_p, first.top_k, first.repetition_penalty) == (
+        0.7, 0.8, 20, 1.05)
+    assert (second.temperature, second.top_p, second.top_k) == (0.0, 0.8, 20)
+    plain = FakeEngine(qwen_tokenizer)
+    call(make_app(plain, qwen_tokenizer, MODEL, 512), auth=False,
+         body={"model": MODEL, "messages": MSGS})
+    assert plain.requests[0].sampling == SamplingParams(seed=plain.requests[0].sampling.seed)
