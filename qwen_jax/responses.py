@@ -162,9 +162,11 @@ def sse_event(obj: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def model_list(model_id: str, created: int, owned_by: str = "qwen-jax") -> dict:
-    """The `GET /v1/models` body: the one served model."""
-    return {
-        "object": "list",
-        "data": [{"id": model_id, "object": "model", "created": created, "owned_by": owned_by}],
-    }
+def model_list(model_id: str, created: int, owned_by: str = "qwen-jax",
+               max_model_len: int | None = None) -> dict:
+    """The `GET /v1/models` body: the one served model, with vLLM's `max_model_len` (tokens per
+    sequence, prompt and reply: what clients read to size a conversation) when given."""
+    model: dict = {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
+    if max_model_len is not None:
+        model["max_model_len"] = max_model_len
+    return {"object": "list", "data": [model]}

@@ -100,7 +100,7 @@ def test_objects_match_openai_schemas(shared_reference):
     ]:
         errors = [e.message for e in spec_validator(name, openai).iter_errors(obj)]
         assert not errors, (name, errors)
-    models = R.model_list("m", 1700000000)
+    models = R.model_list("m", 1700000000, max_model_len=4096)  # OpenAI's schema allows more
     assert not list(spec_validator("ListModelsResponse", openai).iter_errors(models))
 
 
@@ -189,6 +189,10 @@ def test_model_list_and_builders_are_pure():
     models = R.model_list("Qwen/Qwen2.5-7B-Instruct", 1700000000)
     assert_valid("ModelList", models)
     assert models["data"][0]["id"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert "max_model_len" not in models["data"][0]
+    with_len = R.model_list("m", 1700000000, max_model_len=8192)
+    assert_valid("ModelList", with_len)
+    assert with_len["data"][0]["max_model_len"] == 8192
     choices = [R.choice(0, "a", None, "stop", None)]
     before = copy.deepcopy(choices)
     R.completion_response("chatcmpl-a", 1, "m", choices, R.usage(1, 1))

@@ -457,8 +457,12 @@ def test_health_and_models_auth(app):
     assert call(app, method="GET", path="/health", auth=False)[0] == 200
     status, _, raw = call(app, method="GET", path="/v1/models")
     assert status == 200 and json.loads(raw)["data"][0]["id"] == MODEL
+    # vLLM's max_model_len: the app's (512 here), as clients read it to size a conversation.
+    assert json.loads(raw)["data"][0]["max_model_len"] == 512
     assert call(app, method="GET", path="/v1/models", auth=False)[0] == 401
-    assert call(app, method="GET", path=f"/v1/models/{MODEL}")[0] == 200
+    status, _, raw = call(app, method="GET", path=f"/v1/models/{MODEL}")
+    assert status == 200 and json.loads(raw) == {**json.loads(call(
+        app, method="GET", path="/v1/models")[2])["data"][0]}
     assert call(app, method="GET", path="/v1/models/other")[0] == 404
 
 
