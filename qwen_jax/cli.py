@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "2.76 instead of 2.51 GiB after a warm-up of 18 instead of 40 s)",
     )
     serve.add_argument(
+        "--prefix-caching", action="store_true",
+        help="a free row keeps its last chat's keys and values, and a request that continues "
+        "that chat (the next turn) prefills only what is new (usage reports the reused "
+        "tokens as prompt_tokens_details.cached_tokens); off by default, as a reused prefix "
+        "can change a seeded reply's last bits of logits and so its tokens",
+    )
+    serve.add_argument(
         "--generation-config", choices=["auto", "off"], default="auto",
         help="auto (default, as vLLM): the sampling fields a request omits (temperature, top_p, "
         "top_k, min_p, repetition_penalty, max_tokens) take the values of the model's "

@@ -136,6 +136,9 @@ class RequestHandle:
         self._cond = threading.Condition()
         self._open = set(range(request.n))  # choices without a final event yet
         self.cancel_requested: set[int] = set()  # read by the engine thread
+        # Prompt tokens whose keys and values were already in the cache (prefix caching): set
+        # when the request is admitted; usage reports them as cached_tokens.
+        self.cached_tokens = 0
 
     # -- called by the engine thread --
     def _emit(self, ev: TokenEvent) -> None:
@@ -182,6 +185,7 @@ class _Row:
     generated: int = 0  # tokens sampled so far (the sampler's step counter)
     constraint: Constraint | None = None
     ready: bool = True  # False while its prompt is being prefilled (not yet in decode calls)
+    tokens: list[int] = field(default_factory=list)  # sampled so far (for prefix caching)
 
 
 @dataclass
@@ -190,6 +194,7 @@ class _Prefill:
     handle: RequestHandle
     rows: list[tuple[int, _Row]]  # (slot, row) per choice; the prompt goes into the first slot
     ids: np.ndarray  # the prompt
+    plan: list[tuple[int, int, int | None]]  # its prefill calls (Engine._prefill_plan)
     done: int = 0  # prefill calls run so far
 
 
@@ -202,6 +207,7 @@ class _Stats:
     lookahead_calls: int = 0  # decode calls dispatched before the previous call's tokens streamed
     prefills: int = 0  # prompts prefilled
     prefill_calls: int = 0  # prefill chunks run
+    cached_tokens: int = 0  # prompt tokens not prefilled: their keys/values were in the cache
     tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -485,7 +491,8 @@ class Engine:
                  steps_per_call: int = 1, prefill_chunk: int | None = None,
                  cache_dtype: Any = None,
                  row_buckets: Sequence[int] | None = None, lookahead: bool | None = None,
-                 chunked_attention: bool | None = None, start: bool = True) -> None:
+                 chunked_attention: bool | None = None, prefix_caching: bool = False,
+                 start: bool = True) -> None:
         """`row_buckets`: the decode batch sizes compiled (busy rows are padded up to the next
         one; max_slots is always one). Default: `default_row_buckets` (every power of two on the
         CPU, max_slots alone on an accelerator).
@@ -505,7 +512,15 @@ class Engine:
         `chunked_attention`: decode, and each prefill call after a prompt's first, read the
         cache in chunks (one program per row bucket, and one for those prefill calls) rather
         than a power-of-two prefix of it (one program per prefix length too). Default: on the
-        CPU (KV_CHUNK, DECODE_MIN_KV say why)."""
+        CPU (KV_CHUNK, DECODE_MIN_KV say why).
+
+        `prefix_caching`: a free row keeps the keys and values of its last request's prompt and
+        reply, and a request that begins with the same tokens (the next turn of a chat) is
+        admitted into that row and prefills only the rest, in whole chunks from a position
+        chosen so that its calls are the compiled full-chunk ones (`_reuse_plan`). Off by
+        default: the reused keys were computed in other calls (other chunk boundaries, decode
+        steps) than a prompt's own prefill would run, so a seeded request's logits can differ
+        in their last bits with and without a hit, and its tokens with them."""
         if max_slots < 1 or max_len < 2 or queue_size < 0 or steps_per_call < 1:
             raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
         if prefill_chunk is None:
@@ -521,6 +536,10 @@ class Engine:
         self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
         self.steps_per_call = steps_per_call
         self.prefill_chunk = prefill_chunk
+        self.prefix_caching = prefix_caching
+        # Per slot: the tokens whose keys/values its cache row holds from position 0 (while
+        # the slot is free, those of its last request; kept only with prefix caching).
+        self._kept: list[list[int]] = [[] for _ in range(max_slots)]
         if lookahead is None:
             lookahead = jax.default_backend() != "cpu" and steps_per_call > 1
         self.lookahead = lookahead
@@ -584,8 +603,10 @@ class Engine:
         Afterwards a compile, of a program or of anything else on the engine thread, is
         logged as a warning."""
         lengths = list(prompt_lengths) if prompt_lengths is not None else self._all_buckets()
-        prefills = sorted({(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)},
-                          key=lambda p: (p[0], p[1] or 0))
+        prefills = {(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)}
+        if self.prefix_caching and self.chunked_attention:  # a reused prefix's first call
+            prefills |= {(b, None) for b, _ in prefills if b <= self.prefill_chunk}
+        prefills = sorted(prefills, key=lambda p: (p[0], p[1] or 0))
         kvs = sorted({self._decode_kv(n) for n in kv_lens or self._all_buckets()},
                      key=lambda kv: kv or 0)
         t0 = time.perf_counter()
@@ -886,14 +907,67 @@ class Engine:
                     return
                 handle = self._waiting.popleft()
                 r = handle.request
+                slots, cached = self._choose_slots(free, r)
                 rows = []
                 # Reserve the slots now so submit() sees them as taken.
-                for c, i in enumerate(free[: r.n]):
+                for c, i in enumerate(slots):
                     self._slots[i] = _Row(handle, c, int(r.prompt_ids[-1]), len(r.prompt_ids) - 1,
                                           constraint=r.constraints[c] if r.constraints else None,
                                           ready=False)
                     rows.append((i, self._slots[i]))
-            self._prefills.append(_Prefill(handle, rows, np.asarray(r.prompt_ids, np.int32)))
+                    # What stays valid in the rows: the reused prefix in the first (the rest
+                    # is overwritten by the prefill, the other rows by its copy).
+                    self._kept[i] = list(r.prompt_ids[:cached]) if c == 0 else []
+            handle.cached_tokens = cached
+            self.stats.cached_tokens += cached
+            ids = np.asarray(r.prompt_ids, np.int32)
+            plan = self._reuse_plan(cached, len(ids)) if cached else self._prefill_plan(len(ids))
+            self._prefills.append(_Prefill(handle, rows, ids, plan))
+
+    def _choose_slots(self, free: list[int], r: GenerationRequest) -> tuple[list[int], int]:
+        """The free slots for the n choices of `r`, the first one for its prompt, and how many
+        of the prompt's tokens that slot already holds (0 without prefix caching). With it, the
+        first slot is the one holding the longest usable prefix of the prompt, and otherwise
+        slots holding less go first, so that longer prefixes stay for the requests that
+        continue them."""
+        if not self.prefix_caching:
+            return free[: r.n], 0
+        prompt = np.asarray(r.prompt_ids)
+        n = len(prompt)
+
+        def usable(i: int) -> int:
+            kept = np.asarray(self._kept[i][: n - 1])  # at least one token is prefilled
+            differ = np.flatnonzero(kept != prompt[: len(kept)])
+            common = int(differ[0]) if len(differ) else len(kept)
+            return self._reuse_start(common, n)
+
+        best = max(free, key=lambda i: (usable(i), -len(self._kept[i])))
+        cached = usable(best)
+        if not cached:
+            best = min(free, key=lambda i: len(self._kept[i]))
+        rest = sorted((i for i in free if i != best), key=lambda i: len(self._kept[i]))
+        return [best, *rest[: r.n - 1]], cached
+
+    def _reuse_start(self, common: int, n: int) -> int:
+        """Where the prefill of an n-token prompt starts when a row holds its first `common`
+        tokens (common < n). Where attention reads the cache in chunks (the CPU), at `common`:
+        a call of any length bucket then reads what is before it with one program per bucket
+        (`warmup` compiles them with prefix caching). Elsewhere a call's program depends on the
+        cache prefix it attends to as well, so the start moves back until whole chunks reach
+        the prompt's end: the calls a long prompt runs after its first; 0 if none fits."""
+        if self.chunked_attention:
+            return common
+        start = n - self.prefill_chunk * -(-(n - common) // self.prefill_chunk)
+        return max(start, 0)
+
+    def _reuse_plan(self, start: int, n: int) -> list[tuple[int, int, int | None]]:
+        """The prefill calls of prompt tokens start..n-1 as `_prefill_plan` would run them for
+        a prompt of n - start tokens (the remainder first, then whole chunks), each at its own
+        position."""
+        c = self.prefill_chunk
+        return [(start + s, b, None if self.chunked_attention
+                 else pow2_bucket(start + s + c, c, self.max_len))
+                for s, b, _ in prefill_plan(n - start, c, self.max_len)]
 
     def _advance_prefills(self) -> None:
         """Run prefill calls for the admitted requests in turn, until the next one would take
@@ -913,7 +987,7 @@ class Engine:
                 for i, _ in p.rows:
                     self._finish(i, None, "cancelled")
                 continue
-            plan = self._prefill_plan(len(p.ids))  # at least one call
+            plan = p.plan  # at least one call
             size = plan[p.done][1]
             if ran and size > budget:
                 return
@@ -1168,6 +1242,8 @@ class Engine:
     def _emit_token(self, i: int, row: _Row, tok: int, lp: float, top) -> None:
         req = row.handle.request
         row.generated += 1
+        if self.prefix_caching:
+            row.tokens.append(tok)
         self.stats.tokens += 1
         finish = None
         if tok in req.stop_token_ids:
@@ -1204,6 +1280,12 @@ class Engine:
         row.handle._emit(TokenEvent(row.choice, token, None, (), reason, error, error_param))
 
     def _free(self, i: int) -> None:
+        row = self._slots[i]
+        if self.prefix_caching and row is not None and row.ready:
+            # Its prompt and every sampled token but the last: each of those was fed to the
+            # decode step that sampled the next one, which wrote its key/value. (A row freed
+            # while prefilling keeps what admission left: the reused prefix, or nothing.)
+            self._kept[i] = [*row.handle.request.prompt_ids, *row.tokens[:-1]]
         self._slots[i] = None
         self._dirty.add(i)
         self._wake()

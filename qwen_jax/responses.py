@@ -33,18 +33,24 @@ def usage(
     prompt_tokens: int,
     completion_tokens: int,
     *,
+    cached_tokens: int | None = None,
     price_in_per_m: float = PRICE_IN_PER_M,
     price_out_per_m: float = PRICE_OUT_PER_M,
 ) -> dict:
-    """Token counts and the estimated cost in dollars."""
+    """Token counts and the estimated cost in dollars; with `cached_tokens` (a server with
+    prefix caching), OpenAI's `prompt_tokens_details.cached_tokens`: prompt tokens whose keys
+    and values were reused rather than computed."""
     cost = (prompt_tokens * price_in_per_m + completion_tokens * price_out_per_m) / 1e6
-    return {
+    out: dict = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         # Rounded so that 15 tokens read 3.75e-07, not 3.7500000000000006e-07.
         "estimated_cost": round(cost, 12),
     }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 class TokenLogprob(NamedTuple):

@@ -516,8 +516,14 @@ class App:
         completion = sum(st.completion_tokens for st in states)
         meta["completion"] = completion
         return responses.completion_response(
-            cid, created, self.served_model_name, choices, responses.usage(n_prompt, completion)
+            cid, created, self.served_model_name, choices, self._usage(handle, n_prompt, completion)
         )
+
+    def _usage(self, handle, n_prompt: int, completion: int) -> dict:
+        """The usage object; with prefix caching on, how many prompt tokens were reused."""
+        cached = (getattr(handle, "cached_tokens", 0)
+                  if getattr(self.engine, "prefix_caching", False) else None)
+        return responses.usage(n_prompt, completion, cached_tokens=cached)
 
     def _stream(self, handle, states, req, cid, created, n_prompt, meta,
                 gone: Callable[[], bool] | None = None) -> Iterator[bytes]:
@@ -546,7 +552,7 @@ class App:
             else:
                 meta["completion"] = sum(st.completion_tokens for st in states)
                 if req.include_usage:
-                    yield event([], responses.usage(n_prompt, meta["completion"]))
+                    yield event([], self._usage(handle, n_prompt, meta["completion"]))
             yield responses.sse_event("[DONE]")
         finally:
             # Also runs on GeneratorExit when the client disconnects: free the rows at once.
@@ -860,7 +866,8 @@ def serve(args: Any) -> int:
     try:
         engine = Engine(params, cfg, max_slots=args.max_num_seqs, max_len=max_len,
                         vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,
-                        steps_per_call=steps, prefill_chunk=chunk)
+                        steps_per_call=steps, prefill_chunk=chunk,
+                        prefix_caching=getattr(args, "prefix_caching", False))
         engine.warmup()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):

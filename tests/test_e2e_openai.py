@@ -519,3 +519,40 @@ def test_the_server_compiled_nothing_after_warm_up(client, live_server):
     log = live_server.log()
     assert "compiled in" in log  # warm-up ran and printed its time
     assert "after warm-up" not in log, [ln for ln in log.splitlines() if "after warm-up" in ln]
+
+
+def test_prefix_caching_reuses_the_previous_turn_through_the_api(served_checkpoint, tmp_path):
+    """`serve --prefix-caching`: the second turn of a chat reuses the row that served the first
+    (usage.prompt_tokens_details.cached_tokens); the live server without the flag reports no
+    such field (next test)."""
+    from conftest import start_server
+
+    proc, url = start_server(
+        ["--model", str(served_checkpoint), "--dtype", "float32", "--max-model-len", "256",
+         "--max-num-seqs", "2", "--prefill-chunk", "16", "--prefix-caching"],
+        tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        turn = [{"role": "user", "content": "Tell me about the sea. " * 6}]
+        first = client.chat.completions.create(model=model, messages=turn, max_tokens=6,
+                                               temperature=0)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        # The client's own text for the assistant turn (as a client may edit a reply): the
+        # first turn's prompt is still held.
+        turn += [{"role": "assistant", "content": "The sea is big."},
+                 {"role": "user", "content": "And the mountains?"}]
+        chunks = list(client.chat.completions.create(
+            model=model, messages=turn, max_tokens=4, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        usage = chunks[-1].usage
+        cached = usage.prompt_tokens_details.cached_tokens
+        assert first.usage.prompt_tokens <= cached < usage.prompt_tokens
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_no_prompt_tokens_details_without_prefix_caching(client, live_server):
+    reply = chat(client, live_server, max_tokens=2)
+    assert reply.usage.prompt_tokens_details is None

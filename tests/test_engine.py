@@ -1299,3 +1299,139 @@ def test_first_token_is_sampled_from_the_prefill_logits(params):
             assert eng.stats.decode_calls - calls == 3
     finally:
         eng.close()
+
+
+# ------------------------------------------------------------------------ prefix caching
+
+
+def _run(eng, prompt, max_tokens=6, sampling=GREEDY, n=1):
+    h = eng.submit(request(prompt, sampling=sampling, max_tokens=max_tokens, logprobs=True, n=n))
+    evs = collect(h)
+    return h, [tokens(evs[c]) for c in range(n)], [
+        [e.logprob for e in evs[c] if e.token is not None] for c in range(n)]
+
+
+def _assert_close(got, want):
+    """Same tokens, log-probabilities within float32 rounding of other chunk boundaries."""
+    assert got[0] == want[0]
+    np.testing.assert_allclose(np.array(got[1], float), np.array(want[1], float), atol=2e-4)
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "prefix-buckets"])
+def test_prefix_caching_prefills_only_what_a_free_row_does_not_hold(params, chunked):
+    """The next turn of a chat (its prompt + reply + more) reuses the row that served it, reply
+    tokens' keys (written by decode) included, and the reply is the one a cold prefill gives.
+    Where attention reads the cache in chunks (the CPU) the prefill starts where the held
+    tokens end; elsewhere as far back as whole chunks need. A row taken by another prompt since
+    holds that prompt, not the old one, and a request that diverges early reuses less. No
+    program compiles after warm-up for any of it."""
+    rng = np.random.default_rng(5)
+    first = [int(t) for t in rng.integers(1, 250, 40)]
+    kw = dict(max_len=128, vocab_limit=250, prefill_chunk=32, chunked_attention=chunked)
+    cold = Engine(params, CFG, max_slots=2, **kw)
+    hot = Engine(params, CFG, max_slots=2, prefix_caching=True, **kw)
+    try:
+        hot.warmup()
+        h, (reply,), _ = _run(hot, first)
+        assert h.cached_tokens == 0 and len(reply) == 6
+        follow = first + reply + [int(t) for t in rng.integers(1, 250, 10)]  # 56 tokens
+        calls = hot.stats.prefill_calls
+        h, *got = _run(hot, follow)
+        # The row holds first + reply[:-1]: 45 tokens. Chunked: the other 11 in one call of
+        # the 16-token bucket (compiled at warm-up for prefix caching); else a whole chunk
+        # ending at 56 starts at 56 - 32.
+        expected = 45 if chunked else 24
+        assert h.cached_tokens == expected and hot.stats.prefill_calls - calls == 1
+        assert hot.stats.cached_tokens == expected
+        _, *want = _run(cold, follow)
+        _assert_close(got, want)
+
+        # Both rows busy with other prompts (two at once: each takes a row), then the old
+        # conversation again: nothing of it is left to reuse.
+        others = [hot.submit(request([int(t) for t in rng.integers(1, 250, 50)], max_tokens=3))
+                  for _ in range(2)]
+        for o in others:
+            collect(o)
+        h, *got = _run(hot, follow)
+        assert h.cached_tokens == 0
+        _assert_close(got, want)
+
+        # A prompt sharing only its first 20 tokens with the row's: reuse starts at or before 20.
+        branch = follow[:20] + [int(t) for t in rng.integers(1, 250, 30)]
+        h, *got = _run(hot, branch)
+        assert h.cached_tokens == (20 if chunked else 50 - 32)
+        _, *want = _run(cold, branch)
+        _assert_close(got, want)
+        assert hot.stats.compiles_after_warmup == 0 and cold.stats.cached_tokens == 0
+    finally:
+        hot.close()
+        cold.close()
+
+
+def test_prefix_caching_with_several_choices_and_a_cancelled_prefill(params):
+    """n choices: each row keeps the prompt and its own reply, so each choice's next turn finds
+    its own row. A request cancelled while prefilling keeps only the prefix it reused."""
+    rng = np.random.default_rng(7)
+    prompt = [int(t) for t in rng.integers(1, 250, 33)]
+    sampled = SamplingParams(temperature=1.0, seed=11)
+    cold = Engine(params, CFG, max_slots=3, max_len=160, vocab_limit=250, prefill_chunk=16)
+    hot = Engine(params, CFG, max_slots=3, max_len=160, vocab_limit=250, prefill_chunk=16,
+                 prefix_caching=True)
+    try:
+        _, replies, _ = _run(hot, prompt, sampling=sampled, n=3)
+        assert len({tuple(r) for r in replies}) > 1  # the choices differ
+        for reply in replies:
+            # 55 tokens; the row holds 38 of them (the reply's last token was never fed to the
+            # model, so not 39).
+            follow = prompt + reply + list(range(20, 36))
+            h, *got = _run(hot, follow)
+            assert h.cached_tokens == 38
+            _, *want = _run(cold, follow)
+            _assert_close(got, want)
+        # Cancelled while prefilling a long prompt: its row held 0 reused tokens, so nothing
+        # of the long prompt is claimed, and a request for it later prefills it all.
+        long_prompt = [int(t) for t in rng.integers(1, 250, 150)]
+        with hot._device_lock:  # hold the engine before it runs the prefill calls
+            h = hot.submit(request(long_prompt, max_tokens=3))
+            time.sleep(0.2)
+            h.cancel()
+        assert [e.finish_reason for e in h.events(timeout=TIMEOUT)][-1] == "cancelled"
+        h2, *got = _run(hot, long_prompt[:100])
+        assert h2.cached_tokens == 0
+        _, *want = _run(cold, long_prompt[:100])
+        _assert_close(got, want)
+    finally:
+        hot.close()
+        cold.close()
+
+
+def test_prefix_caching_forgets_a_row_whose_prefill_failed_part_way(params):
+    """A request admitted into the row of an earlier chat, whose prefill overwrote that row's
+    first positions and then failed: the earlier chat's next turn must not reuse the row."""
+    rng = np.random.default_rng(9)
+    chat = [int(t) for t in rng.integers(1, 250, 40)]
+    cold = Engine(params, CFG, max_slots=1, max_len=128, vocab_limit=250, prefill_chunk=16)
+    hot = Engine(params, CFG, max_slots=1, max_len=128, vocab_limit=250, prefill_chunk=16,
+                 prefix_caching=True)
+    try:
+        _, (reply,), _ = _run(hot, chat)
+        follow = chat + reply + [3, 4, 5]
+        calls, real = [], hot._prefill_call
+
+        def second_call_fails(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected")
+            return real(*a, **k)
+
+        hot._prefill_call = second_call_fails
+        other = hot.submit(request([int(t) for t in rng.integers(1, 250, 60)], max_tokens=3))
+        assert collect(other)[0][-1].finish_reason == "error"
+        hot._prefill_call = real
+        h, *got = _run(hot, follow)
+        assert h.cached_tokens == 0
+        _, *want = _run(cold, follow)
+        _assert_close(got, want)
+    finally:
+        hot.close()
+        cold.close()

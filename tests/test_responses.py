@@ -52,7 +52,8 @@ def sample_completion() -> dict:
         R.choice(1, None, [TOOL_CALL], "tool_calls", None),
         R.choice(2, "Hi", None, "length", LOGPROBS),
     ]
-    return R.completion_response("chatcmpl-x", 1700000000, "m", choices, R.usage(10, 5))
+    usage = R.usage(10, 5, cached_tokens=4)  # OpenAI's prompt_tokens_details too
+    return R.completion_response("chatcmpl-x", 1700000000, "m", choices, usage)
 
 
 def sample_chunks() -> list[dict]:
@@ -108,6 +109,10 @@ def test_objects_match_openai_schemas(shared_reference):
 def test_usage_counts_and_cost(prompt, completion):
     u = R.usage(prompt, completion)
     assert_valid("Usage", u)
+    assert "prompt_tokens_details" not in u
+    cached = R.usage(prompt, completion, cached_tokens=prompt // 2)
+    assert_valid("Usage", cached)
+    assert cached == {**u, "prompt_tokens_details": {"cached_tokens": prompt // 2}}
     assert u["total_tokens"] == prompt + completion
     # $0.025 / $0.05 per million tokens (the seed document's price line), exact arithmetic.
     exact = (

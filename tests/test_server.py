@@ -1415,3 +1415,29 @@ def test_the_server_gives_the_engine_the_defaults_for_omitted_fields(qwen_tokeni
     call(make_app(plain, qwen_tokenizer, MODEL, 512), auth=False,
          body={"model": MODEL, "messages": MSGS})
     assert plain.requests[0].sampling == SamplingParams(seed=plain.requests[0].sampling.seed)
+
+
+def test_usage_reports_cached_prompt_tokens_only_with_prefix_caching(qwen_tokenizer):
+    """With prefix caching, usage carries OpenAI's prompt_tokens_details.cached_tokens (the
+    handle's count), in a JSON reply and in a stream's usage chunk; without, no such field."""
+    for caching in (True, False):
+        engine = FakeEngine(qwen_tokenizer)
+        engine.prefix_caching = caching
+        real_submit = engine.submit
+
+        def submit(req, real_submit=real_submit):
+            handle = real_submit(req)
+            handle.cached_tokens = 7
+            return handle
+
+        engine.submit = submit
+        app = make_app(engine, qwen_tokenizer, MODEL, 512)
+        status, _, raw = call(app, body={"model": MODEL, "messages": MSGS}, auth=False)
+        streamed = sse(call(app, body={"model": MODEL, "messages": MSGS, "stream": True,
+                                       "stream_options": {"include_usage": True}},
+                            auth=False)[2])
+        for u in (json.loads(raw)["usage"], streamed[-2]["usage"]):
+            assert ("prompt_tokens_details" in u) == caching
+            if caching:
+                assert u["prompt_tokens_details"] == {"cached_tokens": 7}
+        assert status == 200
