@@ -3,7 +3,8 @@
     python benchmarks/prefix_caching.py --preset 0.5b --turns 6 --turn-tokens 256
 
 One engine per setting, the same random weights. A chat of `--turns` turns: the first prompt is
-`--turn-tokens` random tokens; each later prompt is the previous prompt, the reply (greedy,
+`--first-tokens` random tokens (default: `--turn-tokens`; say a document to discuss); each
+later prompt is the previous prompt, the reply (greedy,
 `--reply-tokens` tokens, no stop token) and `--turn-tokens` new ones, sent as token ids (a
 server re-renders the reply's text, which usually encodes to the same tokens). For each turn:
 the prompt's length, the tokens reused (`cached_tokens`) and the time to first token (submit ->
@@ -27,14 +28,15 @@ from qwen_jax.model import init_params
 from qwen_jax.sampler import SamplingParams
 
 
-def chat(engine: Engine, turns: int, turn_tokens: int, reply_tokens: int, seed: int
-         ) -> list[dict]:
+def chat(engine: Engine, turns: int, first_tokens: int, turn_tokens: int, reply_tokens: int,
+         seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     vocab = engine.cfg.vocab_size - 300  # clear of the special tokens
     prompt: list[int] = []
     out = []
-    for _ in range(turns):
-        prompt = prompt + [int(t) for t in rng.integers(0, vocab, turn_tokens)]
+    for turn in range(turns):
+        new = first_tokens if turn == 0 else turn_tokens
+        prompt = prompt + [int(t) for t in rng.integers(0, vocab, new)]
         t0 = time.perf_counter()
         handle = engine.submit(GenerationRequest(tuple(prompt), SamplingParams(temperature=0.0),
                                                  reply_tokens))
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--preset", default="0.5b")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--first-tokens", type=int, default=None)
     ap.add_argument("--turn-tokens", type=int, default=256)
     ap.add_argument("--reply-tokens", type=int, default=32)
     ap.add_argument("--prefill-chunk", type=int, default=None)
@@ -62,7 +65,8 @@ def main() -> None:
     cfg = PRESETS[args.preset]
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     params = block_wide_weights(init_params(cfg, jax.random.PRNGKey(0), dtype))
-    need = args.turns * (args.turn_tokens + args.reply_tokens)
+    first = args.turn_tokens if args.first_tokens is None else args.first_tokens
+    need = first + (args.turns - 1) * args.turn_tokens + args.turns * args.reply_tokens
     max_len = next(b for b in all_buckets(1 << 20) if b >= need + 1)
     results = {}
     for caching in (False, True):
@@ -72,7 +76,8 @@ def main() -> None:
             t = time.perf_counter()
             engine.warmup(rows=[1])
             print(f"prefix_caching={caching}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
-            results[caching] = chat(engine, args.turns, args.turn_tokens, args.reply_tokens, 0)
+            results[caching] = chat(engine, args.turns, first, args.turn_tokens,
+                                    args.reply_tokens, 0)
             assert engine.stats.compiles_after_warmup == 0
         finally:
             engine.close()
