@@ -13,7 +13,9 @@ and decode therefore share one sampling path, and a request's first token waits 
 other prompts being prefilled nor for a decode call. Prompts are prefilled in calls of at most
 `prefill_chunk` tokens, the requests taking turns, with a decode call for the rows already
 generating after each chunk's worth: a long prompt's attention scores never exist all at once,
-a short prompt does not wait behind a long one, and the other streams keep going.
+a short prompt does not wait behind a long one, and the other streams keep going. With prefix
+caching (off by default) a free row remembers which tokens' keys and values it holds, and a
+request that starts with them (the next turn of a chat) takes that row and prefills the rest.
 A decode step runs only the busy rows (padded with free slots to a row bucket; on an
 accelerator the one bucket is every slot: `default_row_buckets`), gathered from
 and scattered back to their slots inside the compiled program (a call over every slot takes
@@ -194,7 +196,7 @@ class _Prefill:
     handle: RequestHandle
     rows: list[tuple[int, _Row]]  # (slot, row) per choice; the prompt goes into the first slot
     ids: np.ndarray  # the prompt
-    plan: list[tuple[int, int, int | None]]  # its prefill calls (Engine._prefill_plan)
+    plan: list[tuple[int, int, int | None]]  # its prefill calls (_prefill_plan or _reuse_plan)
     done: int = 0  # prefill calls run so far
 
 
@@ -516,11 +518,11 @@ class Engine:
 
         `prefix_caching`: a free row keeps the keys and values of its last request's prompt and
         reply, and a request that begins with the same tokens (the next turn of a chat) is
-        admitted into that row and prefills only the rest, in whole chunks from a position
-        chosen so that its calls are the compiled full-chunk ones (`_reuse_plan`). Off by
-        default: the reused keys were computed in other calls (other chunk boundaries, decode
-        steps) than a prompt's own prefill would run, so a seeded request's logits can differ
-        in their last bits with and without a hit, and its tokens with them."""
+        admitted into that row and prefills only the rest (`_choose_slots`, `_reuse_start`;
+        warm-up compiles what those calls need). Off by default: the reused keys were computed
+        in other calls (other chunk boundaries, decode steps) than a prompt's own prefill would
+        run, so a seeded request's logits can differ in their last bits with and without a hit,
+        and its tokens with them."""
         if max_slots < 1 or max_len < 2 or queue_size < 0 or steps_per_call < 1:
             raise ValueError("max_slots >= 1, max_len >= 2, queue_size >= 0, steps_per_call >= 1")
         if prefill_chunk is None:
