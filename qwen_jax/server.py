@@ -856,8 +856,9 @@ def serve(args: Any) -> int:
     print(f"max_model_len {max_len} x {args.max_num_seqs} sequences: KV cache "
           f"{kv / 2**30:.2f} GiB ({args.dtype})"
           + (", int8 weights" if is_quantized(params) else "")
-          + f", {steps} decode step{'s' if steps > 1 else ''} per call" + _cpu_plan_note(),
-          flush=True)
+          + f", {steps} decode step{'s' if steps > 1 else ''} per call"
+          + (", prefix caching" if getattr(args, "prefix_caching", False) else "")
+          + _cpu_plan_note(), flush=True)
     note = batch_invariance_note(args.dtype, is_quantized(params), args.max_num_seqs)
     if note:
         print(note, flush=True)

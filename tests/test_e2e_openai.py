@@ -532,6 +532,9 @@ def test_prefix_caching_reuses_the_previous_turn_through_the_api(served_checkpoi
          "--max-num-seqs", "2", "--prefill-chunk", "16", "--prefix-caching"],
         tmp_path / "server.log")
     try:
+        # The start-up line says it is on (and the live server's, without the flag, does not).
+        started = (tmp_path / "server.log").read_text()
+        assert ", prefix caching" in next(ln for ln in started.splitlines() if "KV cache" in ln)
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
         model = client.models.list().data[0].id
         turn = [{"role": "user", "content": "Tell me about the sea. " * 6}]
@@ -556,3 +559,5 @@ def test_prefix_caching_reuses_the_previous_turn_through_the_api(served_checkpoi
 def test_no_prompt_tokens_details_without_prefix_caching(client, live_server):
     reply = chat(client, live_server, max_tokens=2)
     assert reply.usage.prompt_tokens_details is None
+    line = next(ln for ln in live_server.log().splitlines() if "KV cache" in ln)
+    assert "prefix caching" not in line
