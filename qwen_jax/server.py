@@ -342,16 +342,18 @@ class App:
             stats = self.engine.snapshot() if hasattr(self.engine, "snapshot") else {}
             return 200, [], _json_bytes({"status": "ok", **stats})
         self._check_auth(environ)
-        models = responses.model_list(self.served_model_name, self.created,
-                                      max_model_len=self.max_model_len)
         if path == "/v1/models":
-            return 200, [], _json_bytes(models)
+            return 200, [], _json_bytes(self._models())
         if model_path:
             name = path[len("/v1/models/"):]
             if name != self.served_model_name:
                 raise protocol.model_not_found(name)
-            return 200, [], _json_bytes(models["data"][0])
+            return 200, [], _json_bytes(self._models()["data"][0])
         return self._chat(environ, self._read_json(environ), meta)
+
+    def _models(self) -> dict:
+        return responses.model_list(self.served_model_name, self.created,
+                                    max_model_len=self.max_model_len)
 
     def _options(self, environ: Environ, allowed: tuple[str, ...]):
         """A browser's CORS preflight (cors.py), or a plain OPTIONS: the methods the path takes."""
