@@ -213,6 +213,20 @@ def _positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def read_json_object(path: Path, error: type[Exception]) -> dict | None:
+    """The JSON object in the file at `path`, or None if there is no file; `error` when it is not
+    readable JSON or not an object (a snapshot's generation_config.json, tokenizer_config.json)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # not UTF-8, not JSON
+        raise error(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object")
+    return data
+
+
 def load_config(model_dir: str | Path) -> QwenConfig:
     """Read `<model_dir>/config.json` (or a config.json path)."""
     path = Path(model_dir)

@@ -588,7 +588,7 @@ class Engine:
             if self._closed or self._dead:
                 raise EngineClosedError(self._dead or "engine is closed")
             if not self._has_room_unlocked(request.n):
-                raise QueueFullError(f"the queue is full: {self._waiting_unlocked()} "
+                raise QueueFullError(f"the queue is full: {self._queued_unlocked()[1]} "
                                      f"request(s) wait for free rows (queue_size "
                                      f"{self.queue_size})")
             self._waiting.append(handle)
@@ -607,7 +607,7 @@ class Engine:
         lengths = list(prompt_lengths) if prompt_lengths is not None else self._all_buckets()
         prefills = {(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)}
         if self.prefix_caching and self.chunked_attention:  # a reused prefix's first call
-            prefills |= {(b, None) for b, _ in prefills if b <= self.prefill_chunk}
+            prefills |= {(b, None) for b, _ in prefills}
         prefills = sorted(prefills, key=lambda p: (p[0], p[1] or 0))
         kvs = sorted({self._decode_kv(n) for n in kv_lens or self._all_buckets()},
                      key=lambda kv: kv or 0)
@@ -742,9 +742,6 @@ class Engine:
             else:
                 waiting += 1
         return free, waiting
-
-    def _waiting_unlocked(self) -> int:
-        return self._queued_unlocked()[1]
 
     def _has_room_unlocked(self, n: int) -> bool:
         """Whether a request of `n` choices may join the queue: at most `queue_size` requests
@@ -943,8 +940,9 @@ class Engine:
             common = int(differ[0]) if len(differ) else len(kept)
             return self._reuse_start(common, n)
 
-        best = max(free, key=lambda i: (usable(i), -len(self._kept[i])))
-        cached = usable(best)
+        reuse = {i: usable(i) for i in free}
+        best = max(free, key=lambda i: (reuse[i], -len(self._kept[i])))
+        cached = reuse[best]
         if not cached:
             best = min(free, key=lambda i: len(self._kept[i]))
         rest = sorted((i for i in free if i != best), key=lambda i: len(self._kept[i]))

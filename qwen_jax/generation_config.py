@@ -10,10 +10,10 @@ means sampling at it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from qwen_jax.config import read_json_object
 from qwen_jax.sampler import SamplingParamError, validate_sampling_params
 
 FILE_NAME = "generation_config.json"
@@ -30,14 +30,9 @@ def load_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
     (not null), checked against the API's ranges, and `max_tokens` from `max_new_tokens`.
     No file: no defaults."""
     path = Path(model_dir) / FILE_NAME
-    if not path.is_file():
+    data = read_json_object(path, GenerationConfigError)
+    if data is None:
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GenerationConfigError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise GenerationConfigError(f"{path}: expected a JSON object")
     given = {k: data[k] for k in SAMPLING_KEYS if data.get(k) is not None}
     if isinstance(given.get("top_k"), float) and given["top_k"].is_integer():
         given["top_k"] = int(given["top_k"])  # JSON's 20.0 is the integer 20

