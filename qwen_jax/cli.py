@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "repetition_penalty 1.05); off: the API's defaults (temperature 1, no top_k, ...)",
     )
     serve.add_argument(
+        "--chat-template", default="auto", metavar="auto|builtin|PATH",
+        help="how prompts are written: auto (default) renders Qwen2.5-Instruct's template in "
+        "Python (chat_template.py) unless the snapshot carries a different one (Qwen2-Instruct, "
+        "Qwen2.5-Math, a fine-tune), which is then rendered with Jinja as transformers and vLLM "
+        "do; builtin: always Qwen2.5-Instruct's; PATH: a Jinja template file",
+    )
+    serve.add_argument(
         "--prefill-chunk", type=int, default=None,
         help="prompt tokens per prefill call, a power of two >= 16 (default: 512 on the CPU, "
         "2048 on an accelerator): longer prompts are prefilled in chunks, with decode steps "

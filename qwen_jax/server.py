@@ -250,6 +250,8 @@ class App:
     cors: CorsPolicy = field(default_factory=CorsPolicy)
     # Values for the sampling fields and max_tokens a request omits (generation_config.py).
     sampling_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # The prompt renderer: Qwen2.5-Instruct's, or the snapshot's own template (jinja_template.py).
+    render_prompt: Callable[..., str] = render_chat
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -388,9 +390,9 @@ class App:
                         ", ".join(req.ignored_fields))
         tools = list(req.tools) if req.tools else None
         try:
-            prompt = render_chat(list(req.messages), tools=tools,
-                                 add_generation_prompt=req.add_generation_prompt,
-                                 continue_final_message=req.continue_final_message)
+            prompt = self.render_prompt(list(req.messages), tools=tools,
+                                        add_generation_prompt=req.add_generation_prompt,
+                                        continue_final_message=req.continue_final_message)
         except ChatTemplateError as e:
             param = getattr(e, "param", None) or "messages"
             raise protocol.invalid_request(str(e), param) from None
@@ -612,11 +614,13 @@ def make_app(
     ll_tokenizer: Any = None,
     cors: CorsPolicy | None = None,
     sampling_defaults: Mapping[str, Any] | None = None,
+    render_prompt: Callable[..., str] = render_chat,
 ) -> App:
     """A WSGI callable serving /v1/chat/completions, /v1/models and /health. `sampling_defaults`:
-    values for the sampling fields and max_tokens a request omits (generation_config.py)."""
+    values for the sampling fields and max_tokens a request omits (generation_config.py);
+    `render_prompt`: conversation -> prompt text, as `chat_template.render_chat`."""
     return App(engine, tokenizer, served_model_name, max_model_len, api_key, max_body_bytes,
-               ll_tokenizer, cors or CorsPolicy(), dict(sampling_defaults or {}))
+               ll_tokenizer, cors or CorsPolicy(), dict(sampling_defaults or {}), render_prompt)
 
 
 def _parse_json(raw: bytes) -> Any:
@@ -760,6 +764,7 @@ def _load(args: Any):
 
     from qwen_jax.config import load_config
     from qwen_jax.generation_config import load_generation_defaults
+    from qwen_jax.jinja_template import choose_renderer
     from qwen_jax.tokenizer import load_tokenizer
     from qwen_jax.weights import load_checkpoint
 
@@ -768,6 +773,8 @@ def _load(args: Any):
     cfg = load_config(model.path)
     if getattr(args, "generation_config", "off") != "off":  # read before the weights: fail fast
         args.sampling_defaults = load_generation_defaults(model.path)
+    args.render_prompt, args.chat_template_note = choose_renderer(
+        model.path, getattr(args, "chat_template", "auto"))
     args.dtype = choose_dtype(args.dtype)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
     tokenizer = load_tokenizer(model.path)  # before the weights: a missing one fails at once
@@ -884,8 +891,9 @@ def serve(args: Any) -> int:
         print("default sampling for fields a request omits, from the model's "
               f"generation_config.json: {_format_defaults(defaults)} (--generation-config off: "
               "the API's defaults)", flush=True)
+    print(f"chat template: {args.chat_template_note}", flush=True)
     app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors,
-                   sampling_defaults=defaults)
+                   sampling_defaults=defaults, render_prompt=args.render_prompt)
     try:
         server = make_server(app, args.host, args.port)
     except OSError as e:
@@ -926,7 +934,7 @@ def generate_once(args: Any) -> int:
     model, cfg, params, tokenizer, dtype = loaded
     if model.is_demo:
         print(_demo_banner(args.model, serving=False), file=sys.stderr)
-    ids = tokenizer.encode(render_chat([{"role": "user", "content": args.prompt}]))
+    ids = tokenizer.encode(args.render_prompt([{"role": "user", "content": args.prompt}]))
     context = cfg.context_length
     if len(ids) >= context:
         return _fail(f"the prompt is {len(ids)} tokens; the model's context is {context}, "

