@@ -771,10 +771,10 @@ class Engine:
             row = jax.ShapeDtypeStruct((key[0],), jnp.int32)
             args = (jax.ShapeDtypeStruct((key[0], self.cfg.vocab_size), jnp.float32),
                     self.pstate, self.sbatch, row, row,
-                    jax.ShapeDtypeStruct((key[0], self.cfg.vocab_size), jnp.bool_))
+                    jax.ShapeDtypeStruct((key[0], self.cfg.vocab_size), jnp.int8))
         else:
             row = jax.ShapeDtypeStruct((key[2],), jnp.int32)
-            mask = jax.ShapeDtypeStruct((key[2], self.cfg.vocab_size), jnp.bool_)
+            mask = jax.ShapeDtypeStruct((key[2], self.cfg.vocab_size), jnp.int8)
             args = (self.params, self.cache, self.pstate, self.sbatch, row, row, row, row, mask)
         specs = tuple(map(self._spec, args))
         # Engines of one shape in one process (tests, the benchmark) share compiled programs.
@@ -1128,20 +1128,23 @@ class Engine:
         return np.asarray(busy + others[: r - len(busy)], np.int32)
 
     def _masks(self, slots: Sequence[int]) -> dict[int, np.ndarray]:
-        """The allowed-token masks of the rows among `slots` that need one (by slot): a grammar's
-        (`_grammar_masks`), and, below a request's min_tokens, its stop tokens banned (unless
-        they are all its grammar allows: the grammar wins)."""
-        masks = self._grammar_masks(slots)
+        """The int8 allowed-token masks (sampler.sample) of the rows among `slots` that need
+        one (by slot): a grammar's (`_grammar_masks`: ALLOWED or FORBIDDEN), and, below a
+        request's min_tokens, its stop tokens BANNED (unless they are all its grammar allows:
+        the grammar wins)."""
+        masks = {i: np.where(m, S.ALLOWED, S.FORBIDDEN).astype(np.int8)
+                 for i, m in self._grammar_masks(slots).items()}
         for i in slots:
             row = self._slots[i]
             if row is None or not _banning_stops(row):
                 continue
             m = masks.get(i)
             if m is None:
-                m = np.ones(self.cfg.vocab_size, bool)
+                m = np.full(self.cfg.vocab_size, S.ALLOWED, np.int8)
             banned = m.copy()
-            banned[[t for t in row.handle.request.stop_token_ids if t < len(m)]] = False
-            masks[i] = banned if banned[: self.vocab_limit].any() else m
+            stops = [t for t in row.handle.request.stop_token_ids if t < len(m)]
+            banned[stops] = np.where(m[stops] == S.ALLOWED, S.BANNED, m[stops])
+            masks[i] = banned if (banned[: self.vocab_limit] == S.ALLOWED).any() else m
         return masks
 
     def _grammar_masks(self, slots: Sequence[int]) -> dict[int, np.ndarray]:
@@ -1171,10 +1174,10 @@ class Engine:
         """The [R, V] allowed-token mask of a call over `slots` (masks by slot)."""
         if not masks:
             return self._all_allowed(len(slots))
-        mask = np.ones((len(slots), self.cfg.vocab_size), bool)
+        mask = np.full((len(slots), self.cfg.vocab_size), S.ALLOWED, np.int8)
         for j, i in enumerate(slots):
             if i in masks:
-                mask[j] = False
+                mask[j] = S.FORBIDDEN
                 mask[j, : len(masks[i])] = masks[i]
         # device_put: jnp.asarray compiles a small program per new shape (jax 0.10), here the
         # first time a grammar constrains a call of each row bucket.
@@ -1222,7 +1225,7 @@ class Engine:
 
     def _all_allowed(self, rows: int) -> jax.Array:
         if rows not in self._all_true:
-            self._all_true[rows] = jnp.ones((rows, self.cfg.vocab_size), bool)
+            self._all_true[rows] = jnp.full((rows, self.cfg.vocab_size), S.ALLOWED, jnp.int8)
         return self._all_true[rows]
 
     def _consume(self, call: _Call) -> None:
@@ -1262,8 +1265,11 @@ class Engine:
                 return
         tops: tuple[tuple[int, float], ...] = ()
         if top is not None and req.top_logprobs:
+            # Tokens the grammar forbids (-inf) are no alternatives: fewer are listed, as
+            # OpenAI's spec allows.
             tops = tuple((int(t), float(p)) for t, p in
-                         zip(top[0][: req.top_logprobs], top[1][: req.top_logprobs]))
+                         zip(top[0][: req.top_logprobs], top[1][: req.top_logprobs])
+                         if p > -np.inf)
         ev = TokenEvent(row.choice, tok, lp if req.logprobs else None, tops, finish)
         row.handle._emit(ev)
         if finish is not None:

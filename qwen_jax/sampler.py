@@ -8,9 +8,11 @@ logit bias, penalties; then greedy, or temperature, min_p, top_k and/or top_p, s
 
 1. Log-probabilities returned to the client are taken first, from the model's own distribution:
    `log_softmax` of the raw logits (vLLM's default `logprobs_mode="raw_logprobs"`), over the ids the
-   tokenizer knows (`vocab_limit`: the 7B embedding has 152064 rows but 151665 tokenizer ids).
-2. `logit_bias` is added; tokens outside the row's `allowed` mask (constrained decoding) and ids
-   >= `vocab_limit` get -inf, so they are never sampled.
+   tokenizer knows (`vocab_limit`: the 7B embedding has 152064 rows but 151665 tokenizer ids) and
+   the row's grammar allows: vLLM applies a grammar's bitmask to the logits before its sampler, so
+   a constrained reply's log-probabilities are those of the allowed tokens, renormalised.
+2. `logit_bias` is added; tokens the row's `allowed` mask rules out (its grammar, and its stop
+   tokens before `min_tokens`) and ids >= `vocab_limit` get -inf, so they are never sampled.
 3. Penalties (vLLM `apply_penalties`): for tokens seen in the prompt or the output so far,
    `logit / r` if `logit > 0` else `logit * r` (repetition_penalty r); then
    `frequency_penalty * count` and `presence_penalty * (count > 0)` are subtracted, where count is
@@ -622,7 +624,8 @@ def process_logits(logits: jax.Array, batch: SamplingBatch, state: PenaltyState,
                    allowed: jax.Array | None = None, *, vocab_limit: int) -> jax.Array:
     """Logits after bias, mask and penalties (what greedy takes the argmax of): f32[B, limit]."""
     _check_shapes(logits, batch, state, vocab_limit, allowed)
-    return _process(logits[:, :vocab_limit].astype(jnp.float32), batch, state, allowed)
+    return _process(logits[:, :vocab_limit].astype(jnp.float32), batch, state,
+                    None if allowed is None else allowed == ALLOWED)
 
 
 @partial(jax.jit, static_argnames=("vocab_limit", "candidates"))
@@ -634,6 +637,10 @@ def sampling_logits(logits: jax.Array, batch: SamplingBatch, state: PenaltyState
     return _transform(x, batch, candidates)
 
 
+# The values of an int8 `allowed` mask (`sample`).
+FORBIDDEN, ALLOWED, BANNED = 0, 1, 2
+
+
 @partial(jax.jit, static_argnames=("vocab_limit", "candidates"))
 def sample(logits: jax.Array, batch: SamplingBatch, state: PenaltyState, steps: jax.Array,
            allowed: jax.Array | None = None, *, vocab_limit: int,
@@ -641,14 +648,19 @@ def sample(logits: jax.Array, batch: SamplingBatch, state: PenaltyState, steps: 
     """Next token of every row, its raw log-probability and the raw top-20 (see module doc).
 
     `steps[i]` is the number of tokens row i has generated so far (its randomness is
-    fold_in(base_key_i, steps[i])); `allowed[i, t]` False forbids token t in row i; ids at or
-    above the static `vocab_limit` are never returned. `candidates` sizes the top_k/top_p
-    candidate set (results do not depend on it; tests lower it to exercise the fallback).
-    A row whose every token is forbidden returns token 0.
+    fold_in(base_key_i, steps[i])); `allowed[i, t]` (bool or int8) is ALLOWED (1, True) where
+    row i may draw token t, FORBIDDEN (0, False) where its grammar rules t out (t then has no
+    log-probability either), BANNED (2) where the grammar allows t but it may not be drawn yet
+    (a stop token before min_tokens: a logits processor after the log-probabilities in vLLM).
+    Ids at or above the static `vocab_limit` are never returned. `candidates` sizes the
+    top_k/top_p candidate set (results do not depend on it; tests lower it to exercise the
+    fallback). A row whose every token is ruled out returns token 0.
     """
     _check_shapes(logits, batch, state, vocab_limit, allowed)
     raw = logits[:, :vocab_limit].astype(jnp.float32)
-    x = _process(raw, batch, state, allowed)
+    if allowed is not None:  # the grammar's mask, before the log-probabilities (vLLM's order)
+        raw = jnp.where(allowed[:, :vocab_limit] != FORBIDDEN, raw, -jnp.inf)
+    x = _process(raw, batch, state, None if allowed is None else allowed == ALLOWED)
     greedy_tokens = _argmax(x)
     greedy = batch.temperature < GREEDY_BELOW
 
@@ -660,7 +672,8 @@ def sample(logits: jax.Array, batch: SamplingBatch, state: PenaltyState, steps: 
         return jnp.where(greedy | ~jnp.any(z > -jnp.inf, axis=-1), greedy_tokens, drawn)
 
     tokens = jax.lax.cond(jnp.all(greedy), lambda: greedy_tokens, sampled)
-    # log_softmax(raw) at the few ids needed, without writing out a [B, V] array.
+    # log_softmax(raw) at the few ids needed, without writing out a [B, V] array. A row with
+    # fewer than 20 tokens its grammar allows lists the others at -inf (the engine drops them).
     lse = jax.nn.logsumexp(raw, axis=-1)
     top_raw, top_ids = top_k_small(raw, min(NUM_TOP_LOGPROBS, vocab_limit))
     chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - lse

@@ -458,6 +458,28 @@ def test_constraint_mask_is_respected(engine):
     assert out[0][-1].finish_reason == out[1][-1].finish_reason == "stop"
 
 
+def test_logprobs_under_a_grammar_are_over_what_it_allows(engine):
+    """As vLLM (the grammar masks the logits before the sampler): a constrained token's
+    log-probability is renormalised over the allowed ids, the alternatives are only those (fewer
+    than asked), and a forced token is certain. A min_tokens ban changes no log-probability."""
+    out = run(engine, prompt=[1, 2, 3], max_tokens=6, logprobs=True, top_logprobs=5,
+              constraints=[OnlyTokens([10, 20, 30], 3)])[0]
+    for e in out[:3]:
+        alts = dict(e.top_logprobs)
+        assert set(alts) == {10, 20, 30} and alts[e.token] == pytest.approx(e.logprob)
+        assert sum(np.exp(list(alts.values()))) == pytest.approx(1.0, abs=1e-5)
+    forced = run(engine, prompt=[1, 2, 3], max_tokens=3, logprobs=True, top_logprobs=5,
+                 constraints=[OnlyTokens([7], 2)])[0]
+    assert [(e.token, e.top_logprobs) for e in forced[:2]] == [(7, ((7, 0.0),))] * 2
+    assert [e.logprob for e in forced[:2]] == [0.0, 0.0]
+    free = run(engine, prompt=[9, 8, 7, 6], max_tokens=4, logprobs=True, top_logprobs=3)[0]
+    banned = run(engine, prompt=[9, 8, 7, 6], max_tokens=4, logprobs=True, top_logprobs=3,
+                 stop_token_ids=(free[1].token,), min_tokens=3)[0]
+    assert banned[0].top_logprobs == free[0].top_logprobs
+    assert banned[1].token != free[1].token
+    assert banned[1].top_logprobs == free[1].top_logprobs  # the banned token still listed
+
+
 def test_a_grammar_allowing_only_ids_past_the_vocab_limit_is_an_error(engine):
     """The sampler draws below vocab_limit (250): a mask allowing only id 252 allows nothing."""
     class Only252(OnlyTokens):

@@ -426,17 +426,24 @@ def test_mixed_batch_equals_row_by_row():
 # ----------------------------------------------------------------------------- outputs & state
 
 
-def test_logprobs_are_the_raw_model_distribution():
+def test_logprobs_are_the_raw_model_distribution_over_what_the_grammar_allows():
+    """Raw: before bias, penalties and temperature; over the tokens the grammar allows (vLLM
+    masks the logits before its sampler), BANNED ones (min_tokens) included, never drawn."""
     rows = [SamplingParams(temperature=0.5, presence_penalty=2.0, logit_bias=((1, 50.0),),
                            seed=1), SamplingParams(temperature=0.0, repetition_penalty=3.0)] * 4
     logits, allowed, pm, counts = row_data(9, ROWS)
+    mask = np.where(allowed, S.ALLOWED, S.FORBIDDEN).astype(np.int8)
+    mask[0] = S.ALLOWED  # a row without a grammar
+    mask[:, 1] = np.where(mask[:, 1] == S.ALLOWED, S.BANNED, S.FORBIDDEN)  # biased, not drawn
     out = S.sample(jnp.asarray(logits), S.make_sampling_batch(rows, V), device_state(pm, counts),
-                   jnp.zeros(ROWS, jnp.int32), jnp.asarray(allowed), vocab_limit=LIMIT)
-    raw = logits[:, :LIMIT].astype(np.float64)
+                   jnp.zeros(ROWS, jnp.int32), jnp.asarray(mask), vocab_limit=LIMIT)
+    raw = np.where(mask != S.FORBIDDEN, logits, -np.inf)[:, :LIMIT].astype(np.float64)
     logp = raw - np.log(np.exp(raw).sum(-1, keepdims=True))
+    assert not np.isin(np.asarray(out.tokens), [1]).any()
     k = min(S.NUM_TOP_LOGPROBS, LIMIT)
     assert out.top_ids.shape == (ROWS, k) and out.top_ids.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(out.top_ids), np.argsort(-logp, -1)[:, :k])
+    np.testing.assert_array_equal(np.asarray(out.top_ids),  # ties (-inf) by lower id
+                                  np.argsort(-logp, -1, kind="stable")[:, :k])
     np.testing.assert_allclose(np.asarray(out.top_logprobs), -np.sort(-logp, -1)[:, :k],
                                rtol=1e-5, atol=1e-5)
     tokens = np.asarray(out.tokens)
