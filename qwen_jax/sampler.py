@@ -75,7 +75,7 @@ import numpy as np
 SAMPLING_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "temperature": (0.0, 2.0, True, True),
     "top_p": (0.0, 1.0, False, True),
-    "top_k": (0, 1000, True, False),
+    "top_k": (-1, 1000, True, False),  # -1: off, as 0 (vLLM's long-time default, still sent)
     "min_p": (0.0, 1.0, True, True),
     "presence_penalty": (-2.0, 2.0, True, True),
     "frequency_penalty": (-2.0, 2.0, True, True),
@@ -179,7 +179,7 @@ class SamplingParams:
 
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 = off (-1 is taken as 0)
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -190,6 +190,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name in _SCALAR_PARAMS:
             object.__setattr__(self, name, _check_number(name, getattr(self, name)))
+        object.__setattr__(self, "top_k", max(self.top_k, 0))
         object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias, None))
         if self.seed is not None:
             object.__setattr__(self, "seed", _check_number("seed", self.seed))

@@ -193,6 +193,11 @@ def test_max_completion_tokens_wins():
     assert ok(max_tokens=0).max_tokens == 0
 
 
+def test_top_k_minus_one_is_off_as_in_vllm():
+    """LangChain's VLLMOpenAI and other clients written for vLLM send top_k -1 by default."""
+    assert ok(top_k=-1).sampling.top_k == 0 == ok().sampling.top_k
+
+
 def test_integral_floats_are_integers():
     assert ok(n=2.0, top_k=5.0, seed=3.0).n == 2
     assert isinstance(ok(top_k=5.0).sampling.top_k, int)
@@ -212,7 +217,7 @@ def test_integral_floats_are_integers():
         ("min_p", -0.01),
         ("top_k", 1000),
         ("top_k", 2.5),
-        ("top_k", -1),
+        ("top_k", -2),
         ("presence_penalty", 2.5),
         ("frequency_penalty", -3),
         ("repetition_penalty", 0),
