@@ -6,7 +6,7 @@ HTTP to the application; this module does that part, so that server.py deals onl
 and replies:
 - request bodies: by Content-Length, or chunked (decoded here; neither is a 411); an oversized
   one (up to DISCARD_MAX_BYTES) is read and dropped so that clients which send it all before
-  reading still get the 413;
+  reading still get the 413, and so is one left unread by an earlier refusal (401, 404, ...);
 - `Expect: 100-continue` is answered once the app wants the body (SEND_CONTINUE), so a request
   refused without it gets its answer instead;
 - the app can ask whether the client has gone (CLIENT_GONE), to cancel a reply nobody awaits;
@@ -15,11 +15,14 @@ and replies:
   with a status line, not its HTML page, and a warning in the log;
 - each socket read or write may wait at most SOCKET_TIMEOUT_S, and the whole request must
   arrive within REQUEST_DEADLINE_S;
-- at most MAX_CONNECTIONS connections are served at once (a 503 past that).
+- at most MAX_CONNECTIONS connections are served at once (a 503 past that; `serve` raises the
+  process's open-file limit, or holds fewer: connection_limit), and running out of file
+  descriptors makes new connections wait rather than the accept loop spin.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -28,6 +31,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from http import HTTPStatus
@@ -54,8 +58,13 @@ def socket_closed(sock: socket.socket) -> bool:
     """Whether the peer has closed (or reset) this connection; data waiting to be read does not
     count, and is left where it is."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        # poll, not select: select cannot watch a descriptor numbered 1024 or more, and said
+        # so with a ValueError, which read as "gone" and cancelled busy servers' replies.
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):  # reset, or already closed on our side
         return True
 
@@ -81,11 +90,8 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes:
         return _read_chunked(environ["wsgi.input"], limit)
     if not environ.get("CONTENT_LENGTH"):
         raise protocol.length_required()
-    try:
-        length = int(environ["CONTENT_LENGTH"])
-    except ValueError:
-        length = -1
-    if length < 0:
+    length = content_length(environ)
+    if length is None:
         raise protocol.invalid_request("Invalid Content-Length header.")
     if length > limit:  # checked before keeping a byte of the body
         if SEND_CONTINUE not in environ:  # else the client waits, and sends nothing
@@ -104,6 +110,13 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes:
             f"The request body has {len(raw)} bytes, fewer than its Content-Length of {length}."
         )
     return raw
+
+
+def content_length(environ: dict[str, Any]) -> int | None:
+    """The Content-Length, or None if it is missing or not digits alone (RFC 9112 8.6: int()
+    would also take "+75" and "1_0")."""
+    text = environ.get("CONTENT_LENGTH", "").strip()
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _nothing() -> None:
@@ -167,6 +180,29 @@ def _read_chunked(stream: Any, limit: int) -> bytes:
 MAX_CONNECTIONS = 1024
 
 
+# File descriptors kept for what is not a connection (libraries, model files, log, sockets the
+# runtime opens), when the process's limit caps the connections.
+FD_RESERVE = 128
+
+
+def connection_limit() -> int:
+    """How many connections `serve` can hold: MAX_CONNECTIONS, unless the process's open-file
+    limit leaves fewer. Raises the soft limit to the hard one first (most systems start
+    processes at 1024, which MAX_CONNECTIONS connections alone would use up: then accept()
+    fails before the 503 can be sent)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            target = MAX_CONNECTIONS + 2 * FD_RESERVE if hard == resource.RLIM_INFINITY else hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+            soft = max(soft, target)
+        except (OSError, ValueError):
+            pass
+    return max(1, min(MAX_CONNECTIONS, soft - FD_RESERVE))
+
+
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a stuck client never blocks shutdown
     allow_reuse_address = True
@@ -179,6 +215,23 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     def server_activate(self) -> None:
         super().server_activate()
         self._open, self._open_lock = 0, threading.Lock()
+        self._fd_warned = 0.0
+
+    def get_request(self) -> Any:
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                # Out of file descriptors: the pending connection stays queued and the listening
+                # socket readable, so socketserver would retry at once, in a busy loop. Wait a
+                # little for connections to close instead.
+                now = time.monotonic()
+                if now - self._fd_warned > 10:
+                    self._fd_warned = now
+                    log.warning("out of file descriptors (%s): new connections wait; raise "
+                                "the limit (ulimit -n) or lower the number of clients", e)
+                time.sleep(0.05)
+            raise
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._open_lock:
@@ -278,6 +331,28 @@ class RequestHandler(WSGIRequestHandler):
         except OSError:
             pass
 
+    def handle(self) -> None:
+        self._body_read = False
+        super().handle()
+        self._discard_unread_body()
+
+    def _body_was_read(self) -> None:
+        self._body_read = True
+        self._deadline.cancel()  # the reply is not bound by the request deadline
+
+    def _discard_unread_body(self) -> None:
+        """A reply sent before the body was read (401, 404, 405, 415, ...): read the body and
+        drop it, as for a 413, so that a client still sending it (http.client sends it all before
+        reading) does not get a reset, which can beat the reply, instead of the reply."""
+        if self._body_read or not hasattr(self, "headers"):
+            return
+        if self.headers.get("Expect", "").lower() == "100-continue" and not getattr(
+                self, "_continued", False):
+            return  # the client waits for a 100 Continue, and sends nothing without it
+        length = content_length({"CONTENT_LENGTH": self.headers.get("Content-Length", "")})
+        if length:
+            _discard(self.rfile, length)
+
     def finish(self) -> None:
         self._deadline.cancel()
         super().finish()
@@ -291,7 +366,7 @@ class RequestHandler(WSGIRequestHandler):
     def get_environ(self) -> dict[str, Any]:
         environ = super().get_environ()
         environ[CLIENT_GONE] = partial(socket_closed, self.connection)
-        environ[REQUEST_READ] = self._deadline.cancel
+        environ[REQUEST_READ] = self._body_was_read
         if self.headers.get("Content-Type") is None:
             environ["CONTENT_TYPE"] = ""  # wsgiref fills in text/plain; say it was missing
         # An HTTP/1.1 client that asks before sending its body (curl does above 1 MiB) would

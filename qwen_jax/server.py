@@ -45,7 +45,7 @@ from qwen_jax.constrained import (
 )
 from qwen_jax.cors import LOCAL, CorsPolicy, parse_origins
 from qwen_jax.engine import GenerationRequest, QueueFullError, TokenEvent
-from qwen_jax.httpd import CLIENT_GONE, make_server, read_body
+from qwen_jax.httpd import CLIENT_GONE, connection_limit, make_server, read_body
 from qwen_jax.quantize import is_quantized, quantize_option
 from qwen_jax.stop_strings import StopStringMatcher
 from qwen_jax.tool_calls import MarkupSplitter, StreamingToolCallParser, parse_tool_calls
@@ -895,7 +895,7 @@ def serve(args: Any) -> int:
     app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors,
                    sampling_defaults=defaults, render_prompt=args.render_prompt)
     try:
-        server = make_server(app, args.host, args.port)
+        server = make_server(app, args.host, args.port, max_connections=connection_limit())
     except OSError as e:
         engine.close()
         return _fail(f"cannot listen on {args.host}:{args.port}: {e}")

@@ -72,6 +72,9 @@ _INSTRUCT_EOS = ("<|im_end|>", "<|endoftext|>")
 _PAD = "<|endoftext|>"
 
 
+_LONG_TEXT = 1 << 16  # characters; see Tokenizer.encode
+
+
 class TokenizerError(ValueError):
     """A tokenizer directory or vocabulary that cannot be used (missing or malformed files)."""
 
@@ -92,6 +95,10 @@ class Tokenizer:
         """Text -> ids. Added tokens written in the text (e.g. <|im_start|>) become their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        if len(text) > _LONG_TEXT:
+            # encode holds the GIL throughout (a 4 MB prompt: 3.2 s in which every stream the
+            # server sends stood still); encode_batch lets it go, and is no slower.
+            return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:

@@ -1461,3 +1461,104 @@ def test_usage_reports_cached_prompt_tokens_only_with_prefix_caching(qwen_tokeni
             if caching:
                 assert u["prompt_tokens_details"] == {"cached_tokens": 7}
         assert status == 200
+
+
+# -- the HTTP layer's own limits --------------------------------------------------------------
+
+
+def test_a_socket_numbered_past_1023_is_watched_like_any_other():
+    """select() cannot watch a descriptor >= 1024 (its ValueError read as "client gone", and
+    cancelled the replies of a server holding ~1,000 connections); poll can."""
+    import fcntl
+    import resource
+
+    from qwen_jax.httpd import socket_closed
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1100:
+        if hard != resource.RLIM_INFINITY and hard <= 1100:
+            pytest.skip(f"the open-file limit ({hard}) allows no descriptor past 1100")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=fcntl.fcntl(b.fileno(), fcntl.F_DUPFD, 1100))
+    b.close()
+    try:
+        assert high.fileno() >= 1100
+        assert not socket_closed(high)
+        a.sendall(b"x")
+        assert not socket_closed(high) and high.recv(1) == b"x"  # data waiting is no hang-up
+        a.close()
+        assert socket_closed(high)
+    finally:
+        high.close()
+
+
+def test_out_of_file_descriptors_waits_instead_of_spinning(app, caplog):
+    """accept() failing with EMFILE leaves the connection queued and the listening socket
+    readable: socketserver retried at once, at 100% CPU. Now it waits and says why, once."""
+    import errno
+
+    class NoDescriptors:
+        def accept(self):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    caplog.set_level("WARNING", "qwen_jax.server")
+    server = make_server(app, "127.0.0.1", 0)  # not serving: get_request is called here
+    real, server.socket = server.socket, NoDescriptors()
+    try:
+        t0 = time.monotonic()
+        for _ in range(3):
+            with pytest.raises(OSError):
+                server.get_request()
+        assert time.monotonic() - t0 >= 0.15
+    finally:
+        server.socket = real
+        server.server_close()
+    warnings = [r.getMessage() for r in caplog.records if "file descriptors" in r.getMessage()]
+    assert len(warnings) == 1 and "ulimit -n" in warnings[0]
+
+
+@pytest.mark.parametrize(("soft", "hard", "raised", "limit"), [
+    (1024, 4096, 4096, 1024),  # raised to the hard limit: all MAX_CONNECTIONS fit
+    (256, 256, None, 128),  # cannot be raised: fewer connections, the rest kept for files
+    (1024, -1, 1024 + 256, 1024),  # no hard limit (RLIM_INFINITY)
+])
+def test_serve_sizes_its_connections_to_the_open_file_limit(monkeypatch, soft, hard, raised,
+                                                            limit):
+    import resource
+
+    from qwen_jax import httpd
+
+    hard = resource.RLIM_INFINITY if hard == -1 else hard
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
+    assert httpd.connection_limit() == limit
+    assert calls == ([] if raised is None else [(raised, hard)])
+
+
+def test_an_early_refusal_reads_the_body_so_the_client_gets_it(qwen_tokenizer, engine):
+    """A 401 (or 404, 405, 415) decided before the body is read: http.client sends the whole
+    body before reading, and a closed socket with unread data resets the connection, which
+    lost the answer (a broken pipe) for bodies of a few MB."""
+    import http.client
+
+    app = make_app(engine, qwen_tokenizer, MODEL, 512, api_key="sekrit")
+    body = json.dumps(req(messages=[{"role": "user", "content": "x" * 12_000_000}])).encode()
+    with http_server(app) as server:
+        for path, key, status in [("/v1/chat/completions", "wrong", 401),
+                                  ("/v1/nowhere", "sekrit", 404)]:
+            conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+            conn.request("POST", path, body=body, headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+            reply = conn.getresponse()
+            assert reply.status == status and "error" in json.loads(reply.read())
+            conn.close()
+    assert not engine.requests
+
+
+@pytest.mark.parametrize("length", ["+75", "7_5", " 75x", "-1", "٧٥"])
+def test_a_content_length_of_anything_but_digits_is_a_400(app, length):
+    body = json.dumps(req()).encode()
+    status, _, raw = call(app, raw=body, headers={"CONTENT_LENGTH": length})
+    assert status == 400 and "Content-Length" in json.loads(raw)["error"]["message"]

@@ -87,6 +87,36 @@ def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == unicodedata.normalize("NFC", text)
 
 
+def test_a_long_text_is_encoded_without_holding_up_other_threads(tok):
+    """A server thread tokenizing a huge prompt must not stop the threads streaming other
+    replies (tokenizers' `encode` holds the GIL throughout; a 4 MB prompt held it 3.2 s)."""
+    import threading
+    import time
+
+    text = "hello world, <|im_end|> wörld 你好 " * 40_000  # 1.3M characters
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.002)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    t0 = time.perf_counter()
+    ids = tok.encode(text)
+    elapsed = time.perf_counter() - t0
+    done.set()
+    thread.join()
+    assert ids == tok.backend.encode(text, add_special_tokens=False).ids  # the same ids
+    assert ids.count(tok.token_to_id("<|im_end|>")) == 40_000
+    assert max(gaps) < max(0.5 * elapsed, 0.1), (max(gaps), elapsed)
+
+
 def test_encode_rejects_non_text(tok):
     with pytest.raises(TypeError, match="expects a str"):
         tok.encode(b"bytes")  # type: ignore[arg-type]
