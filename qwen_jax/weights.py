@@ -77,9 +77,10 @@ def expected_tensors(cfg: QwenConfig) -> dict[str, tuple[tuple[str, int | None],
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file holding it."""
+    """HF tensor name -> the safetensors file holding it: `model.safetensors` if there is one,
+    else the shards of `model.safetensors.index.json` (transformers' order)."""
     index = model_dir / _INDEX
-    if index.is_file():
+    if index.is_file() and not (model_dir / _SINGLE).is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -269,6 +270,11 @@ def save_checkpoint(
         size += nbytes
         total += nbytes
 
+    # Weight files of an earlier save that this one does not overwrite would be loaded in its
+    # place (by transformers or by this loader, depending on which files remain).
+    stale = [model_dir / _INDEX, model_dir / _SINGLE, *model_dir.glob("model-*-of-*.safetensors")]
+    for path in stale:
+        path.unlink(missing_ok=True)
     weight_map = {}
     for k, names in enumerate(shards, start=1):
         fname = _SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"

@@ -88,6 +88,36 @@ def test_save_sharded_round_trip(tmp_path):
     assert cfg2 == cfg and _leaves_equal(params, params2)
 
 
+@pytest.mark.parametrize("first_sharded", [True, False])
+def test_saving_again_replaces_the_earlier_weights_for_both_loaders(tmp_path, first_sharded):
+    """An earlier save's weight files are removed: left beside the new ones, the index (or the
+    single file) of the old save was what one loader or the other read."""
+    from transformers import Qwen2ForCausalLM
+
+    cfg = QwenConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+    old = init_params(cfg, jax.random.PRNGKey(1), jnp.float32)
+    new = init_params(cfg, jax.random.PRNGKey(2), jnp.float32)
+    save_checkpoint(old, cfg, tmp_path, max_shard_bytes=50_000 if first_sharded else 4 << 30)
+    save_checkpoint(new, cfg, tmp_path, max_shard_bytes=4 << 30 if first_sharded else 50_000)
+    files = sorted(p.name for p in tmp_path.glob("model*"))
+    assert files == (["model.safetensors"] if first_sharded
+                     else [f for f in files if f.startswith("model-")]
+                     + ["model.safetensors.index.json"])
+    assert _leaves_equal(load_checkpoint(tmp_path, jnp.float32, progress=False)[1], new)
+    hf = Qwen2ForCausalLM.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(hf.model.embed_tokens.weight.detach().numpy(),
+                                  np.asarray(new.embed))
+
+
+def test_a_single_file_wins_over_an_index_as_in_transformers(tmp_path, tiny_checkpoint):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "gone.safetensors"}}))
+    cfg, params = load_checkpoint(ckpt, jnp.float32, progress=False)
+    assert params.final_norm.shape == (cfg.hidden_size,)
+
+
 # ---- error cases: a CheckpointError naming the path or tensor, never a bare traceback ----
 
 
@@ -198,6 +228,7 @@ def test_index_naming_a_missing_shard(tmp_path, hf_checkpoint_factory):
 @pytest.mark.parametrize("weight_map", [[1, 2], "model.safetensors", {"model.norm.weight": 5}])
 def test_a_malformed_index_is_a_checkpoint_error(tmp_path, tiny_checkpoint, weight_map):
     ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00001.safetensors")
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(CheckpointError, match="not a valid safetensors index"):
         load_checkpoint(ckpt)
