@@ -23,14 +23,25 @@ class ModelNotFoundError(Exception):
 
 
 def hf_hub_cache(env: Mapping[str, str] | None = None) -> Path:
+    """Where huggingface_hub keeps downloads: HF_HUB_CACHE, else the legacy
+    HUGGINGFACE_HUB_CACHE, else HF_HOME/hub, else XDG_CACHE_HOME/huggingface/hub, else
+    ~/.cache/huggingface/hub; `~` and `$VAR` expanded, as huggingface_hub does."""
     env = os.environ if env is None else env
-    if env.get("HF_HUB_CACHE"):
-        return Path(env["HF_HUB_CACHE"]).expanduser()
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(key):
+            return _expand(env[key], env)
     if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
+        return _expand(env["HF_HOME"], env) / "hub"
     xdg = env.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    base = _expand(xdg, env) if xdg else Path.home() / ".cache"
     return base / "huggingface" / "hub"
+
+
+def _expand(value: str, env: Mapping[str, str]) -> Path:
+    """os.path.expandvars (unknown variables left as they are) over `env`, then expanduser."""
+    text = re.sub(r"\$(\w+)|\$\{(\w+)\}",
+                  lambda m: env.get(m.group(1) or m.group(2), m.group(0)), value)
+    return Path(text).expanduser()
 
 
 def download_command(repo_id: str) -> str:

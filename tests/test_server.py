@@ -1239,6 +1239,27 @@ def test_hub_cache_location_from_env(tmp_path):
     assert hub.hf_hub_cache({"HF_HOME": "/b"}) == Path("/b/hub")
     assert hub.hf_hub_cache({"XDG_CACHE_HOME": "/c"}) == Path("/c/huggingface/hub")
     assert hub.hf_hub_cache({}) == Path.home() / ".cache/huggingface/hub"
+    # huggingface_hub's legacy name, below the new one; $VAR and ~ expanded as it does.
+    assert hub.hf_hub_cache({"HUGGINGFACE_HUB_CACHE": "/d", "HF_HOME": "/b"}) == Path("/d")
+    assert hub.hf_hub_cache({"HUGGINGFACE_HUB_CACHE": "/d", "HF_HUB_CACHE": "/a"}) == Path("/a")
+    assert hub.hf_hub_cache({"HF_HOME": "$W/x", "W": "/w"}) == Path("/w/x/hub")
+    assert hub.hf_hub_cache({"HF_HUB_CACHE": "${W}/y/$NOPE"}) == Path("${W}/y/$NOPE")
+    assert hub.hf_hub_cache({"HF_HOME": "~/h"}) == Path.home() / "h/hub"
+
+
+def test_hub_cache_location_agrees_with_huggingface_hub(tmp_path):
+    """The same directory huggingface_hub itself computes, in a fresh process per setting."""
+    env_cases = [{"HUGGINGFACE_HUB_CACHE": str(tmp_path / "legacy")},
+                 {"HF_HOME": "$QJ_BASE/home", "QJ_BASE": str(tmp_path)},
+                 {"XDG_CACHE_HOME": str(tmp_path / "xdg")}]
+    for extra in env_cases:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")}
+        env.update(extra)
+        out = subprocess.run(
+            [sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)"],
+            env=env, capture_output=True, text=True, check=True).stdout.strip()
+        assert hub.hf_hub_cache(env) == Path(out), extra
 
 
 def test_missing_model_names_the_download_command(tmp_path, monkeypatch):
