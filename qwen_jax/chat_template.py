@@ -146,6 +146,8 @@ def normalize_messages(messages: Any) -> list[dict]:
             raise ChatTemplateError(
                 f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})"
             )
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise ChatTemplateError(f"{where}.name", "must be a string")
         role = "system" if role == "developer" else role
         calls = message.get("tool_calls") if role == "assistant" else None
         if calls is not None and not isinstance(calls, list):
@@ -211,10 +213,21 @@ def render_chat(
     msgs = normalize_messages(messages)
     tool_list = _normalize_tools(tools)
     if continue_final_message:
+        check_continuable(messages)
         msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] + CONTINUE_MARKER}
         rendered = _render(msgs, tool_list, add_generation_prompt=False)
         return rendered[: rendered.rindex(CONTINUE_MARKER)]
     return _render(msgs, tool_list, add_generation_prompt)
+
+
+def check_continuable(messages: Sequence[Mapping[str, Any]]) -> None:
+    """continue_final_message needs a final message with content to continue: tool calls
+    without content would be cut off silently (transformers raises for it too)."""
+    last = messages[-1]
+    if last.get("tool_calls") and last.get("content") is None:
+        raise ChatTemplateError(
+            "continue_final_message", "the final message has tool_calls and no content to "
+            "continue")
 
 
 def _render(msgs: list[dict], tool_list: list[dict], add_generation_prompt: bool) -> str:

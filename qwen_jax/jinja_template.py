@@ -28,6 +28,7 @@ from typing import Any
 from qwen_jax.chat_template import (
     CONTINUE_MARKER,
     ChatTemplateError,
+    check_continuable,
     normalize_messages,
     render_chat,
 )
@@ -140,6 +141,7 @@ class JinjaChatTemplate:
                 if isinstance(original.get(key), str):
                     msg[key] = original[key]
         if continue_final_message:
+            check_continuable(messages)
             msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] + CONTINUE_MARKER}
         try:
             rendered = self._compiled.render(

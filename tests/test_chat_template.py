@@ -208,6 +208,28 @@ def test_rejects_what_cannot_be_rendered(messages, param, fragment):
     assert isinstance(info.value, ValueError)
 
 
+def test_a_name_must_be_a_string():
+    with pytest.raises(ChatTemplateError) as info:
+        render_chat([{"role": "user", "content": "a", "name": 5}])
+    assert info.value.param == "messages[0].name"
+    assert "<|im_start|>user\na<|im_end|>" in render_chat(
+        [{"role": "user", "content": "a", "name": None}])
+
+
+def test_continuing_a_final_message_of_tool_calls_alone_is_refused():
+    """Its calls would be cut off and the model continue an empty turn; transformers raises
+    for it too (content None). With content, the content is continued, as in transformers."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with pytest.raises(ChatTemplateError) as info:
+        render_chat(messages, add_generation_prompt=False, continue_final_message=True)
+    assert info.value.param == "continue_final_message"
+    messages[-1]["content"] = "Let me"
+    assert render_chat(messages, add_generation_prompt=False,
+                       continue_final_message=True).endswith("<|im_start|>assistant\nLet me")
+
+
 def test_rejects_bad_tools():
     with pytest.raises(ChatTemplateError) as info:
         render_chat([{"role": "user", "content": "a"}], tools=["f"])
