@@ -135,7 +135,7 @@ class ChoiceState:
     want_logprobs: bool
     top_logprobs: int
     token_text: TokenText | None
-    min_tokens: int = 0  # stop strings are not matched in the text of the first min_tokens
+    min_tokens: int = 0  # no stop string may end in the text of the first min_tokens
     # The request's stop_token_ids (vLLM's): the choice's last token, whose text is dropped
     # unless include_stop (as vLLM does); the EOS ids are never text.
     stop_ids: frozenset[int] = frozenset()
@@ -196,8 +196,8 @@ class ChoiceState:
                 # Held-back text cannot grow into a stop string across a tag: release it.
                 deltas += self._route(self.stops.flush() + piece, final=False)
                 continue
-            safe, hit = (self.stops.push(piece) if self.completion_tokens > self.min_tokens
-                         else (piece, False))
+            # Before min_tokens no stop string may end (as vLLM), but one may begin there.
+            safe, hit = self.stops.push(piece, match=self.completion_tokens > self.min_tokens)
             if hit:
                 return deltas + self._route(safe, final=True), True
             deltas += self._route(safe, final=False)

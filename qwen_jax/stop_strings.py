@@ -30,17 +30,22 @@ class StopStringMatcher:
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text
 
-    def push(self, text_delta: str) -> tuple[str, bool]:
-        """Add generated text; return (text safe to emit now, whether a stop string was hit)."""
+    def push(self, text_delta: str, match: bool = True) -> tuple[str, bool]:
+        """Add generated text; return (text safe to emit now, whether a stop string was hit).
+
+        match False: stop strings may not end in this text (vLLM's min_tokens), but a tail of
+        it that could begin one is still held back, for the text pushed next to complete."""
         if self.stopped:
             return "", True
         if not self.stops:
             return text_delta, False
-        text = self._pending + text_delta
+        old, text = len(self._pending), self._pending + text_delta
         # The stop that completes first ends the text (ties: the one starting first). Generation
         # cannot know about a longer stop that would complete later, so "first" means first to
         # end; this also makes the result independent of how the text was split into deltas.
-        hits = [(i + len(s), i, s) for s in self.stops if (i := text.find(s)) >= 0]
+        # A stop ending in the held-back text (pushed with match False) does not count.
+        hits = [(i + len(s), i, s) for s in self.stops
+                if match and (i := text.find(s, max(0, old - len(s) + 1))) >= 0]
         if hits:
             end, start, self.matched = min(hits)
             self._pending = ""

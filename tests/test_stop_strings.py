@@ -129,3 +129,26 @@ def test_with_include_the_text_ends_after_the_first_stop_and_names_it(split, sto
     else:
         assert not stopped and m.matched is None
         assert emitted + m.flush() == text
+
+
+@given(split_text(), stop_lists, st.integers(0, 12))
+def test_no_stop_ends_in_the_text_pushed_without_matching(split, stops, unmatched):
+    """min_tokens (vLLM's): the first deltas are pushed with match=False. The text then ends at
+    the first stop string that ends after them, which may begin inside them; none that ends
+    inside them counts."""
+    text, deltas = split
+    boundary = len("".join(deltas[:unmatched]))
+    hits = [(i + len(s), i) for s in stops
+            if (i := text.find(s, max(0, boundary - len(s) + 1))) >= 0]
+    expected = text[: min(hits)[1]] if hits else text
+    m = StopStringMatcher(stops)
+    emitted, stopped = "", False
+    for k, delta in enumerate(deltas):
+        out, stopped = m.push(delta, match=k >= unmatched)
+        emitted += out
+        assert expected.startswith(emitted)
+        if stopped:
+            break
+    if not stopped:
+        emitted += m.flush()
+    assert emitted == expected and stopped == bool(hits)
