@@ -72,6 +72,8 @@ def _text(content: Any, param: str, *, allow_none: bool = False,
     if isinstance(content, str):
         return content
     if isinstance(content, list):
+        if not content:  # OpenAI's schema: minItems 1
+            raise ChatTemplateError(param, "a list of content parts must not be empty")
         kinds = ("text", "refusal") if refusals else ("text",)
         texts = []
         for j, part in enumerate(content):

@@ -183,6 +183,7 @@ def test_continue_final_message_cuts_at_the_final_messages_marker():
             "non-empty",
         ),
         ([{"role": "assistant", "tool_calls": "f"}], "messages[0].tool_calls", "list"),
+        ([{"role": "user", "content": []}], "messages[0].content", "must not be empty"),
         # What the arguments string hid from the request's own checks (each was a 500):
         *[
             (
