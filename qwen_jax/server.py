@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -274,7 +275,10 @@ class App:
         path = environ.get("PATH_INFO", "") or "/"
         if path.startswith(("http://", "https://")):  # absolute-form target (RFC 9112 3.2.2)
             path = urlsplit(path).path or "/"
-        meta: dict[str, Any] = {"prompt": 0, "completion": 0}
+        # OpenAI answers every request with an x-request-id (the SDK's `_request_id`); the log
+        # line carries it too, to find a client's request in the log.
+        meta: dict[str, Any] = {"prompt": 0, "completion": 0,
+                                "request_id": f"req_{uuid.uuid4().hex}"}
         try:
             status, headers, body = self._dispatch(environ, method, path, meta)
         except protocol.APIError as e:
@@ -286,7 +290,8 @@ class App:
         except Exception:  # a bug, not a client error: generic 500, details in the log
             log.error("internal error on %s %s\n%s", method, path, traceback.format_exc())
             status, headers, body = 500, [], _json_bytes(protocol.server_error().to_dict())
-        headers = headers + self.cors.response_headers(environ.get("HTTP_ORIGIN"))
+        headers = (headers + [("X-Request-Id", meta["request_id"])]
+                   + self.cors.response_headers(environ.get("HTTP_ORIGIN")))
         if status == 204:  # no body, so no Content-Type or Content-Length either
             start_response(_status_line(status), headers)
             self._log(method, path, status, meta, t0)
@@ -307,8 +312,9 @@ class App:
 
     def _log(self, method: str, path: str, status: int, meta: dict, t0: float) -> None:
         log.info(
-            "%s %s %d prompt_tokens=%d completion_tokens=%d %.3fs",
+            "%s %s %d prompt_tokens=%d completion_tokens=%d %.3fs %s",
             method, path, status, meta["prompt"], meta["completion"], time.perf_counter() - t0,
+            meta["request_id"],
         )
 
     def _check_auth(self, environ: Environ) -> None:

@@ -145,6 +145,21 @@ def test_json_reply_and_request_plumbing(app, engine, qwen_tokenizer):
     assert body["usage"]["prompt_tokens"] == len(r.prompt_ids)
 
 
+def test_every_reply_carries_its_own_request_id_which_the_log_names(app, engine, caplog):
+    """As OpenAI's x-request-id (the SDK's `_request_id`): JSON, stream and error replies."""
+    caplog.set_level("INFO", "qwen_jax.server")
+    ids = []
+    for body, path in ((req(), "/v1/chat/completions"), (req(stream=True), "/v1/chat/completions"),
+                       (req(n=0), "/v1/chat/completions"), (None, "/v1/nope")):
+        got, result = call(app, path=path, body=body, consume=False)
+        b"".join(result)
+        getattr(result, "close", lambda: None)()  # as a WSGI server does: a stream logs then
+        ids.append(got["headers"]["X-Request-Id"])
+    assert all(i.startswith("req_") and len(i) == 36 for i in ids) and len(set(ids)) == 4
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert all(i in logged for i in ids)
+
+
 def test_the_app_writes_prompts_with_the_renderer_it_is_given(engine, qwen_tokenizer):
     """A snapshot's own template (jinja_template.py) reaches the engine's prompt; its refusal of
     a conversation is a 400 naming the messages."""
@@ -852,7 +867,9 @@ def test_head_is_a_get_without_the_body(app):
         status, hdrs, body = call(app, method="HEAD", path=path)
         get = call(app, method="GET", path=path)
         assert (status, body) == (200, b"") and get[0] == 200
-        assert hdrs["Content-Length"] == str(len(get[2])) and hdrs == get[1]
+        same = {k: v for k, v in hdrs.items() if k != "X-Request-Id"}  # each request its own
+        assert same == {k: v for k, v in get[1].items() if k != "X-Request-Id"}
+        assert hdrs["Content-Length"] == str(len(get[2]))
     status, hdrs, body = call(app, method="HEAD", path="/v1/chat/completions")
     assert (status, body) == (405, b"") and hdrs["Allow"] == "POST, OPTIONS"
     assert call(app, method="HEAD", path="/v1/models", auth=False)[:3:2] == (401, b"")
