@@ -40,10 +40,12 @@ class CorsPolicy:
         """Headers for any response to a request that came with `Origin: origin`."""
         if origin is None or not self.allows(origin):
             return []  # no header: the browser keeps the response from the page
+        # A page's script sees only the "simple" response headers unless told of others.
+        expose = ("Access-Control-Expose-Headers", "X-Request-Id")
         if ANY in self.origins:
-            return [("Access-Control-Allow-Origin", "*")]
+            return [("Access-Control-Allow-Origin", "*"), expose]
         # Named back, so a cache must keep one copy per origin.
-        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"), expose]
 
     def preflight_headers(self, origin: str, requested_headers: str | None
                           ) -> list[tuple[str, str]] | None:

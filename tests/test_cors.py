@@ -20,7 +20,8 @@ def test_local_pages_are_allowed_by_default(scheme, host, port):
     policy = CorsPolicy()
     assert policy.allows(origin)
     assert policy.response_headers(origin) == [
-        ("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        ("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+        ("Access-Control-Expose-Headers", "X-Request-Id")]  # the page's script may read it
 
 
 @given(scheme=st.sampled_from(["http", "https"]), host=other_hosts, port=ports)
@@ -42,7 +43,8 @@ def test_listed_origins_and_star(scheme, host, port):
     assert listed.allows(origin) and listed.allows("http://127.0.0.1:8080")
     assert not listed.allows(origin + "0" if port else origin + ":1")
     star = parse_origins("*")
-    assert star.response_headers(origin) == [("Access-Control-Allow-Origin", "*")]
+    assert star.response_headers(origin) == [("Access-Control-Allow-Origin", "*"),
+                                             ("Access-Control-Expose-Headers", "X-Request-Id")]
 
 
 def test_parse_origins_takes_ip_and_ipv6_origins():
