@@ -605,9 +605,8 @@ class Engine:
         Afterwards a compile, of a program or of anything else on the engine thread, is
         logged as a warning."""
         lengths = list(prompt_lengths) if prompt_lengths is not None else self._all_buckets()
+        # (With prefix caching these are also the calls that follow a reused prefix.)
         prefills = {(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)}
-        if self.prefix_caching and self.chunked_attention:  # a reused prefix's first call
-            prefills |= {(b, None) for b, _ in prefills}
         prefills = sorted(prefills, key=lambda p: (p[0], p[1] or 0))
         kvs = sorted({self._decode_kv(n) for n in kv_lens or self._all_buckets()},
                      key=lambda kv: kv or 0)
@@ -712,11 +711,15 @@ class Engine:
 
     def _prefill_plan(self, n: int) -> list[tuple[int, int, int | None]]:
         """prefill_plan's calls, with kv_len None (the cache read in chunks) for every call
-        after the first when attention is chunked."""
+        after the first when attention is chunked; with prefix caching for the first call too,
+        so that a prompt prefilled whole and one after a reused prefix go through the same
+        attention code (the first call's own attended to its scores directly, and a seeded
+        request's first reply on a fresh row differed from its replays)."""
         plan = prefill_plan(n, self.prefill_chunk, self.max_len)
         if not self.chunked_attention:
             return plan
-        return plan[:1] + [(start, b, None) for start, b, _ in plan[1:]]
+        first = plan[:1] if not self.prefix_caching else [(0, plan[0][1], None)]
+        return first + [(start, b, None) for start, b, _ in plan[1:]]
 
     def _all_buckets(self) -> list[int]:
         return all_buckets(self.max_len)

@@ -1390,6 +1390,32 @@ def test_prefix_caching_prefills_only_what_a_free_row_does_not_hold(params, chun
         cold.close()
 
 
+@pytest.mark.slow
+def test_with_prefix_caching_a_seeded_request_replays_exactly_on_a_fresh_row_or_not():
+    """On the CPU (attention read in chunks) a prompt prefilled whole goes through the same
+    attention code as one prefilled after a reused prefix: a seeded request's first run, on a
+    fresh row, and its replays, which reuse all but the last prompt token, give the same
+    tokens and log-probabilities to the bit. (The first run's differed when its first prefill
+    call attended in one piece; the demo shape in bf16 shows it, the tiny test model not.)"""
+    from qwen_jax.config import PRESETS
+
+    cfg = PRESETS["demo"]
+    params = init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
+    prompt = [int(t) for t in np.random.default_rng(11).integers(1, 150_000, 55)]
+    eng = Engine(params, cfg, max_slots=2, max_len=256, vocab_limit=151_665, prefill_chunk=64,
+                 chunked_attention=True, prefix_caching=True)
+    try:
+        eng.warmup(prompt_lengths=[16, 64], rows=[2])
+        sampling = SamplingParams(temperature=0.9, seed=7)
+        runs = [_run(eng, prompt, n=2, max_tokens=16, sampling=sampling) for _ in range(3)]
+        assert [h.cached_tokens for h, _, _ in runs] == [0, 54, 54]
+        for _, toks, lps in runs[1:]:
+            assert (toks, lps) == (runs[0][1], runs[0][2])
+        assert eng.stats.compiles_after_warmup == 0
+    finally:
+        eng.close()
+
+
 def test_prefix_caching_with_several_choices_and_a_cancelled_prefill(params):
     """n choices: each row keeps the prompt and its own reply, so each choice's next turn finds
     its own row. A request cancelled while prefilling keeps only the prefix it reused."""
