@@ -227,6 +227,14 @@ def read_json_object(path: Path, error: type[Exception]) -> dict | None:
     return data
 
 
+def token_content(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken object
+    with its text under "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
 def load_config(model_dir: str | Path) -> QwenConfig:
     """Read `<model_dir>/config.json` (or a config.json path)."""
     path = Path(model_dir)

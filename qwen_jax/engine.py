@@ -606,8 +606,8 @@ class Engine:
         logged as a warning."""
         lengths = list(prompt_lengths) if prompt_lengths is not None else self._all_buckets()
         # (With prefix caching these are also the calls that follow a reused prefix.)
-        prefills = {(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)}
-        prefills = sorted(prefills, key=lambda p: (p[0], p[1] or 0))
+        prefills = sorted({(b, kv) for n in lengths for _, b, kv in self._prefill_plan(n)},
+                          key=lambda p: (p[0], p[1] or 0))
         kvs = sorted({self._decode_kv(n) for n in kv_lens or self._all_buckets()},
                      key=lambda kv: kv or 0)
         t0 = time.perf_counter()
@@ -711,10 +711,10 @@ class Engine:
 
     def _prefill_plan(self, n: int) -> list[tuple[int, int, int | None]]:
         """prefill_plan's calls, with kv_len None (the cache read in chunks) for every call
-        after the first when attention is chunked; with prefix caching for the first call too,
-        so that a prompt prefilled whole and one after a reused prefix go through the same
-        attention code (the first call's own attended to its scores directly, and a seeded
-        request's first reply on a fresh row differed from its replays)."""
+        after the first when attention is chunked, and with prefix caching for the first too:
+        then a prompt prefilled whole goes through the same attention code as one prefilled
+        after a reused prefix (a seeded request's first reply on a fresh row differed from its
+        replays when the first call attended in one piece)."""
         plan = prefill_plan(n, self.prefill_chunk, self.max_len)
         if not self.chunked_attention:
             return plan

@@ -19,6 +19,7 @@ in Qwen2.5's `<tool_call>` format (tool_calls.py).
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from qwen_jax.chat_template import (
     normalize_messages,
     render_chat,
 )
-from qwen_jax.config import read_json_object
+from qwen_jax.config import read_json_object, token_content
 
 # The `chat_template` of Qwen2.5-Instruct's tokenizer_config.json (Apache-2.0, Qwen team).
 OFFICIAL_TEMPLATE_PATH = Path(__file__).with_name("qwen2.5-instruct-chat-template.jinja")
@@ -47,6 +48,7 @@ class TemplateConfigError(ValueError):
     """A chat template that cannot be used (unreadable file, not valid Jinja)."""
 
 
+@functools.cache
 def official_template() -> str:
     return OFFICIAL_TEMPLATE_PATH.read_text(encoding="utf-8")
 
@@ -79,18 +81,11 @@ def snapshot_template(model_dir: str | Path) -> str | None:
 
 
 def special_tokens(model_dir: str | Path) -> dict[str, str]:
-    """bos_token, eos_token, ... from tokenizer_config.json, as strings (some snapshots write
-    them as AddedToken objects)."""
+    """bos_token, eos_token, ... from tokenizer_config.json, as strings."""
     tok_cfg = read_json_object(Path(model_dir) / "tokenizer_config.json",
                                TemplateConfigError) or {}
-    out = {}
-    for key in _SPECIAL_TOKEN_KEYS:
-        value = tok_cfg.get(key)
-        if isinstance(value, Mapping):
-            value = value.get("content")
-        if isinstance(value, str):
-            out[key] = value
-    return out
+    tokens = {key: token_content(tok_cfg.get(key)) for key in _SPECIAL_TOKEN_KEYS}
+    return {key: value for key, value in tokens.items() if value is not None}
 
 
 def _environment():

