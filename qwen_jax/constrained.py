@@ -190,9 +190,12 @@ def _structured_grammar(structured: StructuredOutput) -> str:
         return _json_grammar(value, param)
     if kind == "regex":
         grammar = llguidance.LLMatcher.grammar_from_regex(value)
-    else:  # a Lark rule of string literals, written as JSON strings (escapes included)
+    else:
+        # One terminal matching any of the literals (written as JSON strings, escapes included):
+        # the lexer's automaton, rather than a parser rule of alternatives, whose items in one
+        # row the parser caps (2,001 choices were refused).
         grammar = llguidance.LLMatcher.grammar_from_lark(
-            "start: " + " | ".join(json.dumps(choice) for choice in value))
+            "start: CHOICE\nCHOICE: " + " | ".join(json.dumps(choice) for choice in value))
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
         # The regex parser's own words are on the line starting "error:", after a drawing.
@@ -248,7 +251,8 @@ class GrammarConstraint:
         grammar cannot be followed to its end: llguidance finds nothing that can follow before
         it is complete (a property that is itself), or its parser or lexer passes a limit (the
         text a required property that is the whole schema again forces never ends; a regex
-        such as ((a{1000}){1000}){1000}); else a plain ConstraintError, a server error (the
+        such as ((a{1000}){1000}){1000}; a parser row of more items than PARSER_LIMITS
+        allows); else a plain ConstraintError, a server error (the
         engine sampling outside the mask, a bug in llguidance)."""
         first = _first_error_line(self._matcher)
         if self._param is not None:
@@ -256,7 +260,7 @@ class GrammarConstraint:
                 return GrammarDeadEnd(
                     f"{self._param} admits no value that can be generated: after the output so "
                     "far no token can follow", self._param)
-            if "too many" in first.lower():
+            if "too many" in first.lower() or "; max is" in first:
                 return GrammarDeadEnd(
                     f"{self._param} admits no value that can be generated within the grammar "
                     f"engine's limits ({first})", self._param)
@@ -299,12 +303,19 @@ class GrammarConstraint:
         return GrammarConstraint(self._matcher.deep_copy(), self._tokenizer, self._param)
 
 
+# llguidance's parser limits, with more items in one row of the parser than its default 2,000: an
+# object of a few hundred optional properties (a form) needs ~4 each, and the row limit is not in
+# the token masks, so a token they allowed was then rejected. A step still processes at most
+# step_max_items (50,000) items, which bounds the time per token.
+PARSER_LIMITS = llguidance.LLParserLimits(max_items_in_row=50_000)
+
+
 def make_constraint(
     ll_tokenizer: llguidance.LLTokenizer, grammar: str, param: str | None = "response_format"
 ) -> GrammarConstraint:
     """Compile `grammar` for this tokenizer; a bad grammar, or one that allows no first token,
     raises ConstraintError (-> HTTP 400)."""
-    matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
+    matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0, limits=PARSER_LIMITS)
     if matcher.is_error():
         raise ConstraintError(f"cannot build the grammar: {_first_error_line(matcher)}", param)
     constraint = GrammarConstraint(matcher, ll_tokenizer, param)

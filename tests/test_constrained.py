@@ -413,6 +413,50 @@ def test_a_schema_whose_forced_text_never_ends_names_the_field(ll_tok):
     assert e.value.param == "response_format"
 
 
+def _walk(constraint, tokenizer, text: str) -> None:
+    """Feed `text`'s tokens, each one inside the mask (and consumed) first."""
+    for token in tokenizer.encode(text):
+        assert constraint.allowed_tokens()[token], (text, token)
+        constraint.advance(token)
+
+
+def test_thousands_of_choices_and_a_form_of_hundreds_of_fields_are_followed(ll_tok,
+                                                                           qwen_tokenizer):
+    """2,001 choices, and an object of 600 optional properties, passed llguidance's default
+    2,000 items in a parser row: their masks allowed a key or a choice that the parser then
+    refused (a 500). Now choices are one lexer terminal, and a row may hold more items: any
+    choice is written and ends, and the last property is written."""
+    # 45,000 choices: as parser alternatives (before) too many even for the raised row limit.
+    choices = tuple(f"option number {i}" for i in range(45_000))
+    constraint = make_constraint(
+        ll_tok, grammar_for(structured=StructuredOutput("choice", choices, "guided_choice")),
+        "guided_choice")
+    _walk(constraint, qwen_tokenizer, "option number 44999")
+    assert constraint.is_finished() or constraint.allowed_tokens()[qwen_tokenizer.eos_token_ids[0]]
+    form = {"type": "object", "properties": {f"p{i}": {"type": "boolean"} for i in range(600)},
+            "additionalProperties": False}
+    constraint = make_constraint(ll_tok, grammar_for(_schema_format(form)))
+    _walk(constraint, qwen_tokenizer, '{"p0": false, "p599": true}')  # in schema order
+
+
+def test_a_grammar_past_the_parsers_row_limit_names_the_field(ll_tok, qwen_tokenizer,
+                                                              monkeypatch):
+    """Past the row limit (lowered here) the parser refuses a token its mask allowed: the
+    request's grammar is too large, a 400 naming the field, not the engine's failure."""
+    import llguidance
+
+    from qwen_jax import constrained
+
+    monkeypatch.setattr(constrained, "PARSER_LIMITS",
+                        llguidance.LLParserLimits(max_items_in_row=50))
+    form = {"type": "object", "properties": {f"p{i}": {"type": "boolean"} for i in range(60)},
+            "additionalProperties": False}
+    constraint = make_constraint(ll_tok, grammar_for(_schema_format(form)))
+    with pytest.raises(RequestError, match="limits") as e:
+        _walk(constraint, qwen_tokenizer, '{"p59": true}')
+    assert e.value.param == "response_format"
+
+
 def test_choices_get_independent_constraints(ll_tok, qwen_tokenizer):
     cs = make_constraints(ll_tok, grammar_for({"type": "json_object"}), 3)
     assert len(cs) == 3 and len({id(c) for c in cs}) == 3
