@@ -387,16 +387,17 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
 
 
 def _prefill(params, cache: KVCache, tokens, slot, start, last, *, cfg: QwenConfig,
-             kv_len: int | None) -> tuple[KVCache, jax.Array]:
+             kv_len: int | None) -> tuple[jax.Array, KVCache]:
     """Prefill tokens[1, T] (right-padded) at positions start.. into cache row `slot`; they
     attend to the first kv_len cache entries (the row's earlier chunks and themselves; kv_len
-    None: the cache read in chunks of KV_CHUNK keys, as many as the positions need). Also the
-    logits[1, V] of tokens[0, last] (in the last chunk: the prompt's last token)."""
+    None: the cache read in chunks of KV_CHUNK keys, as many as the positions need). Returns
+    the logits[1, V] of tokens[0, last] (in the last chunk: the prompt's last token) and the
+    cache, in `forward`'s order."""
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     logits, cache = forward(params, cfg, tokens, positions, cache, kv_len=kv_len,
                             kv_chunk=KV_CHUNK if kv_len is None else None,
                             logits_at=last[None], cache_rows=slot[None])
-    return cache, logits
+    return logits, cache
 
 
 def _copy_row(cache: KVCache, src, dst) -> KVCache:
@@ -642,7 +643,7 @@ class Engine:
         for b, kv in prefills:
             if kv is None or kv <= self.prefill_chunk:
                 start = -b if kv is None else self.max_len
-                self.cache, _ = self._program("prefill", b, kv)(
+                _, self.cache = self._program("prefill", b, kv)(
                     self.params, self.cache, np.zeros((1, b), np.int32), np.int32(0),
                     np.int32(start), np.int32(b - 1))
         saved = jax.tree_util.tree_map(jnp.copy, self.pstate)
@@ -1062,7 +1063,7 @@ class Engine:
         end = plan[call + 1][0] if call + 1 < len(plan) else len(ids)
         tokens = np.zeros((1, b), np.int32)
         tokens[0, : end - start] = ids[start:end]
-        self.cache, logits = self._program("prefill", b, kv)(
+        logits, self.cache = self._program("prefill", b, kv)(
             self.params, self.cache, tokens, np.int32(slot), np.int32(start),
             np.int32(end - start - 1))
         self.stats.prefill_calls += 1

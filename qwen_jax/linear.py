@@ -119,8 +119,9 @@ def _int8_linear(x: jax.Array, w: Int8Weight, cpu: bool) -> jax.Array:
 
 
 # int8 activations: x / (max|x_row| / 127) is written as q1 + q2 / 254 + q3 / 254**2 with each q
-# an int8 in [-127, 127], so each element of x is within max|x_row| / (127 * 2 * 254**2) of its
-# value (finer than bf16's own rounding for every element above max|x_row| / 2**14).
+# an int8 in [-127, 127], which holds that float32 quotient to within 1 / (2 * 254**2); with the
+# quotient's own rounding each element of x is within about max|x_row| / 8e6 of its value (finer
+# than bf16's rounding for every element above max|x_row| / 2**14).
 _INT8_LEVELS = 3
 _INT8_LEVEL_STEP = 254.0
 
