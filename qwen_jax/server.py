@@ -413,7 +413,10 @@ class App:
                                                  self.max_model_len)
         meta["prompt"] = len(prompt_ids)
         constraints = self._constraints(req, tools)
-        stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else self.eos_ids)
+        # A grammar's output ends where the grammar does (the model's EOS is allowed only
+        # there): stop_token_ids would cut it short and still say "stop", as stop strings would.
+        stop_ids = (set() if constraints else set(req.stop_token_ids)) | (
+            set() if req.ignore_eos else self.eos_ids)
         gen = GenerationRequest(
             prompt_ids=tuple(prompt_ids), sampling=req.sampling, max_tokens=max_tokens, n=req.n,
             stop_token_ids=tuple(sorted(stop_ids)), constraints=constraints,
@@ -465,7 +468,8 @@ class App:
             index=index,
             detok=self.tokenizer.detokenizer(skip_special_tokens=True),
             # Grammar-constrained output (JSON modes, forced calls) ends where its grammar does:
-            # a stop string would cut it short and still say "stop", as if it were complete.
+            # a stop string (or stop token, below) would cut it short and still say "stop", as
+            # if it were complete.
             stops=StopStringMatcher(() if constrained else req.stop,
                                     include=req.include_stop_str_in_output),
             tool_parser=StreamingToolCallParser(tools, max_calls=req.max_tool_calls)
@@ -478,8 +482,8 @@ class App:
             top_logprobs=req.top_logprobs,
             token_text=self.token_text if req.logprobs else None,
             min_tokens=req.min_tokens,
-            stop_ids=frozenset(req.stop_token_ids) - (frozenset() if req.ignore_eos
-                                                      else self.eos_ids),
+            stop_ids=frozenset(() if constrained else req.stop_token_ids) - (
+                frozenset() if req.ignore_eos else self.eos_ids),
             include_stop=req.include_stop_str_in_output,
         )
 

@@ -991,11 +991,29 @@ def test_vllm_stop_extensions_reach_the_engine(app, engine, qwen_tokenizer):
     for fields, stops, min_tokens in (({}, eos, 0),
                                       ({"stop_token_ids": [5, 9]}, eos | {5, 9}, 0),
                                       ({"ignore_eos": True, "stop_token_ids": [5]}, {5}, 0),
+                                      # under a grammar, as stop strings, they would cut it short
+                                      ({"stop_token_ids": [5, 9],
+                                        "response_format": {"type": "json_object"}}, eos, 0),
+                                      ({"stop_token_ids": [5], "tools": TOOLS,
+                                        "tool_choice": "required"}, eos, 0),
                                       ({"min_tokens": 3, "max_tokens": 8}, eos, 3),
                                       ({"min_tokens": 30, "max_tokens": 8}, eos, 8)):
         assert call(app, body=req(**fields))[0] == 200
         sent = engine.requests[-1]
         assert set(sent.stop_token_ids) == stops and sent.min_tokens == min_tokens
+
+
+def test_a_stop_token_inside_grammar_constrained_output_is_text(app, engine, qwen_tokenizer):
+    """stop_token_ids do not apply under a grammar: a listed token in the JSON keeps its text
+    (without a grammar it would be dropped as the stop token)."""
+    text = '{"a": "x, y"}'
+    comma = qwen_tokenizer.encode(",")[0]
+    assert comma in qwen_tokenizer.encode(text)
+    engine.texts = [text]
+    whole, last, streamed = reply_and_stream(app, stop_token_ids=[comma],
+                                             response_format={"type": "json_object"})
+    assert whole["message"]["content"] == streamed[0] == text
+    assert whole["stop_reason"] is last["stop_reason"] is None
 
 
 def reply_and_stream(app, **fields) -> tuple[dict, dict, list]:
