@@ -184,12 +184,14 @@ def grammar_for(
 def _structured_grammar(structured: StructuredOutput) -> str:
     """The grammar of vLLM's structured output: a JSON schema (compiled like response_format's),
     a regular expression (llguidance's syntax: Rust's regex crate, no lookaround or
-    backreferences), or a choice among literal strings."""
+    backreferences; `\\d` and `\\w` ASCII, as in a JSON schema's `pattern` and in JavaScript,
+    whose regexes vLLM's default backend follows: Rust's match any Unicode digit, so `\\d{5}`
+    wrote Arabic-Indic digits), or a choice among literal strings."""
     kind, value, param = structured.kind, structured.value, structured.param
     if kind == "json":
         return _json_grammar(value, param)
     if kind == "regex":
-        grammar = llguidance.LLMatcher.grammar_from_regex(value)
+        grammar = llguidance.LLMatcher.grammar_from_regex(llguidance.regex_to_lark(value, "dw"))
     else:
         # One terminal matching any of the literals (written as JSON strings, escapes included):
         # the lexer's automaton, rather than a parser rule of alternatives, whose items in one

@@ -413,6 +413,19 @@ def test_a_schema_whose_forced_text_never_ends_names_the_field(ll_tok):
     assert e.value.param == "response_format"
 
 
+def test_a_regexs_digit_and_word_classes_are_ascii(ll_tok, qwen_tokenizer):
+    """\\d and \\w are ASCII, as in JSON Schema and JavaScript (Rust's are Unicode: "\\d{5}"
+    wrote Arabic-Indic digits); a "/" in the pattern is taken as it is."""
+    regex = StructuredOutput("regex", r"\d{2}/\w", "guided_regex")
+    constraint = make_constraint(ll_tok, grammar_for(structured=regex), regex.param)
+    first = [qwen_tokenizer.decode([int(i)]) for i in np.flatnonzero(constraint.allowed_tokens())]
+    assert first and all(re.fullmatch(r"[0-9]{1,2}(/[0-9a-zA-Z_]?)?", t) for t in first), first
+    for seed in range(8):
+        constraint = make_constraint(ll_tok, grammar_for(structured=regex), regex.param)
+        text, ended = run_random(constraint, qwen_tokenizer, seed)
+        assert ended and re.fullmatch(r"[0-9]{2}/[0-9a-zA-Z_]", text), text
+
+
 def _walk(constraint, tokenizer, text: str) -> None:
     """Feed `text`'s tokens, each one inside the mask (and consumed) first."""
     for token in tokenizer.encode(text):
