@@ -108,11 +108,7 @@ class QwenConfig:
                 f"{method}-quantized checkpoints are not supported (config.json has a "
                 "quantization_config): use the unquantized model, with --quantize int8 for "
                 "int8 weights")
-        if d.get("use_sliding_window", False):
-            raise ConfigError(
-                "use_sliding_window=true is not supported (no released Qwen2.5 uses it)"
-            )
-        if d.get("hidden_act", "silu") != "silu":
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):  # one function, two names
             raise ConfigError(f"hidden_act {d['hidden_act']!r} is not supported, expected 'silu'")
         head_dim = d.get("head_dim")
         if head_dim is not None and head_dim * d.get("num_attention_heads", 0) != d.get(
@@ -126,7 +122,7 @@ class QwenConfig:
             raise ConfigError(f"config is missing required keys: {', '.join(missing)}")
 
         theta, scaling = _parse_rope(d)
-        return cls(
+        cfg = cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -139,6 +135,8 @@ class QwenConfig:
             max_position_embeddings=d.get("max_position_embeddings", 32768),
             rope_scaling=scaling,
         )
+        _check_no_sliding_window(d, cfg)
+        return cfg
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json dict in the released Qwen2.5 form, loadable by transformers 4.x and 5.x."""
@@ -168,9 +166,34 @@ class QwenConfig:
         return d
 
 
+def _check_no_sliding_window(d: dict[str, Any], cfg: QwenConfig) -> None:
+    """Refuse a config in which some layer attends through a sliding window shorter than the
+    context. As transformers' Qwen2Config reads it: without use_sliding_window there is no
+    window; with it, the layers from max_window_layers on slide (or those `layer_types` names),
+    over `sliding_window` keys (None: none). No released Qwen2.5 slides."""
+    if not d.get("use_sliding_window", False):
+        return
+    window = d.get("sliding_window", 4096)  # transformers' defaults
+    first = d.get("max_window_layers", 28)
+    types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                     for i in range(cfg.num_hidden_layers)]
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if window is not None and sliding and window < cfg.context_length:
+        raise ConfigError(
+            f"use_sliding_window=true: layers {sliding[0]}.. attend through a window of {window} "
+            f"tokens, shorter than the context ({cfg.context_length}); sliding-window attention "
+            "is not supported (no released Qwen2.5 uses it)")
+
+
 def _parse_rope(d: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     """rope theta and scaling from `rope_theta`/`rope_scaling` (4.x) or `rope_parameters` (5.x)."""
-    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    new, old = d.get("rope_parameters"), d.get("rope_scaling")
+    if new and old and not _same_rope(new, old):
+        # transformers 5 would take rope_scaling, with rope_theta 10000 unless it names one.
+        raise ConfigError(
+            f"config.json has both rope_parameters ({new!r}) and rope_scaling ({old!r}), and "
+            "they disagree: keep the one meant and remove the other")
+    params = new or old or {}
     if not isinstance(params, dict):
         raise ConfigError(f"rope_parameters/rope_scaling must be an object, got {params!r}")
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))  # transformers' default
@@ -198,6 +221,19 @@ def _parse_rope(d: dict[str, Any]) -> tuple[float, YarnScaling | None]:
         truncate=bool(params.get("truncate", True)),
     )
     return theta, scaling
+
+
+def _same_rope(a: Any, b: Any) -> bool:
+    """Whether two rope blocks ask for the same rope: the same type, and the same value for
+    every other key both give."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return a == b
+
+    def kind(x: dict) -> Any:
+        return x.get("rope_type", x.get("type", "default"))
+
+    shared = (a.keys() & b.keys()) - {"type", "rope_type"}
+    return kind(a) == kind(b) and all(a[k] == b[k] for k in shared)
 
 
 def _opt_float(x: Any) -> float | None:

@@ -154,7 +154,14 @@ def test_demo_preset_is_small_with_the_real_vocab():
     ({"architectures": ["LlamaForCausalLM"]}, "architectures is .* dense Qwen2 / Qwen2.5"),
     ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "awq-quantized checkpoints"),
     ({"quantization_config": {"quant_method": "gptq"}}, "gptq-quantized .* --quantize int8"),
-    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 20},
+     "use_sliding_window=true: layers 20.. attend through a window of 4096 tokens"),
+    ({"use_sliding_window": True, "sliding_window": 64,
+      "layer_types": ["full_attention", "sliding_attention"] * 14}, "layers 1.. .* of 64"),
+    # Two rope blocks that disagree (a 5.x-saved config with Qwen's YaRN block added):
+    # transformers would take rope_scaling with rope_theta 10000, silently.
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rope_scaling": YARN_4X},
+     "both rope_parameters .* and rope_scaling .* disagree"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
     ({"rope_scaling": {"type": "yarn"}}, "factor"),
     ({"num_key_value_heads": 5}, "divisible"),
@@ -195,6 +202,47 @@ def test_rejects_missing_keys_and_bad_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**QWEN25_7B_INSTRUCT, "rope_theta": None}))
     with pytest.raises(ConfigError, match="config.json: rope_theta must be a positive number"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("change", [
+    {"hidden_act": "swish"},  # transformers' ACT2FN["swish"] is SiLU
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rope_scaling": None},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+     "rope_scaling": {"type": "default"}},
+])
+def test_equivalent_spellings_are_the_same_model(change):
+    assert QwenConfig.from_hf_dict({**QWEN25_7B_INSTRUCT, **change}) == PRESETS["7b"]
+
+
+@given(use=st.booleans(), window=st.sampled_from([None, 16, 4096, 32768, 131072]),
+       first=st.sampled_from([None, 0, 1, 27, 28, 40]), explicit=st.booleans(),
+       yarn=st.booleans())
+def test_a_sliding_window_is_refused_exactly_where_transformers_would_slide(use, window, first,
+                                                                          explicit, yarn):
+    """Accepted configs are the ones in which transformers' Qwen2Config gives no layer a window
+    shorter than the context (the model then computes full attention); the others are refused."""
+    from transformers import Qwen2Config
+
+    d = {**QWEN25_7B_INSTRUCT, "use_sliding_window": use, "sliding_window": window}
+    if first is None:
+        del d["max_window_layers"]  # transformers' default: 28
+    else:
+        d["max_window_layers"] = first
+    if explicit:
+        d["layer_types"] = ["sliding_attention" if i % 2 else "full_attention"
+                            for i in range(28)]
+    if yarn:
+        d["rope_scaling"] = YARN_4X
+    hf = Qwen2Config(**{k: v for k, v in d.items() if k != "layer_types"},
+                     **({"layer_types": d["layer_types"]} if explicit and use else {}))
+    context = 131072 if yarn else 32768
+    slides = hf.sliding_window is not None and hf.sliding_window < context and (
+        "sliding_attention" in hf.layer_types)
+    if slides:
+        with pytest.raises(ConfigError, match="sliding-window attention is not supported"):
+            QwenConfig.from_hf_dict(d)
+    else:
+        assert QwenConfig.from_hf_dict(d).num_hidden_layers == 28
 
 
 def test_sliding_window_false_is_ignored():
