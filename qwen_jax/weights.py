@@ -104,6 +104,25 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     raise CheckpointError(f"{model_dir}: no {_SINGLE} or {_INDEX} (only safetensors is supported)")
 
 
+def _check_unexpected(model_dir: Path, names: list[str]) -> None:
+    """Tensors the config does not describe. In a decoder layer (a layer past
+    num_hidden_layers, a bias o_proj does not have, Qwen3's q_norm) they are part of a model
+    other than the one the config builds, which would run without them: refused. Others are
+    logged (transformers loads both kinds and lists them as unexpected). Old checkpoints' rotary
+    `inv_freq` buffers are computed, not weights."""
+    names = [n for n in names if not n.endswith("rotary_emb.inv_freq")]
+    in_layers = [n for n in names if n.startswith("model.layers.")]
+    if in_layers:
+        more = f" (and {len(in_layers) - 5} more)" if len(in_layers) > 5 else ""
+        raise CheckpointError(
+            f"{model_dir}: tensors config.json does not describe: {', '.join(in_layers[:5])}"
+            f"{more} (a wrong num_hidden_layers, or not a Qwen2 model?)")
+    if names:
+        log.warning("%s: ignoring tensors config.json does not describe: %s", model_dir,
+                    ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5
+                                            else ""))
+
+
 class _Progress:
     """A one-line progress report on stderr."""
 
@@ -169,6 +188,7 @@ def load_checkpoint(
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{model_dir}: missing tensors {', '.join(missing[:5])}{more}")
+    _check_unexpected(model_dir, [name for name in files if name not in expected])
 
     quantized = (*LINEAR_LAYER_WEIGHTS, "embed", "lm_head") if quantize else ()
     linear = (*LINEAR_LAYER_WEIGHTS, "lm_head")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -158,6 +160,35 @@ def test_missing_tensor(tmp_path, tiny_checkpoint):
     save_file(tensors, ckpt / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"missing tensors model\.layers\.1\.self_attn"):
         load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("extra", [
+    "model.layers.2.mlp.up_proj.weight",  # a layer past num_hidden_layers (2 in the fixture)
+    "model.layers.0.self_attn.o_proj.bias",  # a bias Qwen2's o_proj does not have
+    "model.layers.1.self_attn.q_norm.weight",  # Qwen3's
+])
+def test_a_layer_tensor_the_config_does_not_describe_is_refused(tmp_path, tiny_checkpoint,
+                                                                extra):
+    """The model it belongs to is not the one the config builds (transformers loads it and
+    lists it as unexpected): refused, named, rather than run without it."""
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    tensors = load_file(ckpt / "model.safetensors")
+    save_file({**tensors, extra: np.ones(4, np.float32)}, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"does not describe: {re.escape(extra)}"):
+        load_checkpoint(ckpt, progress=False)
+
+
+def test_other_unexpected_tensors_are_logged_and_rotary_buffers_ignored(tmp_path,
+                                                                        tiny_checkpoint, caplog):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    tensors = load_file(ckpt / "model.safetensors")
+    extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32),
+             "score.weight": np.ones(4, np.float32)}
+    save_file({**tensors, **extra}, ckpt / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="qwen_jax.weights"):
+        cfg, _ = load_checkpoint(ckpt, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "does not describe" in r.getMessage()]
+    assert len(warned) == 1 and "score.weight" in warned[0] and "inv_freq" not in warned[0]
 
 
 def test_untied_config_without_lm_head(tmp_path, tiny_checkpoint):
