@@ -77,6 +77,11 @@ class QueueFullError(RuntimeError):
     """The waiting queue is full; the server answers HTTP 429."""
 
 
+# The error of the requests a closing engine ends (the server answers them 503): not "cancelled",
+# which a client would read as a complete reply.
+SHUTDOWN_ERROR = "the server is shutting down"
+
+
 class EngineClosedError(RuntimeError):
     """The engine was closed or its thread died."""
 
@@ -587,7 +592,7 @@ class Engine:
         handle = RequestHandle(self, request)
         with self._cond:
             if self._closed or self._dead:
-                raise EngineClosedError(self._dead or "engine is closed")
+                raise EngineClosedError(self._dead or SHUTDOWN_ERROR)
             if not self._has_room_unlocked(request.n):
                 raise QueueFullError(f"the queue is full: {self._queued_unlocked()[1]} "
                                      f"request(s) wait for free rows (queue_size "
@@ -861,16 +866,16 @@ class Engine:
             log.exception("engine thread died")
             self._dead = f"engine failed: {type(e).__name__}: {e}"
         finally:
-            reason = self._dead or "engine closed"
+            # Running and waiting requests end with an error: they did not complete.
+            reason = self._dead or SHUTDOWN_ERROR
             for i, row in enumerate(self._slots):
                 if row is not None:
-                    self._finish(i, None, "error" if self._dead else "cancelled", reason)
+                    self._finish(i, None, "error", reason)
             with self._cond:
                 waiting, self._waiting = list(self._waiting), collections.deque()
             for h in waiting:
                 for c in range(h.request.n):
-                    h._emit(TokenEvent(c, None, None, (), "error" if self._dead else "cancelled",
-                                       reason))
+                    h._emit(TokenEvent(c, None, None, (), "error", reason))
 
     def _note_other_compiles(self, warm: bool, thread_compiles: int, programs: int) -> None:
         """If warm-up was over when (thread_compiles, programs) were read, count and log what

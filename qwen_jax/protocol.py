@@ -192,6 +192,16 @@ def too_many_connections(limit: int) -> APIError:
     )
 
 
+def shutting_down() -> APIError:
+    return APIError(
+        503,
+        "The server is shutting down: the request was not completed. Retry later.",
+        "server_error",
+        None,
+        "server_shutting_down",
+    )
+
+
 def server_error(
     message: str = "The server had an error while processing your request.",
 ) -> APIError:

@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -45,7 +46,13 @@ from qwen_jax.constrained import (
     make_constraints,
 )
 from qwen_jax.cors import LOCAL, CorsPolicy, parse_origins
-from qwen_jax.engine import GenerationRequest, QueueFullError, TokenEvent
+from qwen_jax.engine import (
+    SHUTDOWN_ERROR,
+    EngineClosedError,
+    GenerationRequest,
+    QueueFullError,
+    TokenEvent,
+)
 from qwen_jax.httpd import CLIENT_GONE, connection_limit, make_server, read_body
 from qwen_jax.quantize import is_quantized, quantize_option
 from qwen_jax.stop_strings import StopStringMatcher
@@ -154,6 +161,8 @@ class ChoiceState:
         """What the client is told about this choice's error."""
         if self.error_param is not None:
             return protocol.invalid_request(self.error or "invalid request", self.error_param)
+        if self.error == SHUTDOWN_ERROR:
+            return protocol.shutting_down()
         return protocol.server_error()
 
     def _route(self, text: str, final: bool) -> list[dict]:
@@ -259,6 +268,8 @@ class App:
         self.eos_ids = frozenset(self.tokenizer.eos_token_ids)
         self.token_text = TokenText(self.tokenizer)
         self._ll_lock = threading.Lock()
+        self._busy = 0  # requests whose reply is not yet written (see wait_idle)
+        self._idle = threading.Condition()
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -269,7 +280,28 @@ class App:
                 self.ll_tokenizer = build_ll_tokenizer(self.tokenizer)
             return self.ll_tokenizer
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every reply begun has been written (the server closes each one's body
+        after writing it), at most `timeout` seconds; whether it was."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
+    def _done(self) -> None:
+        with self._idle:
+            self._busy -= 1
+            self._idle.notify_all()
+
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        with self._idle:
+            self._busy += 1
+        try:
+            body = self._respond(environ, start_response)
+        except BaseException:
+            self._done()
+            raise
+        return _LoggedStream(body, self._done)
+
+    def _respond(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         t0 = time.perf_counter()
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "") or "/"
@@ -285,8 +317,8 @@ class App:
             status, headers, body = e.status, [], _json_bytes(e.to_dict())
             if e.status == 405:
                 headers = [("Allow", meta.get("allow", "GET"))]
-            if e.status == 429:  # the queue drains as requests finish: a second is a fair wait
-                headers = [("Retry-After", "1")]
+            if e.status in (429, 503):  # the queue drains as requests finish; another replica
+                headers = [("Retry-After", "1")]  # or a restart takes over from one shutting down
         except Exception:  # a bug, not a client error: generic 500, details in the log
             log.error("internal error on %s %s\n%s", method, path, traceback.format_exc())
             status, headers, body = 500, [], _json_bytes(protocol.server_error().to_dict())
@@ -428,6 +460,9 @@ class App:
             handle = _EmptyHandle(req.n) if max_tokens == 0 else self.engine.submit(gen)
         except QueueFullError:
             raise protocol.queue_full() from None
+        except EngineClosedError as e:  # shutting down, or the engine failed
+            raise (protocol.shutting_down() if str(e) == SHUTDOWN_ERROR
+                   else protocol.server_error()) from None
         except ValueError as e:  # the engine's own checks (should have been caught above)
             raise protocol.invalid_request(str(e)) from None
         states = [self._choice_state(i, req, tools, constraints is not None)
@@ -504,7 +539,7 @@ class App:
                 continue
             if ev.finish_reason == "error":
                 st.error, st.error_param = ev.error or "generation failed", ev.error_param
-                if st.error_param is None:
+                if st.error_param is None and st.error != SHUTDOWN_ERROR:
                     log.error("engine error on choice %d: %s", ev.choice, st.error)
             yield st, deltas + st.finish(ev.finish_reason), True
 
@@ -647,17 +682,20 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 class _LoggedStream:
-    """A streamed body that logs its request line when the server closes it."""
+    """A body that calls `on_close` when the server closes it, after writing it (a stream's
+    request line is logged then; every reply counts as done then, App.wait_idle)."""
 
-    def __init__(self, gen: Iterator[bytes], on_close: Callable[[], None]):
-        self._gen, self._on_close = gen, on_close
+    def __init__(self, body: Iterable[bytes], on_close: Callable[[], None]):
+        self._body, self._on_close = body, on_close
 
     def __iter__(self) -> Iterator[bytes]:
-        return self._gen
+        return iter(self._body)
 
     def close(self) -> None:
         try:
-            self._gen.close()
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
         finally:
             self._on_close()
 
@@ -829,6 +867,8 @@ def serve(args: Any) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing is not news
+    # SIGTERM (docker stop, systemd, Kubernetes) takes Ctrl-C's way out, not an abrupt death.
+    signal.signal(signal.SIGTERM, _interrupt)
     api_key = args.api_key or os.environ.get("QWEN_JAX_API_KEY") or None
     # Flags that need no model are checked before loading one (which can take minutes).
     steps = getattr(args, "steps_per_call", None)
@@ -918,9 +958,21 @@ def serve(args: Any) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        # No new connections; requests still running or waiting end with a 503 (a stream:
+        # an error event), which clients can retry, and get a moment to be written.
+        log.info("shutting down")
         server.server_close()
         engine.close()
+        app.wait_idle(SHUTDOWN_WRITE_S)
     return 0
+
+
+# How long `serve` waits, when it stops, for the replies of the requests it ended to be written.
+SHUTDOWN_WRITE_S = 2.0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _format_defaults(defaults: Mapping[str, Any]) -> str:

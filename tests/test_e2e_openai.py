@@ -556,6 +556,62 @@ def test_prefix_caching_reuses_the_previous_turn_through_the_api(served_checkpoi
         proc.wait(15)
 
 
+def test_sigterm_ends_running_requests_with_a_503_and_exits_cleanly(served_checkpoint,
+                                                                    tmp_path):
+    """docker stop / systemd / Kubernetes send SIGTERM: the server stops as on Ctrl-C, and the
+    requests still running end with an error a client can retry (a 503; in a stream an error
+    event), not with finish_reason "stop" as if complete (before: killed outright, streams cut
+    without an end)."""
+    import signal
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from conftest import start_server
+
+    proc, url = start_server(
+        ["--model", str(served_checkpoint), "--dtype", "float32", "--max-model-len", "4096",
+         "--max-num-seqs", "2"], tmp_path / "server.log")
+    try:
+        host = urlsplit(url)
+        body = {"model": served_checkpoint.name, "max_tokens": 4000, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "hi"}]}
+        whole: dict = {}
+
+        def post_json():
+            conn = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
+            conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            whole["status"], whole["body"] = resp.status, json.loads(resp.read())
+
+        waiter = threading.Thread(target=post_json)
+        waiter.start()
+        stream = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
+        stream.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                       {"Content-Type": "application/json"})
+        resp = stream.getresponse()
+        assert resp.status == 200
+        first = resp.readline()
+        assert first.startswith(b"data: ")
+        health = f"http://{host.hostname}:{host.port}/health"
+        deadline = time.monotonic() + 30
+        while json.loads(urllib.request.urlopen(health).read())["active"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        events = [json.loads(line[6:]) if line != b"data: [DONE]" else "[DONE]"
+                  for line in (first + resp.read()).splitlines() if line.startswith(b"data: ")]
+        waiter.join(30)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutting_down"
+    assert not any(c.get("finish_reason") for ev in events[:-2] for c in ev["choices"])
+    assert whole["status"] == 503 and whole["body"]["error"]["code"] == "server_shutting_down"
+    assert "shutting down" in (tmp_path / "server.log").read_text()
+
+
 def test_no_prompt_tokens_details_without_prefix_caching(client, live_server):
     reply = chat(client, live_server, max_tokens=2)
     assert reply.usage.prompt_tokens_details is None

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen_jax import hub
-from qwen_jax.engine import QueueFullError, TokenEvent
+from qwen_jax.engine import SHUTDOWN_ERROR, EngineClosedError, QueueFullError, TokenEvent
 from qwen_jax.httpd import make_server
 from qwen_jax.sampler import SamplingParams
 from qwen_jax.server import kv_cache_bytes, make_app
@@ -35,8 +35,9 @@ MODEL = "fake-model"
 
 
 class FakeHandle:
-    def __init__(self, script: list[list[int]], finish: str, error_at: int | None = None):
-        self.script, self.finish, self.error_at = script, finish, error_at
+    def __init__(self, script: list[list[int]], finish: str, error_at: int | None = None,
+                 error: str = "boom"):
+        self.script, self.finish, self.error_at, self.error = script, finish, error_at, error
         self.cancelled: list[int | None] = []
 
     def events(self):
@@ -47,7 +48,7 @@ class FakeHandle:
                 if step >= len(ids) or choice in self.cancelled or None in self.cancelled:
                     continue
                 if self.error_at == step:
-                    yield TokenEvent(choice, None, None, (), "error", "boom")
+                    yield TokenEvent(choice, None, None, (), "error", self.error)
                     return
                 last = step == len(ids) - 1
                 yield TokenEvent(choice, ids[step], -0.5, ((ids[step], -0.5),),
@@ -63,6 +64,7 @@ class FakeEngine:
         self.texts = ["Hello world"]
         self.finish = "stop"
         self.error_at = None
+        self.error = "boom"
         self.raise_on_submit: Exception | None = None
         self.end_with: list[int] | None = None  # the last tokens (default: EOS for a stop)
         self.requests, self.handles = [], []
@@ -74,7 +76,7 @@ class FakeEngine:
         eos = [self.tok.eos_token_ids[0]] if self.finish == "stop" else []
         eos = eos if self.end_with is None else self.end_with
         script = [self.tok.encode(self.texts[i % len(self.texts)]) + eos for i in range(req.n)]
-        handle = FakeHandle(script, self.finish, self.error_at)
+        handle = FakeHandle(script, self.finish, self.error_at, self.error)
         self.handles.append(handle)
         return handle
 
@@ -984,6 +986,34 @@ def test_parallel_tool_calls_false_keeps_the_first_call_of_auto_output(app, engi
         whole, streamed = tool_reply(app, parallel_tool_calls=parallel)
         assert whole[1] == streamed[1] == expected
         assert whole[2] == streamed[2] == "tool_calls"
+
+
+def test_requests_a_shutdown_ends_are_503s_a_client_can_retry(app, engine):
+    """Ended by the engine closing (serve stopping), a request did not complete: a 503
+    (`server_shutting_down`), in a stream an error event; not "stop", and not a 500."""
+    engine.error_at, engine.error = 1, SHUTDOWN_ERROR
+    status, headers, raw = call(app, body=req())
+    assert status == 503 and json.loads(raw)["error"]["code"] == "server_shutting_down"
+    assert headers["Retry-After"] == "1"
+    events = sse(call(app, body=req(stream=True))[2])
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutting_down"
+    assert not any(c["finish_reason"] for ev in events[:-2] for c in ev["choices"])
+    engine.error_at = None
+    for message, code in ((SHUTDOWN_ERROR, 503), ("engine failed: RuntimeError: x", 500)):
+        engine.raise_on_submit = EngineClosedError(message)
+        assert call(app, body=req())[0] == code
+
+
+def test_wait_idle_waits_for_replies_to_be_written(app):
+    """A reply counts until the server closes its body after writing it (serve waits so at
+    shutdown, for the 503s it just caused to reach their clients)."""
+    assert app.wait_idle(0)
+    for body in (req(), req(stream=True)):
+        _, result = call(app, body=body, consume=False)
+        b"".join(result)
+        assert not app.wait_idle(0.05)
+        result.close()
+        assert app.wait_idle(0)
 
 
 def test_vllm_stop_extensions_reach_the_engine(app, engine, qwen_tokenizer):
