@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a local Hugging Face snapshot directory, a hub id found in the local HF cache "
         "(e.g. Qwen/Qwen2.5-7B-Instruct), or 'demo' (random weights, real tokenizer)",
     )
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", type=_non_empty, default="127.0.0.1",
+                       help="the address to listen on (default: %(default)s, this machine "
+                       "only; 0.0.0.0: every interface)")
     serve.add_argument("--port", type=_port, default=8000, help="0: any free port")
     serve.add_argument(
         "--dtype",
@@ -36,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--quantize", choices=["none", "int8"], default="none",
                        help=QUANTIZE_HELP)
-    serve.add_argument("--served-model-name", default=None)
-    serve.add_argument("--api-key", default=None, help="or env QWEN_JAX_API_KEY")
+    serve.add_argument("--served-model-name", type=_non_empty, default=None,
+                       help="the model id clients send and /v1/models lists (default: the hub "
+                       "id or directory name)")
+    serve.add_argument("--api-key", type=_non_empty, default=None,
+                       help="require `Authorization: Bearer KEY` (or env QWEN_JAX_API_KEY)")
     serve.add_argument(
         "--allowed-origins", default="local",
         help="web pages that may call the API from a browser (CORS), comma-separated: "
@@ -116,10 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt tokens per prefill call in the engine (default: the "
                        "engine's, 512 on the CPU)")
 
-    gen = sub.add_parser("generate", help="render one chat message and generate a reply")
-    gen.add_argument("prompt")
-    gen.add_argument("--model", default=None)
-    gen.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    gen = sub.add_parser("generate", help="render one chat message and generate a reply",
+                         description="Render PROMPT as one user message with the chat template "
+                         "and stream the model's greedy reply (temperature 0) to stdout.")
+    gen.add_argument("prompt", help="the user message")
+    gen.add_argument("--model", default=None,
+                     help="as serve's --model (default: a cached Qwen2.5-7B-Instruct, else the "
+                     "demo model)")
+    gen.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                     help="auto: bfloat16")
     gen.add_argument("--quantize", choices=["none", "int8"], default="none", help=QUANTIZE_HELP)
     gen.add_argument("--max-tokens", type=_positive_int, default=64,
                      help="at most this many tokens (default: %(default)s)")
@@ -153,6 +163,20 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def _non_empty(text: str) -> str:
+    """An argparse type refusing "": an unset shell variable (`--api-key "$KEY"`) would
+    otherwise turn authentication off, or `--host ""` listen on every interface."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+# argparse names a type in its "invalid ... value" message.
+_port.__name__ = "port"
+_positive_float.__name__ = "number"
+_non_empty.__name__ = "value"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ import collections
 import ctypes
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -377,9 +378,13 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     """Use JAX's persistent compilation cache so a restarted server does not compile again.
 
     Default directory: $QWEN_JAX_XLA_CACHE or ~/.cache/qwen-jax/xla. Call once at start-up.
+    OSError if it cannot be created or written (JAX would warn once per program and cache
+    nothing).
     """
     p = Path(path or os.environ.get("QWEN_JAX_XLA_CACHE") or "~/.cache/qwen-jax/xla").expanduser()
     p.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=p):
+        pass
     jax.config.update("jax_compilation_cache_dir", str(p))
     # Cache every compile: on CPU even the small ones cost a noticeable start-up delay.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

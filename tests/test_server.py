@@ -1384,6 +1384,13 @@ def test_serve_missing_model_exits_cleanly(tmp_path):
     ("--allowed-origins", " , ", "--allowed-origins needs at least one origin"),
     # README.md is a file: no directory can be made inside it.
     ("--compilation-cache", "README.md/xla", "--compilation-cache: cannot use README.md/xla"),
+    # A directory that exists but cannot be written, even by root.
+    ("--compilation-cache", "/proc/self", "--compilation-cache: cannot use /proc/self"),
+    # Empty values: an unset shell variable must not turn auth off or listen everywhere.
+    ("--api-key", "", "--api-key: must not be empty"),
+    ("--host", "", "--host: must not be empty"),
+    ("--served-model-name", "", "--served-model-name: must not be empty"),
+    ("--port", "abc", "--port: invalid port value: 'abc'"),
     ("--port", "99999", "--port: must be in 0..65535, got 99999"),
     ("--max-num-seqs", "0", "--max-num-seqs: must be at least 1, got 0"),
     ("--max-model-len", "0", "--max-model-len: must be at least 2, got 0"),
