@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 QUANTIZE_HELP = ("int8: weight-only int8 with per-row scales (half the bytes of bf16 per token: "
@@ -181,11 +182,18 @@ _non_empty.__name__ = "value"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (docker stop, systemd, Kubernetes) takes Ctrl-C's way out: `serve` ends the
+    # requests it is running with a 503 and exits 0, instead of dying mid-stream.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _run(args)
     except KeyboardInterrupt:  # Ctrl-C while loading or compiling: no traceback
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _run(args: argparse.Namespace) -> int:

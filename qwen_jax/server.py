@@ -22,7 +22,6 @@ import hmac
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -867,8 +866,6 @@ def serve(args: Any) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing is not news
-    # SIGTERM (docker stop, systemd, Kubernetes) takes Ctrl-C's way out, not an abrupt death.
-    signal.signal(signal.SIGTERM, _interrupt)
     api_key = args.api_key or os.environ.get("QWEN_JAX_API_KEY") or None
     # Flags that need no model are checked before loading one (which can take minutes).
     steps = getattr(args, "steps_per_call", None)
@@ -907,9 +904,10 @@ def serve(args: Any) -> int:
     max_len = args.max_model_len or min(cfg.context_length, cap)
     if max_len < 2:
         return _fail("--max-model-len must be at least 2")
-    if max_len > cfg.context_length:
-        print(f"warning: --max-model-len {max_len} is over the model's context of "
-              f"{cfg.context_length} tokens", file=sys.stderr)
+    if max_len > cfg.context_length:  # as vLLM: positions past it were never trained
+        return _fail(f"--max-model-len {max_len} is over the model's context of "
+                     f"{cfg.context_length} tokens (max_position_embeddings, or with YaRN "
+                     "rope_scaling in config.json its original length times its factor)")
     itemsize = 4 if args.dtype == "float32" else 2
     kv = kv_cache_bytes(cfg, max_len, args.max_num_seqs, itemsize)
     print(f"max_model_len {max_len} x {args.max_num_seqs} sequences: KV cache "
@@ -970,9 +968,6 @@ def serve(args: Any) -> int:
 # How long `serve` waits, when it stops, for the replies of the requests it ended to be written.
 SHUTDOWN_WRITE_S = 2.0
 
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _format_defaults(defaults: Mapping[str, Any]) -> str:

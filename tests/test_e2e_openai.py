@@ -569,11 +569,11 @@ def test_sigterm_ends_running_requests_with_a_503_and_exits_cleanly(served_check
     from conftest import start_server
 
     proc, url = start_server(
-        ["--model", str(served_checkpoint), "--dtype", "float32", "--max-model-len", "4096",
+        ["--model", str(served_checkpoint), "--dtype", "float32", "--max-model-len", "2048",
          "--max-num-seqs", "2"], tmp_path / "server.log")
     try:
         host = urlsplit(url)
-        body = {"model": served_checkpoint.name, "max_tokens": 4000, "ignore_eos": True,
+        body = {"model": served_checkpoint.name, "max_tokens": 2000, "ignore_eos": True,
                 "messages": [{"role": "user", "content": "hi"}]}
         whole: dict = {}
 

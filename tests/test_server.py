@@ -1458,6 +1458,24 @@ def test_serve_compilation_cache_flag(monkeypatch, tmp_path, capsys, value):
         assert jax.config.jax_compilation_cache_dir is None
 
 
+def test_serve_refuses_a_max_model_len_over_the_models_context(monkeypatch, capsys):
+    """As vLLM: positions past the model's context were never trained (it was a warning, and
+    the server then served prompts past it)."""
+    import qwen_jax.engine as engine_module
+    from qwen_jax import server
+    from qwen_jax.cli import build_parser
+    from qwen_jax.config import PRESETS
+
+    built = []
+    monkeypatch.setattr(engine_module, "Engine", lambda *a, **k: built.append(1))
+    context = PRESETS["demo"].context_length
+    args = build_parser().parse_args(["serve", "--model", "demo", "--compilation-cache", "off",
+                                      "--max-model-len", str(context + 1)])
+    assert server.serve(args) == 2 and not built
+    assert f"--max-model-len {context + 1} is over the model's context of {context} tokens" \
+        in capsys.readouterr().err
+
+
 def test_choose_dtype_auto_is_bfloat16_whose_cpu_decode_is_batch_invariant():
     """auto is bfloat16, batch-invariant with the default --max-num-seqs under the plan this
     machine picks (float32 is not: test_batch_invariance_note_names_what_breaks_invariance);
