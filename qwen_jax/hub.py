@@ -89,6 +89,14 @@ def resolve_model_dir(model: str, cache: Path | None = None) -> Path:
         raise ModelNotFoundError(f"--model is empty: give a snapshot directory, a hub id like "
                                  f"{DEFAULT_MODEL_ID} or 'demo'")
     path = Path(model).expanduser()
+    if path.is_dir() and path.name.startswith("models--") and not (path / "config.json").exists():
+        # A model's folder in the Hugging Face cache (models--Org--Name): its snapshot.
+        repo_id = path.name[len("models--"):].replace("--", "/", 1)
+        found = find_in_cache(repo_id, path.parent)
+        if found is None:
+            raise ModelNotFoundError(f"{path} is a Hugging Face cache folder with no complete "
+                                     f"snapshot: download it with {download_command(repo_id)}")
+        return found
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model dir")

@@ -114,6 +114,7 @@ class JinjaChatTemplate:
 
     source: str
     variables: Mapping[str, str] = field(default_factory=dict)  # the special tokens
+    origin: str = "the chat template"  # where the source came from, for error messages
 
     def __post_init__(self) -> None:
         import jinja2
@@ -121,7 +122,9 @@ class JinjaChatTemplate:
         try:
             compiled = _environment().from_string(self.source)
         except jinja2.TemplateError as e:
-            raise TemplateConfigError(f"the chat template is not valid Jinja: {e}") from e
+            line = getattr(e, "lineno", None)
+            where = f"{self.origin}, line {line}" if line else self.origin
+            raise TemplateConfigError(f"{where}: not valid Jinja: {e}") from e
         object.__setattr__(self, "_compiled", compiled)
 
     def __call__(self, messages: Sequence[Mapping[str, Any]],
@@ -175,9 +178,12 @@ def choose_renderer(model_dir: str | Path, choice: str = "auto") -> tuple[Render
             raise TemplateConfigError(f"cannot read the chat template {path}: {e}") from e
         if is_official(source):
             return builtin
-        return JinjaChatTemplate(source, variables), f"{path} (Jinja)"
+        return JinjaChatTemplate(source, variables, str(path)), f"{path} (Jinja)"
     source = snapshot_template(model_dir)
     if source is None or is_official(source):
         return builtin
-    return (JinjaChatTemplate(source, variables),
+    jinja_file = Path(model_dir) / "chat_template.jinja"
+    origin = (str(jinja_file) if jinja_file.is_file()
+              else f"{Path(model_dir) / 'tokenizer_config.json'}'s chat_template")
+    return (JinjaChatTemplate(source, variables, origin),
             "the snapshot's own (it differs from Qwen2.5-Instruct's; rendered with Jinja)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,10 +92,13 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
                                   "tensor names to file names)")
         files = {name: model_dir / fname for name, fname in weight_map.items()}
         for path in sorted(set(files.values())):
+            _check_link(path)
             if not path.is_file():
                 raise CheckpointError(f"{path}: listed in {index} but missing")
         return files
     single = model_dir / _SINGLE
+    _check_link(single)
+    _check_link(index)
     if single.is_file():
         try:
             with safe_open(single, framework="numpy") as f:
@@ -121,6 +125,14 @@ def _check_unexpected(model_dir: Path, names: list[str]) -> None:
         log.warning("%s: ignoring tensors config.json does not describe: %s", model_dir,
                     ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5
                                             else ""))
+
+
+def _check_link(path: Path) -> None:
+    """A weight file that is a link to nothing (the Hugging Face cache links a snapshot's files
+    to blobs; an interrupted download or a cleaned cache leaves them dangling)."""
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path} is a link to {os.readlink(path)}, which does not exist: "
+                              "an incomplete download? Download the model again")
 
 
 class _Progress:

@@ -4,6 +4,7 @@ transformers renders it, and used by the server only where it differs from the b
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -170,6 +171,21 @@ def test_the_server_renders_the_builtin_template_unless_the_snapshot_has_another
     assert renderer([{"role": "user", "content": "hi"}]) == "hi" and str(path) in note
     with pytest.raises(TemplateConfigError, match="cannot read"):
         choose_renderer(tmp_path, str(tmp_path / "missing.jinja"))
+
+
+def test_bad_jinja_names_its_file_and_line(tmp_path):
+    """Where the template came from (the --chat-template file, the snapshot's
+    chat_template.jinja or tokenizer_config.json) and the line Jinja stopped at."""
+    bad = "line one\n{% for m in messages %}\n{{ m.content }"
+    path = tmp_path / "mine.jinja"
+    path.write_text(bad)
+    with pytest.raises(TemplateConfigError, match=f"^{re.escape(str(path))}, line 3: not valid"):
+        choose_renderer(tmp_path, str(path))
+    with pytest.raises(TemplateConfigError, match=r"tokenizer_config\.json's chat_template, "
+                                                   r"line 3: not valid Jinja"):
+        choose_renderer(_snapshot(tmp_path, bad))
+    with pytest.raises(TemplateConfigError, match=r"chat_template\.jinja, line 3: not valid"):
+        choose_renderer(_snapshot(tmp_path, jinja_file=bad))
 
 
 def test_a_saved_tokenizer_carries_the_official_template(qwen_tokenizer, tmp_path):

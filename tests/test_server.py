@@ -1356,6 +1356,23 @@ def test_missing_model_names_the_download_command(tmp_path, monkeypatch):
             hub.resolve_model_dir(empty, tmp_path)
 
 
+def test_a_models_folder_of_the_hub_cache_is_its_snapshot(tmp_path):
+    """`--model ~/.cache/huggingface/hub/models--Org--Name` (the folder, not its snapshot):
+    the snapshot refs/main names, served under the hub id; with none complete, the command
+    that downloads it."""
+    folder = tmp_path / "models--Qwen--Qwen2.5-Tiny"
+    snap = folder / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    with pytest.raises(hub.ModelNotFoundError,
+                       match="no complete snapshot: .*huggingface-cli download Qwen/Qwen2.5-Tiny"):
+        hub.resolve_model_dir(str(folder))
+    (snap / "config.json").write_text("{}")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("abc123")
+    assert hub.resolve_model_dir(str(folder)) == snap
+    assert hub.hub_id_from_path(hub.resolve_model_dir(str(folder))) == "Qwen/Qwen2.5-Tiny"
+
+
 def test_version_flag(capsys):
     from qwen_jax import __version__, cli
 

@@ -247,6 +247,25 @@ def test_shape_mismatch(tmp_path, tiny_checkpoint):
         load_checkpoint(ckpt)
 
 
+def test_a_weight_file_linked_to_nothing_says_so(tmp_path, tiny_checkpoint,
+                                                hf_checkpoint_factory):
+    """The HF cache links a snapshot's files to blobs; a dangling link (interrupted download,
+    cleaned cache) was reported as no weights at all, or as a missing shard."""
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to(tmp_path / "blobs" / "0123abcd")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is a link to .*0123abcd, "
+                                              "which does not exist: an incomplete download"):
+        load_checkpoint(ckpt, progress=False)
+    sharded = _copy(hf_checkpoint_factory("untied", tie_word_embeddings=False,
+                                          max_shard_size="200KB"), tmp_path / "s")
+    shard = sorted(sharded.glob("model-*-of-*.safetensors"))[0]
+    shard.unlink()
+    shard.symlink_to(tmp_path / "blobs" / "4567")
+    with pytest.raises(CheckpointError, match=f"{re.escape(shard.name)} is a link to .*4567"):
+        load_checkpoint(sharded, progress=False)
+
+
 def test_index_naming_a_missing_shard(tmp_path, hf_checkpoint_factory):
     sharded = hf_checkpoint_factory("untied", tie_word_embeddings=False, max_shard_size="200KB")
     ckpt = _copy(sharded, tmp_path / "c")
