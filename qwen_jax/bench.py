@@ -399,8 +399,9 @@ def _table(rec: dict[str, Any]) -> str:
         rows.append((f"time to first token, {n} tok (s)", j["ttft_s"][n],
                      r.get("ttft_s", {}).get(str(n))))
     rows.append(("decode batch 1 (tok/s)", j["decode_b1_tok_s"], r.get("decode_b1_tok_s")))
-    rows.append((f"decode batch {batch} (tok/s)", j[f"decode_b{batch}_tok_s"],
-                 r.get(f"decode_b{batch}_tok_s")))
+    if batch != 1:
+        rows.append((f"decode batch {batch} (tok/s)", j[f"decode_b{batch}_tok_s"],
+                     r.get(f"decode_b{batch}_tok_s")))
     rows.append(("peak RSS (GiB)", j["peak_rss_bytes"] / 2**30,
                  r["peak_rss_bytes"] / 2**30 if "peak_rss_bytes" in r else None))
     weights = f"int8 weights, {rec['dtype']} activations" if rec.get("quantize") else rec["dtype"]

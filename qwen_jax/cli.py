@@ -204,7 +204,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from qwen_jax.bench import run_bench
 
-        return run_bench(args) or 0
+        try:
+            return run_bench(args) or 0
+        except SystemExit as e:  # its checks of the arguments: worded as argparse's errors
+            if not isinstance(e.code, str):
+                raise
+            print(f"qwen-jax bench: error: {e.code}", file=sys.stderr)
+            return 2
     from qwen_jax.server import generate_once
 
     return generate_once(args) or 0

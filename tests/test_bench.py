@@ -81,13 +81,15 @@ def test_read_bandwidth_frees_its_buffer():
     (["--bandwidth-gbs", "0"], "--bandwidth-gbs: must be a positive number, got 0"),
     (["--json", "no/such/dir/out.json"], "its directory does not exist"),
     (["--model", "no-such-dir"], "cannot load --model no-such-dir: "),
+    (["--batch", "0"], "--decode-tokens must be >= 2 and --batch >= 1"),
 ])
 def test_bench_rejects_bad_arguments_before_measuring(flags, message):
+    """As argparse's own errors: exit status 2, `qwen-jax bench: error: ...`."""
     res = subprocess.run(
         [sys.executable, "-m", "qwen_jax.cli", "bench", "--preset", "demo", "--no-reference",
          *flags], capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0
-    assert message in res.stderr
+    assert res.returncode == 2
+    assert "qwen-jax bench: error: " in res.stderr and message in res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -141,6 +143,9 @@ def test_the_table_gives_device_memory_where_the_weights_live_on_an_accelerator(
     gpu = _table(rec)
     assert "device memory: peak 2.00 GiB" in gpu and "= 1.33x weights (1.00 GiB)" in gpu
     assert "peak RSS while serving" not in gpu
+    # One decode line when the batch is 1 (it was printed twice).
+    rec["batch"] = 1
+    assert "decode batch 1 (tok/s)" in cpu and _table(rec).count("decode batch 1 (tok/s)") == 1
 
 
 def test_decode_profile_times_each_program_and_what_the_sampler_adds():
