@@ -856,7 +856,6 @@ def serve(args: Any) -> int:
     import jax
 
     from qwen_jax.engine import (
-        Engine,
         check_prefill_chunk,
         default_prefill_chunk,
         default_steps_per_call,
@@ -889,11 +888,27 @@ def serve(args: Any) -> int:
             cache_dir = enable_compilation_cache(cache_dir)
         except OSError as e:
             return _fail(f"--compilation-cache: cannot use {cache_dir or 'the default'}: {e}")
-    try:  # before loading, which takes minutes at 7B: a bad host or a port in use fails now
-        probe = make_server(_not_ready, args.host, args.port)
-        probe.server_close()
+    # The address is taken before loading, which takes minutes at 7B: a bad host or a port in
+    # use fails now, and so does a second server started on the same port meanwhile (as vLLM
+    # does, clients that connect while it loads wait in the listen queue).
+    try:
+        server = make_server(_not_ready, args.host, args.port,
+                             max_connections=connection_limit())
     except OSError as e:
         return _fail(f"cannot listen on {args.host}:{args.port}: {e}")
+    try:
+        return _serve_on(server, args, cors, cache_dir, steps, chunk, api_key)
+    finally:
+        server.server_close()
+
+
+def _serve_on(server: Any, args: Any, cors: CorsPolicy, cache_dir: Any, steps: int, chunk: int,
+              api_key: str | None) -> int:
+    """serve, on its bound (not yet serving) socket: load, warm up, serve until Ctrl-C."""
+    import jax
+
+    from qwen_jax.engine import Engine
+
     loaded = _load_or_report(args)
     if loaded is None:
         return 2
@@ -942,11 +957,7 @@ def serve(args: Any) -> int:
     print(f"chat template: {args.chat_template_note}", flush=True)
     app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors,
                    sampling_defaults=defaults, render_prompt=args.render_prompt)
-    try:
-        server = make_server(app, args.host, args.port, max_connections=connection_limit())
-    except OSError as e:
-        engine.close()
-        return _fail(f"cannot listen on {args.host}:{args.port}: {e}")
+    server.set_app(app)
     host, port = server.server_address[:2]
     print(f"serving {name} on http://{host}:{port}/v1  (auth: "
           f"{'API key required' if api_key else 'none'}; browser pages allowed from: "
@@ -975,8 +986,8 @@ def _format_defaults(defaults: Mapping[str, Any]) -> str:
 
 
 def _not_ready(environ: dict, start_response: Callable) -> Iterable[bytes]:
-    """The app of the socket `serve` opens to check its address before loading (never called:
-    the socket is closed at once)."""
+    """The app of the socket `serve` binds before loading, until the real one replaces it
+    (never called: nothing is served before)."""
     raise AssertionError("not serving yet")
 
 

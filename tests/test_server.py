@@ -1444,6 +1444,33 @@ def test_serve_reports_a_port_in_use_before_loading(tmp_path):
     assert "huggingface-cli download" not in p.stderr and "Traceback" not in p.stderr
 
 
+def test_serve_holds_its_port_while_it_loads(tmp_path):
+    """The listening socket is bound before loading and kept: a second server started on the
+    same port meanwhile fails at once (it used to load and warm up, then fail)."""
+    import signal
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_jax.cli", "serve", "--model", "demo", "--port", str(port),
+         "--compilation-cache", "off"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        cwd=Path(__file__).parent.parent)
+    try:
+        for line in proc.stdout:  # printed after loading, before the warm-up compiles
+            if line.startswith("max_model_len"):
+                break
+        with socket.socket() as second, pytest.raises(OSError):
+            second.bind(("127.0.0.1", port))
+        assert proc.poll() is None  # still warming up
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
 @pytest.mark.parametrize("value", [None, "DIR", "off"])
 def test_serve_compilation_cache_flag(monkeypatch, tmp_path, capsys, value):
     """`--compilation-cache`: the default directory (None: $QWEN_JAX_XLA_CACHE or
