@@ -260,6 +260,21 @@ def _count_backend_compile(event: str, duration: float, **_: Any) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
 
 
+def _count_cache_hit(event: str, **_: Any) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_HITS[0] += 1
+
+
+_CACHE_HITS = [0]
+jax.monitoring.register_event_listener(_count_cache_hit)
+
+
+def cache_hit_count() -> int:
+    """Programs loaded from the persistent compilation cache in this process so far (each is
+    also one of backend_compile_count's)."""
+    return _CACHE_HITS[0]
+
+
 def backend_compile_count() -> int:
     """XLA compiles in this process so far (any jit, not only the engine's; loads from the
     persistent compilation cache included): tests diff it."""

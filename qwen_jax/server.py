@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -905,9 +906,47 @@ def serve(args: Any) -> int:
 def _serve_on(server: Any, args: Any, cors: CorsPolicy, cache_dir: Any, steps: int, chunk: int,
               api_key: str | None) -> int:
     """serve, on its bound (not yet serving) socket: load, warm up, serve until Ctrl-C."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = _start(args, cache_dir, steps, chunk)
+    _report_warnings(caught, cache_dir)
+    if isinstance(started, int):
+        return started
+    model, engine, tokenizer, max_len = started
+    name = args.served_model_name or model.served_name
+    defaults = getattr(args, "sampling_defaults", {})
+    if defaults:  # as vLLM says it: a request's omitted fields will not mean the API's defaults
+        print("default sampling for fields a request omits, from the model's "
+              f"generation_config.json: {_format_defaults(defaults)} (--generation-config off: "
+              "the API's defaults)", flush=True)
+    print(f"chat template: {args.chat_template_note}", flush=True)
+    app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors,
+                   sampling_defaults=defaults, render_prompt=args.render_prompt)
+    server.set_app(app)
+    host, port = server.server_address[:2]
+    print(f"serving {name} on http://{host}:{port}/v1  (auth: "
+          f"{'API key required' if api_key else 'none'}; browser pages allowed from: "
+          f"{', '.join(cors.origins)})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # No new connections; requests still running or waiting end with a 503 (a stream:
+        # an error event), which clients can retry, and get a moment to be written.
+        log.info("shutting down")
+        server.server_close()
+        engine.close()
+        app.wait_idle(SHUTDOWN_WRITE_S)
+    return 0
+
+
+def _start(args: Any, cache_dir: Any, steps: int, chunk: int) -> tuple | int:
+    """Load the model and warm up its engine: (model, engine, tokenizer, max_len), or the exit
+    status after a one-line error."""
     import jax
 
-    from qwen_jax.engine import Engine
+    from qwen_jax.engine import Engine, backend_compile_count, cache_hit_count
 
     loaded = _load_or_report(args)
     if loaded is None:
@@ -941,44 +980,38 @@ def _serve_on(server: Any, args: Any, cors: CorsPolicy, cache_dir: Any, steps: i
                         vocab_limit=tokenizer.vocab_size, queue_size=args.max_queue,
                         steps_per_call=steps, prefill_chunk=chunk,
                         prefix_caching=getattr(args, "prefix_caching", False))
+        programs, hits = backend_compile_count(), cache_hit_count()
         engine.warmup()
+        programs, hits = backend_compile_count() - programs, cache_hit_count() - hits
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return _fail(f"out of memory for the KV cache ({kv / 2**30:.2f} GiB) and the compiled "
                      "programs: lower --max-model-len or --max-num-seqs")
-    print(f"compiled in {time.perf_counter() - t:.1f} s", flush=True)
-    name = args.served_model_name or model.served_name
-    defaults = getattr(args, "sampling_defaults", {})
-    if defaults:  # as vLLM says it: a request's omitted fields will not mean the API's defaults
-        print("default sampling for fields a request omits, from the model's "
-              f"generation_config.json: {_format_defaults(defaults)} (--generation-config off: "
-              "the API's defaults)", flush=True)
-    print(f"chat template: {args.chat_template_note}", flush=True)
-    app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors,
-                   sampling_defaults=defaults, render_prompt=args.render_prompt)
-    server.set_app(app)
-    host, port = server.server_address[:2]
-    print(f"serving {name} on http://{host}:{port}/v1  (auth: "
-          f"{'API key required' if api_key else 'none'}; browser pages allowed from: "
-          f"{', '.join(cors.origins)})", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        # No new connections; requests still running or waiting end with a 503 (a stream:
-        # an error event), which clients can retry, and get a moment to be written.
-        log.info("shutting down")
-        server.server_close()
-        engine.close()
-        app.wait_idle(SHUTDOWN_WRITE_S)
-    return 0
+    print(f"compiled in {time.perf_counter() - t:.1f} s ({programs} programs, {hits} of them "
+          "loaded from the compilation cache)", flush=True)
+    return model, engine, tokenizer, max_len
 
 
 # How long `serve` waits, when it stops, for the replies of the requests it ended to be written.
 SHUTDOWN_WRITE_S = 2.0
 
+
+
+def _report_warnings(caught: list[warnings.WarningMessage], cache_dir: Any) -> None:
+    """The warnings of the warm-up, as they were, but JAX's about unreadable compilation
+    cache entries (one per program: a truncated file, a disk error) as one line: JAX compiles
+    those programs again but never replaces their entries, so every start pays again."""
+    unreadable = 0
+    for w in caught:
+        if "Error reading persistent compilation cache" in str(w.message):
+            unreadable += 1
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if unreadable:
+        print(f"warning: {unreadable} entries of the compilation cache {cache_dir} could not be "
+              "read (compiled again; they are not replaced): delete that directory to rebuild "
+              "it", file=sys.stderr, flush=True)
 
 
 def _format_defaults(defaults: Mapping[str, Any]) -> str:

@@ -612,6 +612,39 @@ def test_sigterm_ends_running_requests_with_a_503_and_exits_cleanly(served_check
     assert "shutting down" in (tmp_path / "server.log").read_text()
 
 
+def test_a_restart_loads_its_programs_from_the_compilation_cache(served_checkpoint, tmp_path):
+    """The start-up line says how many programs came from the cache (a second start: all);
+    unreadable entries (truncated files) are one warning line, not one per program."""
+    from conftest import start_server
+
+    cache = tmp_path / "xla"
+    args = ["--model", str(served_checkpoint), "--dtype", "float32", "--max-model-len", "64",
+            "--max-num-seqs", "1", "--prefill-chunk", "16", "--compilation-cache", str(cache)]
+
+    def start(n: int) -> str:
+        log_path = tmp_path / f"server{n}.log"
+        proc, _ = start_server(args, log_path)
+        proc.terminate()
+        assert proc.wait(30) == 0
+        return log_path.read_text()
+
+    def counts(log: str) -> tuple[int, int]:
+        m = re.search(r"compiled in [0-9.]+ s \((\d+) programs, (\d+) of them loaded", log)
+        assert m, log
+        return int(m.group(1)), int(m.group(2))
+
+    programs, loaded = counts(start(1))
+    assert programs > 0 and loaded == 0
+    assert counts(start(2)) == (programs, programs)
+    entries = [p for p in cache.iterdir() if p.is_file() and p.stat().st_size > 100]
+    for entry in entries:
+        with open(entry, "r+b") as f:
+            f.truncate(100)
+    log = start(3)
+    assert counts(log)[1] < programs
+    assert "could not be read" in log and "Error reading persistent compilation cache" not in log
+
+
 def test_no_prompt_tokens_details_without_prefix_caching(client, live_server):
     reply = chat(client, live_server, max_tokens=2)
     assert reply.usage.prompt_tokens_details is None
