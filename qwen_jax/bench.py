@@ -366,8 +366,8 @@ def _build(args: argparse.Namespace):
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     if args.model:  # a directory, a hub id in the local cache, or "demo", as for `serve`
         from qwen_jax.hub import ModelNotFoundError
+        from qwen_jax.launch import resolve_model
         from qwen_jax.quantize import quantize_option
-        from qwen_jax.server import resolve_model
         from qwen_jax.weights import load_checkpoint
 
         try:

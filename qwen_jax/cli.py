@@ -198,7 +198,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        from qwen_jax.server import serve
+        from qwen_jax.launch import serve
 
         return serve(args) or 0
     if args.command == "bench":
@@ -211,7 +211,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise
             print(f"qwen-jax bench: error: {e.code}", file=sys.stderr)
             return 2
-    from qwen_jax.server import generate_once
+    from qwen_jax.launch import generate_once
 
     return generate_once(args) or 0
 

@@ -41,7 +41,7 @@ def test_demo_is_built_once(demo_dir):
 
 
 def test_no_model_falls_back_to_demo(demo_dir, tmp_path, monkeypatch):
-    from qwen_jax.server import _demo_banner, resolve_model
+    from qwen_jax.launch import _demo_banner, resolve_model
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setenv("QWEN_JAX_CACHE", str(demo_dir.parent))
@@ -150,8 +150,8 @@ def test_serve_and_generate_load_int8_weights_when_asked(demo_dir, monkeypatch, 
     """The loader behind `serve` and `generate` applies --quantize (auto dtype: bf16 with int8)."""
     import argparse
 
+    from qwen_jax.launch import _load
     from qwen_jax.quantize import is_quantized
-    from qwen_jax.server import _load
 
     monkeypatch.setenv("QWEN_JAX_CACHE", str(demo_dir.parent))
     args = argparse.Namespace(model="demo", dtype="auto", quantize=quantize)
@@ -206,7 +206,7 @@ def test_serve_reads_the_models_file_before_its_weights_unless_off(
     import json
     import shutil
 
-    from qwen_jax import server
+    from qwen_jax import launch
     from qwen_jax.generation_config import GenerationConfigError, load_generation_defaults
 
     model = tmp_path / "model"
@@ -215,7 +215,7 @@ def test_serve_reads_the_models_file_before_its_weights_unless_off(
         {"eos_token_id": [151645, 151643], "temperature": 0.7, "top_p": 0.8, "top_k": 20}))
     args = argparse.Namespace(model=str(model), dtype="auto", quantize="none",
                               generation_config=flag)
-    server._load(args)
+    launch._load(args)
     assert getattr(args, "sampling_defaults", {}) == (
         {} if flag == "off" else load_generation_defaults(model))
 
@@ -226,11 +226,11 @@ def test_serve_reads_the_models_file_before_its_weights_unless_off(
     args = argparse.Namespace(model=str(model), dtype="auto", quantize="none",
                               generation_config=flag)
     if flag == "off":
-        server._load(args)
+        launch._load(args)
         assert loaded == [1]
     else:
         with pytest.raises(GenerationConfigError, match="temperature"):
-            server._load(args)
+            launch._load(args)
         assert loaded == []
 
 
@@ -241,14 +241,14 @@ def test_serve_renders_a_snapshots_own_template_where_it_differs(demo_dir, tmp_p
     import json
     import shutil
 
-    from qwen_jax import server
+    from qwen_jax import launch
     from qwen_jax.chat_template import render_chat
     from qwen_jax.jinja_template import JinjaChatTemplate
 
     def load(model, choice):
         args = argparse.Namespace(model=str(model), dtype="auto", quantize="none",
                                   chat_template=choice)
-        server._load(args)
+        launch._load(args)
         return args.render_prompt
 
     assert load(demo_dir, "auto") is render_chat

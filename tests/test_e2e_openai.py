@@ -75,7 +75,7 @@ def test_startup_line_names_the_cpu_matmul_plan(live_server):
     assert f", {steps} decode step{'s' if steps > 1 else ''} per call" in line, line
     # float32 weights, 4 rows: the note on batch invariance is printed where it applies (on
     # the CPU always: float32).
-    from qwen_jax.server import batch_invariance_note
+    from qwen_jax.launch import batch_invariance_note
 
     note = batch_invariance_note("float32", False, 4)
     assert (jax.default_backend() == "cpu") == bool(note)

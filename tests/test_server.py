@@ -28,8 +28,9 @@ from hypothesis import strategies as st
 from qwen_jax import hub
 from qwen_jax.engine import SHUTDOWN_ERROR, EngineClosedError, QueueFullError, TokenEvent
 from qwen_jax.httpd import make_server
+from qwen_jax.launch import kv_cache_bytes
 from qwen_jax.sampler import SamplingParams
-from qwen_jax.server import kv_cache_bytes, make_app
+from qwen_jax.server import make_app
 
 MODEL = "fake-model"
 
@@ -1476,7 +1477,7 @@ def test_serve_compilation_cache_flag(monkeypatch, tmp_path, capsys, value):
     """`--compilation-cache`: the default directory (None: $QWEN_JAX_XLA_CACHE or
     ~/.cache/qwen-jax/xla), one given, or none at all with 'off'."""
     import qwen_jax.engine as engine_module
-    from qwen_jax import server
+    from qwen_jax import launch
     from qwen_jax.cli import build_parser
 
     class Stop(Exception):
@@ -1492,7 +1493,7 @@ def test_serve_compilation_cache_flag(monkeypatch, tmp_path, capsys, value):
     flag = {None: [], "DIR": ["--compilation-cache", str(tmp_path)],
             "off": ["--compilation-cache", "off"]}[value]
     with pytest.raises(Stop):
-        server.serve(build_parser().parse_args(["serve", "--model", "demo", *flag]))
+        launch.serve(build_parser().parse_args(["serve", "--model", "demo", *flag]))
     assert used == {None: [None], "DIR": [str(tmp_path)], "off": []}[value]
     said = {None: "None", "DIR": str(tmp_path), "off": "off"}[value]
     assert f"compilation cache: {said}\n" in capsys.readouterr().out
@@ -1506,7 +1507,7 @@ def test_serve_refuses_a_max_model_len_over_the_models_context(monkeypatch, caps
     """As vLLM: positions past the model's context were never trained (it was a warning, and
     the server then served prompts past it)."""
     import qwen_jax.engine as engine_module
-    from qwen_jax import server
+    from qwen_jax import launch
     from qwen_jax.cli import build_parser
     from qwen_jax.config import PRESETS
 
@@ -1515,7 +1516,7 @@ def test_serve_refuses_a_max_model_len_over_the_models_context(monkeypatch, caps
     context = PRESETS["demo"].context_length
     args = build_parser().parse_args(["serve", "--model", "demo", "--compilation-cache", "off",
                                       "--max-model-len", str(context + 1)])
-    assert server.serve(args) == 2 and not built
+    assert launch.serve(args) == 2 and not built
     assert f"--max-model-len {context + 1} is over the model's context of {context} tokens" \
         in capsys.readouterr().err
 
@@ -1525,7 +1526,7 @@ def test_choose_dtype_auto_is_bfloat16_whose_cpu_decode_is_batch_invariant():
     machine picks (float32 is not: test_batch_invariance_note_names_what_breaks_invariance);
     an explicit dtype is kept."""
     from qwen_jax.cli import build_parser
-    from qwen_jax.server import batch_invariance_note, choose_dtype
+    from qwen_jax.launch import batch_invariance_note, choose_dtype
 
     default_seqs = build_parser().parse_args(["serve"]).max_num_seqs
     assert choose_dtype("auto") == "bfloat16"
@@ -1557,7 +1558,7 @@ def test_batch_invariance_note_names_what_breaks_invariance():
     batch: float32 weights on the CPU, more rows than the plan multiplies alike, int8 weights
     on an accelerator; not for bf16 or int8 within the plan's rows, nor bf16 on a GPU."""
     from qwen_jax.cpu_matmul import AVX2, AVX2_BATCHED, AVX512_BF16, use_plan
-    from qwen_jax.server import batch_invariance_note
+    from qwen_jax.launch import batch_invariance_note
 
     with use_plan(AVX2):
         assert batch_invariance_note("bfloat16", False, 8, backend="cpu") == ""
