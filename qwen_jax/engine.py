@@ -575,6 +575,7 @@ class Engine:
             chunked_attention = jax.default_backend() == "cpu"
         self.chunked_attention = chunked_attention
         self._inflight: _Call | None = None  # the call dispatched ahead (lookahead)
+        self._trimmed_at = 0  # device calls made when the heap was last trimmed (_loop)
         if cache_dtype is None:
             cache_dtype = params.final_norm.dtype  # the activation dtype, also for int8 weights
         self.cache = init_cache(cfg, max_slots, max_len, cache_dtype)
@@ -866,6 +867,15 @@ class Engine:
     def _loop(self) -> None:
         try:
             while True:
+                with self._cond:
+                    idle = not (self._closed or self._waiting or any(self._slots))
+                if idle and self.stats.decode_calls + self.stats.prefill_calls > self._trimmed_at:
+                    # Gone idle after work: return the heap the requests freed to the OS. The
+                    # server's threads spread small allocations over many malloc arenas, which
+                    # glibc keeps (demo model, rounds of 190 mixed requests: RSS 681 -> 690 MiB
+                    # over 5 rounds without this, 638 -> 640 and flat with it).
+                    self._trimmed_at = self.stats.decode_calls + self.stats.prefill_calls
+                    release_freed_memory()
                 with self._cond:
                     self._cond.wait_for(lambda: self._closed or self._waiting
                                         or any(self._slots))

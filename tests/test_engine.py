@@ -1483,3 +1483,27 @@ def test_prefix_caching_forgets_a_row_whose_prefill_failed_part_way(params):
     finally:
         hot.close()
         cold.close()
+
+
+def test_the_engine_returns_freed_heap_to_the_os_when_it_goes_idle(params, monkeypatch):
+    """Once after each stretch of work (malloc_trim: glibc keeps what the server's threads
+    freed), not while it stays idle, and not while requests run."""
+    import qwen_jax.engine as engine_module
+
+    trims = []
+    monkeypatch.setattr(engine_module, "release_freed_memory",
+                        lambda: trims.append(eng.snapshot()["active"]) or True)
+    eng = Engine(params, CFG, max_slots=2, max_len=64, vocab_limit=250)
+    try:
+        time.sleep(0.2)
+        assert trims == []  # nothing done yet, nothing to return
+        for round_ in (1, 2):
+            collect(eng.submit(request()))
+            wait_idle(eng)
+            deadline = time.monotonic() + TIMEOUT
+            while len(trims) < round_ and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # idle a while longer: no more trims
+            assert trims == [0] * round_
+    finally:
+        eng.close()
