@@ -174,7 +174,11 @@ def _check_no_sliding_window(d: dict[str, Any], cfg: QwenConfig) -> None:
     if not d.get("use_sliding_window", False):
         return
     window = d.get("sliding_window", 4096)  # transformers' defaults
-    first = d.get("max_window_layers", 28)
+    first = d.get("max_window_layers")
+    first = 28 if first is None else first
+    for key, value in (("sliding_window", window), ("max_window_layers", first)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
     types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
                                      for i in range(cfg.num_hidden_layers)]
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]

@@ -177,7 +177,8 @@ def _load_or_report(args: Any):
 
 
 def serve(args: Any) -> int:
-    """`qwen-jax serve`: load, build the engine, run the threaded WSGI server until Ctrl-C."""
+    """`qwen-jax serve`: load, build the engine, run the threaded WSGI server until Ctrl-C or
+    SIGTERM (cli.py turns it into KeyboardInterrupt)."""
     import jax
 
     from qwen_jax.engine import (

@@ -97,14 +97,14 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{path}: listed in {index} but missing")
         return files
     single = model_dir / _SINGLE
-    _check_link(single)
-    _check_link(index)
     if single.is_file():
         try:
             with safe_open(single, framework="numpy") as f:
                 return {name: single for name in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{single}: cannot read safetensors header ({e})") from e
+    _check_link(single)
+    _check_link(index)
     raise CheckpointError(f"{model_dir}: no {_SINGLE} or {_INDEX} (only safetensors is supported)")
 
 

@@ -158,6 +158,8 @@ def test_demo_preset_is_small_with_the_real_vocab():
      "use_sliding_window=true: layers 20.. attend through a window of 4096 tokens"),
     ({"use_sliding_window": True, "sliding_window": 64,
       "layer_types": ["full_attention", "sliding_attention"] * 14}, "layers 1.. .* of 64"),
+    ({"use_sliding_window": True, "max_window_layers": "x"}, "max_window_layers must be an int"),
+    ({"use_sliding_window": True, "sliding_window": 4.5}, "sliding_window must be an integer"),
     # Two rope blocks that disagree (a 5.x-saved config with Qwen's YaRN block added):
     # transformers would take rope_scaling with rope_theta 10000, silently.
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rope_scaling": YARN_4X},
@@ -206,6 +208,7 @@ def test_rejects_missing_keys_and_bad_files(tmp_path):
 
 @pytest.mark.parametrize("change", [
     {"hidden_act": "swish"},  # transformers' ACT2FN["swish"] is SiLU
+    {"use_sliding_window": True, "max_window_layers": None},  # null: transformers' 28 layers
     {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rope_scaling": None},
     {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
      "rope_scaling": {"type": "default"}},

@@ -264,6 +264,10 @@ def test_a_weight_file_linked_to_nothing_says_so(tmp_path, tiny_checkpoint,
     shard.symlink_to(tmp_path / "blobs" / "4567")
     with pytest.raises(CheckpointError, match=f"{re.escape(shard.name)} is a link to .*4567"):
         load_checkpoint(sharded, progress=False)
+    # A dangling index beside a whole model.safetensors is not read (transformers' order).
+    whole = _copy(tiny_checkpoint, tmp_path / "w")
+    (whole / "model.safetensors.index.json").symlink_to(tmp_path / "blobs" / "89ab")
+    load_checkpoint(whole, progress=False)
 
 
 def test_index_naming_a_missing_shard(tmp_path, hf_checkpoint_factory):
