@@ -230,7 +230,8 @@ def serve(args: Any) -> int:
 
 def _serve_on(server: Any, args: Any, cors: CorsPolicy, cache_dir: Any, steps: int, chunk: int,
               api_key: str | None) -> int:
-    """serve, on its bound (not yet serving) socket: load, warm up, serve until Ctrl-C."""
+    """serve, on its bound (not yet serving) socket: load, warm up, serve until Ctrl-C or
+    SIGTERM."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         started = _start(args, cache_dir, steps, chunk)
@@ -238,21 +239,22 @@ def _serve_on(server: Any, args: Any, cors: CorsPolicy, cache_dir: Any, steps: i
     if isinstance(started, int):
         return started
     model, engine, tokenizer, max_len = started
-    name = args.served_model_name or model.served_name
-    defaults = getattr(args, "sampling_defaults", {})
-    if defaults:  # as vLLM says it: a request's omitted fields will not mean the API's defaults
-        print("default sampling for fields a request omits, from the model's "
-              f"generation_config.json: {_format_defaults(defaults)} (--generation-config off: "
-              "the API's defaults)", flush=True)
-    print(f"chat template: {args.chat_template_note}", flush=True)
-    app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors,
-                   sampling_defaults=defaults, render_prompt=args.render_prompt)
-    server.set_app(app)
-    host, port = server.server_address[:2]
-    print(f"serving {name} on http://{host}:{port}/v1  (auth: "
-          f"{'API key required' if api_key else 'none'}; browser pages allowed from: "
-          f"{', '.join(cors.origins)})", flush=True)
-    try:
+    app = None
+    try:  # from here a Ctrl-C or SIGTERM, however early, ends in the same clean stop
+        name = args.served_model_name or model.served_name
+        defaults = getattr(args, "sampling_defaults", {})
+        if defaults:  # as vLLM says it: omitted fields will not mean the API's defaults
+            print("default sampling for fields a request omits, from the model's "
+                  f"generation_config.json: {_format_defaults(defaults)} (--generation-config off: "
+                  "the API's defaults)", flush=True)
+        print(f"chat template: {args.chat_template_note}", flush=True)
+        app = make_app(engine, tokenizer, name, max_len, api_key, cors=cors,
+                       sampling_defaults=defaults, render_prompt=args.render_prompt)
+        server.set_app(app)
+        host, port = server.server_address[:2]
+        print(f"serving {name} on http://{host}:{port}/v1  (auth: "
+              f"{'API key required' if api_key else 'none'}; browser pages allowed from: "
+              f"{', '.join(cors.origins)})", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
@@ -262,7 +264,8 @@ def _serve_on(server: Any, args: Any, cors: CorsPolicy, cache_dir: Any, steps: i
         log.info("shutting down")
         server.server_close()
         engine.close()
-        app.wait_idle(SHUTDOWN_WRITE_S)
+        if app is not None:
+            app.wait_idle(SHUTDOWN_WRITE_S)
     return 0
 
 
