@@ -26,6 +26,10 @@ log = logging.getLogger("qwen_jax.server")  # one log for the server, app and HT
 
 DEMO_MAX_MODEL_LEN = 4096
 REAL_MAX_MODEL_LEN = 8192
+# How long `serve` waits, when it stops, for the replies of the requests it ended to be written.
+SHUTDOWN_WRITE_S = 2.0
+# JAX's warning for each compilation cache entry it cannot read (_report_warnings).
+_UNREADABLE_ENTRY = "Error reading persistent compilation cache"
 
 
 @dataclass
@@ -233,7 +237,8 @@ def _serve_on(server: Any, args: Any, cors: CorsPolicy, cache_dir: Any, steps: i
     """serve, on its bound (not yet serving) socket: load, warm up, serve until Ctrl-C or
     SIGTERM."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        # Every unreadable entry counted; other warnings filtered as the process filters them.
+        warnings.filterwarnings("always", message=_UNREADABLE_ENTRY)
         started = _start(args, cache_dir, steps, chunk)
     _report_warnings(caught, cache_dir)
     if isinstance(started, int):
@@ -321,18 +326,13 @@ def _start(args: Any, cache_dir: Any, steps: int, chunk: int) -> tuple | int:
     return model, engine, tokenizer, max_len
 
 
-# How long `serve` waits, when it stops, for the replies of the requests it ended to be written.
-SHUTDOWN_WRITE_S = 2.0
-
-
-
 def _report_warnings(caught: list[warnings.WarningMessage], cache_dir: Any) -> None:
-    """The warnings of the warm-up, as they were, but JAX's about unreadable compilation
-    cache entries (one per program: a truncated file, a disk error) as one line: JAX compiles
-    those programs again but never replaces their entries, so every start pays again."""
+    """The warnings of loading and warm-up, as they were, but JAX's about unreadable
+    compilation cache entries (one per program: a truncated file, a disk error) as one line: JAX
+    compiles those programs again but never replaces their entries, so every start pays again."""
     unreadable = 0
     for w in caught:
-        if "Error reading persistent compilation cache" in str(w.message):
+        if _UNREADABLE_ENTRY in str(w.message):
             unreadable += 1
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
