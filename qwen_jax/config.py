@@ -181,6 +181,8 @@ def _check_no_sliding_window(d: dict[str, Any], cfg: QwenConfig) -> None:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
     types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
                                      for i in range(cfg.num_hidden_layers)]
+    if not isinstance(types, list):
+        raise ConfigError(f"layer_types must be a list, got {types!r}")
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
     if window is not None and sliding and window < cfg.context_length:
         raise ConfigError(

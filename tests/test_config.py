@@ -160,6 +160,7 @@ def test_demo_preset_is_small_with_the_real_vocab():
       "layer_types": ["full_attention", "sliding_attention"] * 14}, "layers 1.. .* of 64"),
     ({"use_sliding_window": True, "max_window_layers": "x"}, "max_window_layers must be an int"),
     ({"use_sliding_window": True, "sliding_window": 4.5}, "sliding_window must be an integer"),
+    ({"use_sliding_window": True, "layer_types": 3}, "layer_types must be a list, got 3"),
     # Two rope blocks that disagree (a 5.x-saved config with Qwen's YaRN block added):
     # transformers would take rope_scaling with rope_theta 10000, silently.
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "rope_scaling": YARN_4X},
